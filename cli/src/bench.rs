@@ -1,0 +1,476 @@
+//! `warren bench`: what the pipeline does on this machine, next to what the
+//! broker alone can do, measured in the same run on a fresh namespace.
+//!
+//! 1. ceiling: `order.placed`-sized bodies, persistent, published with
+//!    pipelined publisher confirms to a quorum queue and consumed with
+//!    manual acks — no database;
+//! 2. drain: N events committed in the `bench` outbox beforehand, then the
+//!    relay and a consumer (inbox row + one store row per event) start; the
+//!    time until all N are handled;
+//! 3. latency: events committed at a fixed rate while relay and consumer
+//!    run; commit-to-handled (after the consumer's commit and ack);
+//! 4. idle wake-up: with the relay asleep on LISTEN, commit-to-on-the-bus;
+//! 5. peak RSS of the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
+use events::catalog::{OrderLine, OrderPlaced};
+use events::{Codec, Envelope};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use producers::{Outbox, Relay, RelayConfig, Topology};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Events in the ceiling and drain runs.
+    pub events: usize,
+    /// Events per second in the latency run.
+    pub rate: u32,
+    /// Length of the latency run.
+    pub duration: Duration,
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Consumer lanes.
+    pub lanes: usize,
+    /// Consumer prefetch.
+    pub prefetch: u16,
+}
+
+/// The figures, as printed and as `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub events: usize,
+    pub body_bytes: usize,
+    pub ceiling_events_per_s: f64,
+    pub drain_events_per_s: f64,
+    pub drain_vs_ceiling: f64,
+    pub latency_rate_per_s: u32,
+    pub latency_samples: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    pub wakeup_samples: usize,
+    pub wakeup_p50_ms: f64,
+    pub wakeup_max_ms: f64,
+    pub rss_mb: f64,
+}
+
+/// The benchmark's consumer: one store row per event.
+#[derive(Clone)]
+struct Sink;
+
+#[async_trait::async_trait]
+impl Handle<OrderPlaced> for Sink {
+    async fn handle(&self, ctx: &mut Context<'_>, _d: OrderPlaced) -> Result<(), HandleError> {
+        sqlx::query("INSERT INTO bench.items (event_id, subject) VALUES ($1, $2)")
+            .bind(ctx.event.id)
+            .bind(&ctx.event.subject)
+            .execute(&mut *ctx.tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// An `order.placed` of about 1 KB, like a real order with a few lines.
+fn sample(subject: Uuid) -> Envelope {
+    let data = OrderPlaced {
+        order_id: subject,
+        customer_id: Uuid::now_v7(),
+        lines: (0..6)
+            .map(|i| OrderLine {
+                sku: format!("SKU-{i:04}-BENCHMARK-ITEM"),
+                qty: i + 1,
+                unit_price: 1999,
+            })
+            .collect(),
+        total: 41979,
+        payment_token: "tok_ok".into(),
+    };
+    Envelope::new("bench", subject.to_string(), &data)
+}
+
+/// Runs the three measurements; `pool` must be migrated.
+pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let topology = Topology::new(namespace.clone());
+    let body = Codec::default().encode(&{
+        let mut e = sample(Uuid::now_v7());
+        e.sequence = 1;
+        e
+    });
+    tracing::info!(
+        namespace,
+        events = opts.events,
+        body_bytes = body.len(),
+        "benchmark starting"
+    );
+
+    let ceiling = ceiling(&opts.amqp_url, &topology, opts.events, &body)
+        .await
+        .context("ceiling run")?;
+    tracing::info!(events_per_s = ceiling, "ceiling measured");
+
+    sqlx::query("TRUNCATE bench.outbox, bench.outbox_sequences, bench.inbox, bench.subject_progress, bench.items")
+        .execute(&pool)
+        .await?;
+    let outbox = Outbox::new("bench")?;
+    prefill(&pool, &outbox, opts.events).await?;
+
+    let config = SubscriptionConfig {
+        prefetch: opts.prefetch,
+        lanes: opts.lanes,
+        live_feed: false,
+        ..Default::default()
+    };
+    let router = Router::new("bench").on::<OrderPlaced, _>(Sink);
+    let sub = Subscription::new(
+        router,
+        pool.clone(),
+        opts.amqp_url.clone(),
+        topology.clone(),
+        config.clone(),
+    )?
+    .with_outcome_capacity(1 << 16);
+    let setup = producers::broker::connect(&opts.amqp_url, "warren bench setup").await?;
+    let setup_ch = setup.create_channel().await?;
+    sub.declare(&setup_ch).await?;
+    let relay = Relay::new(
+        outbox.clone(),
+        pool.clone(),
+        opts.amqp_url.clone(),
+        topology.clone(),
+        RelayConfig::default(),
+    );
+
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let (s, t) = (sub.clone(), stop.clone());
+    let sub_task = tokio::spawn(async move { s.run(t).await });
+    let (r, t) = (relay.clone(), stop.clone());
+    let relay_task = tokio::spawn(async move { r.run(t).await });
+    let stats = sub.stats();
+    while (stats.count(Outcome::Handled) as usize) < opts.events {
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!(
+                "drain did not finish in 10 minutes ({} handled)",
+                stats.count(Outcome::Handled)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain = opts.events as f64 / started.elapsed().as_secs_f64();
+    tracing::info!(events_per_s = drain, "drain measured");
+
+    let latencies = latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
+    let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
+    stop.cancel();
+    let _ = sub_task.await;
+    let _ = relay_task.await;
+    topology
+        .delete_service(&setup_ch, "bench", &config.retry_delays())
+        .await?;
+    topology.delete_exchange(&setup_ch).await?;
+    let _ = setup.close(200, "bench done").await;
+
+    let pct = |v: &[f64], p: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+    Ok(BenchReport {
+        events: opts.events,
+        body_bytes: body.len(),
+        ceiling_events_per_s: ceiling.round(),
+        drain_events_per_s: drain.round(),
+        drain_vs_ceiling: (drain / ceiling * 100.0).round() / 100.0,
+        latency_rate_per_s: opts.rate,
+        latency_samples: latencies.len(),
+        latency_p50_ms: round2(pct(&latencies, 0.50)),
+        latency_p99_ms: round2(pct(&latencies, 0.99)),
+        latency_max_ms: round2(latencies.last().copied().unwrap_or(f64::NAN)),
+        wakeup_samples: wakeups.len(),
+        wakeup_p50_ms: round2(pct(&wakeups, 0.50)),
+        wakeup_max_ms: round2(wakeups.last().copied().unwrap_or(f64::NAN)),
+        rss_mb: round2(peak_rss_mb()),
+    })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The broker alone: confirmed persistent publishes into a quorum queue,
+/// consumed with manual acks.
+async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyhow::Result<f64> {
+    let conn = producers::broker::connect(url, "warren bench ceiling").await?;
+    let publisher = conn.create_channel().await?;
+    publisher.confirm_select(Default::default()).await?;
+    let consumer_ch = conn.create_channel().await?;
+    consumer_ch
+        .basic_qos(1000, BasicQosOptions::default())
+        .await?;
+    let queue = format!("{}.ceiling", topology.namespace);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    publisher
+        .queue_declare(
+            &queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    let mut consumer = consumer_ch
+        .basic_consume(
+            &queue,
+            "ceiling",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            match consumer.next().await {
+                Some(Ok(d)) => {
+                    d.ack(BasicAckOptions::default()).await?;
+                    seen += 1;
+                }
+                Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                None => anyhow::bail!("ceiling consumer ended after {seen}"),
+            }
+        }
+        Ok(())
+    });
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
+    let mut window = VecDeque::new();
+    for _ in 0..n {
+        if window.len() >= 1000 {
+            if let Some(c) = window.pop_front() {
+                c.await?;
+            }
+        }
+        window.push_back(
+            publisher
+                .basic_publish(
+                    "",
+                    &queue,
+                    BasicPublishOptions::default(),
+                    body,
+                    props.clone(),
+                )
+                .await?,
+        );
+    }
+    for c in window {
+        c.await?;
+    }
+    tokio::time::timeout(Duration::from_secs(300), consume)
+        .await
+        .context("ceiling consumer timed out")???;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    publisher
+        .queue_delete(&queue, QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "ceiling done").await;
+    Ok(rate)
+}
+
+/// Commits `n` events in the outbox, 1000 per transaction, 20 per subject.
+async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()> {
+    let mut left = n;
+    let mut subject = Uuid::now_v7();
+    let mut i = 0usize;
+    while left > 0 {
+        let mut tx = pool.begin().await?;
+        for _ in 0..left.min(1000) {
+            if i.is_multiple_of(20) {
+                subject = Uuid::now_v7();
+            }
+            outbox.append(&mut tx, sample(subject)).await?;
+            i += 1;
+            left -= 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Commits one event per tick at `rate`/s for `duration`; returns sorted
+/// commit-to-handled latencies in ms.
+async fn latency(
+    pool: &PgPool,
+    outbox: &Outbox,
+    sub: &Subscription,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let mut outcomes = sub.outcomes();
+    let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Instant>>> = Default::default();
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let collector = {
+        let committed = committed.clone();
+        tokio::spawn(async move {
+            let mut handled: HashMap<Uuid, Instant> = HashMap::with_capacity(total);
+            while handled.len() < total {
+                match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
+                    Ok(Ok(r)) if r.outcome == Outcome::Handled => {
+                        if let Some(id) = r.event_id.and_then(|i| i.parse::<Uuid>().ok()) {
+                            handled.insert(id, Instant::now());
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                        tracing::warn!(lost = n, "latency collector lagged");
+                    }
+                    _ => break,
+                }
+            }
+            let committed = committed.lock().map(|c| c.clone()).unwrap_or_default();
+            let mut ms: Vec<f64> = handled
+                .iter()
+                .filter_map(|(id, at)| {
+                    committed
+                        .get(id)
+                        .map(|c| at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+                })
+                .collect();
+            ms.sort_by(|a, b| a.total_cmp(b));
+            ms
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for _ in 0..total {
+        tick.tick().await;
+        let e = sample(Uuid::now_v7());
+        let id = e.id;
+        let mut tx = pool.begin().await?;
+        outbox.append(&mut tx, e).await?;
+        tx.commit().await?;
+        if let Ok(mut c) = committed.lock() {
+            c.insert(id, Instant::now());
+        }
+    }
+    Ok(collector.await?)
+}
+
+/// With the relay idle (asleep on LISTEN), commits one event at a time and
+/// measures commit-to-on-the-bus through a wiretap queue; sorted ms.
+async fn wakeup(
+    pool: &PgPool,
+    outbox: &Outbox,
+    conn: &lapin::Connection,
+    topology: &Topology,
+    samples: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().as_str(),
+        &topology.exchange(),
+        "order.placed",
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut tap = ch
+        .basic_consume(
+            q.name().as_str(),
+            "",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        // Long enough for the relay to finish its pass and sleep again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut tx = pool.begin().await?;
+        outbox.append(&mut tx, sample(Uuid::now_v7())).await?;
+        tx.commit().await?;
+        let committed = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), tap.next())
+            .await
+            .context("idle relay did not publish within 10s")?
+            .context("wiretap closed")??;
+        out.push(committed.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = ch.close(200, "wakeup done").await;
+    out.sort_by(|a, b| a.total_cmp(b));
+    Ok(out)
+}
+
+/// Peak resident set size of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The readable table.
+pub fn render(r: &BenchReport) -> String {
+    format!(
+        "warren bench — {events} events of {bytes} bytes\n\
+         \n  ceiling (broker alone)   {ceil:>10.0} events/s\
+         \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
+         \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples)\
+         \n  idle relay wake-up       p50 {wp50:.2} ms   max {wmax:.2} ms   ({wn} samples, commit → on the bus)\
+         \n  peak RSS                 {rss:>10.1} MB\n",
+        events = r.events,
+        bytes = r.body_bytes,
+        ceil = r.ceiling_events_per_s,
+        drain = r.drain_events_per_s,
+        ratio = r.drain_vs_ceiling,
+        rate = r.latency_rate_per_s,
+        p50 = r.latency_p50_ms,
+        p99 = r.latency_p99_ms,
+        max = r.latency_max_ms,
+        n = r.latency_samples,
+        wp50 = r.wakeup_p50_ms,
+        wmax = r.wakeup_max_ms,
+        wn = r.wakeup_samples,
+        rss = r.rss_mb,
+    )
+}

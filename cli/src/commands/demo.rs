@@ -1,0 +1,292 @@
+//! `warren demo`: the whole system in one process, telling a story.
+//!
+//! It uses a database of its own (`<database>_demo`), dropped and created
+//! afresh each run, and a fresh namespace, so it runs on a machine where
+//! warren never ran and again as often as wanted, without touching the
+//! data of `warren run`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use consumers::{Outcome, SubscriptionConfig};
+use producers::RelayConfig;
+use services::gateway::GatewayConfig;
+use services::{App, AppConfig, ALL};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::{PgPool, Postgres};
+
+use crate::commands::replay::{replay, ReplayArgs};
+use crate::commands::status::queue_counts;
+use crate::config::{connect_db, migrate, Settings};
+
+/// Arguments of `warren demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// The story to replay.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/demo.jsonl"))]
+    pub fixture: PathBuf,
+    /// Stock levels to set first (JSON object SKU → units).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/demo-stock.json"))]
+    pub stock: PathBuf,
+    /// Longest wait for the story to settle, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// Runs the demo and prints its summary.
+pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
+    let base = url::Url::parse(&settings.database_url).context("DATABASE_URL is not a URL")?;
+    let db_name = format!(
+        "{}_demo",
+        base.path()
+            .trim_start_matches('/')
+            .trim()
+            .to_owned()
+            .replace('/', "")
+    );
+    let db_name = if db_name == "_demo" {
+        "warren_demo".to_owned()
+    } else {
+        db_name
+    };
+    let mut settings = settings.with_database(&db_name)?;
+    settings.namespace = format!(
+        "{}-demo-{}",
+        settings.namespace,
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+
+    // A clean slate: the demo's own database, recreated.
+    let server_check = connect_db(&settings.with_database("postgres")?, false, 1).await?;
+    server_check.close().await;
+    let _ = Postgres::drop_database(&settings.database_url).await;
+    let pool = connect_db(&settings, true, 40).await?;
+    migrate(&pool).await?;
+    tracing::info!(database = %db_name, namespace = %settings.namespace, "demo database and namespace ready");
+
+    let config = AppConfig {
+        amqp_url: settings.amqp_url.clone(),
+        topology: settings.topology(),
+        services: ALL.iter().map(|s| s.to_string()).collect(),
+        http: None,
+        subscription: SubscriptionConfig {
+            lanes: 2,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(2),
+            defer_delay: Duration::from_millis(200),
+            ..Default::default()
+        },
+        relay: RelayConfig {
+            poll_interval: Duration::from_millis(250),
+            ..Default::default()
+        },
+        gateway: GatewayConfig::default(),
+    };
+    let retry_delays = config.subscription.retry_delays();
+    let app = App::start(pool.clone(), config).await?;
+
+    let stock: BTreeMap<String, i32> = serde_json::from_str(
+        &std::fs::read_to_string(&args.stock)
+            .with_context(|| format!("reading {}", args.stock.display()))?,
+    )
+    .with_context(|| {
+        format!(
+            "{} must be a JSON object of SKU → units",
+            args.stock.display()
+        )
+    })?;
+    for (sku, units) in &stock {
+        services::inventory::set_level(&pool, sku, *units).await?;
+        tracing::info!(sku, units, "stock set");
+    }
+
+    let summary = replay(
+        &settings,
+        &ReplayArgs {
+            files: vec![args.fixture.clone()],
+            rate: Some(20),
+            dry_run: false,
+            to: None,
+            strict: false,
+            raw_invalid: true,
+        },
+    )
+    .await?;
+    tracing::info!(
+        published = summary.published,
+        invalid = summary.invalid,
+        "story replayed; waiting for it to settle"
+    );
+
+    let settled = wait_settled(
+        &settings,
+        &pool,
+        &app,
+        &retry_delays,
+        Duration::from_secs(args.timeout),
+    )
+    .await;
+    print_summary(&pool, &app, &settings).await?;
+    app.stop().await;
+    cleanup(&settings, &retry_delays).await;
+    pool.close().await;
+    settled
+}
+
+/// Settled: no outbox backlog, no message waiting in any queue, and no
+/// outcome for a while.
+async fn wait_settled(
+    settings: &Settings,
+    pool: &PgPool,
+    app: &App,
+    delays: &[Duration],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let conn = producers::broker::connect(&settings.amqp_url, "warren demo watch").await?;
+    let topology = settings.topology();
+    let started = Instant::now();
+    let total = |app: &App| -> u64 {
+        app.consumer_stats
+            .values()
+            .map(|s| s.snapshot().by_outcome.values().sum::<u64>())
+            .sum()
+    };
+    let (mut last_total, mut quiet_since) = (total(app), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now_total = total(app);
+        if now_total != last_total {
+            (last_total, quiet_since) = (now_total, Instant::now());
+        }
+        let mut busy = false;
+        for s in ALL {
+            if producers::Outbox::new(s)?.backlog(pool).await?.unpublished > 0 {
+                busy = true;
+            }
+            if s == "customers" {
+                continue;
+            }
+            let mut queues = vec![topology.queue(s)];
+            queues.extend(delays.iter().map(|d| topology.retry_queue(s, *d)));
+            for q in queues {
+                if queue_counts(&conn, &q).await?.is_some_and(|(n, _)| n > 0) {
+                    busy = true;
+                }
+            }
+        }
+        if !busy && quiet_since.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        if started.elapsed() > timeout {
+            let _ = conn.close(200, "demo watch").await;
+            anyhow::bail!("the story did not settle within {timeout:?}");
+        }
+    }
+    let _ = conn.close(200, "demo watch").await;
+    Ok(())
+}
+
+async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow::Result<()> {
+    let cols = [
+        Outcome::Handled,
+        Outcome::Duplicate,
+        Outcome::Skipped,
+        Outcome::Deferred,
+        Outcome::Retried,
+        Outcome::DeadLettered,
+    ];
+    println!();
+    println!("== consumers ({}) ==", settings.namespace);
+    print!("{:<10}", "service");
+    for c in cols {
+        print!(" {:>13}", c.as_str());
+    }
+    println!();
+    for (service, stats) in &app.consumer_stats {
+        print!("{service:<10}");
+        for c in cols {
+            print!(" {:>13}", stats.count(c));
+        }
+        println!();
+    }
+
+    println!();
+    println!("== orders ==");
+    let orders: Vec<(uuid::Uuid, String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT o.id, coalesce(c.name, o.customer_id::text), o.status, o.total, o.reason \
+         FROM orders.orders o LEFT JOIN orders.customers c ON c.id = o.customer_id ORDER BY o.created_at, o.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    println!(
+        "{:<38} {:<16} {:<10} {:>9}  reason",
+        "order", "customer", "status", "total"
+    );
+    for (id, customer, status, total, reason) in orders {
+        println!(
+            "{id:<38} {customer:<16} {status:<10} {:>9.2}  {}",
+            total as f64 / 100.0,
+            reason.unwrap_or_default()
+        );
+    }
+
+    println!();
+    println!("== stock ==");
+    let stock: Vec<(String, i32, i32)> =
+        sqlx::query_as("SELECT sku, on_hand, reserved FROM inventory.stock ORDER BY sku")
+            .fetch_all(pool)
+            .await?;
+    println!("{:<10} {:>8} {:>9}", "sku", "on_hand", "reserved");
+    for (sku, on_hand, reserved) in stock {
+        println!("{sku:<10} {on_hand:>8} {reserved:>9}");
+    }
+
+    println!();
+    println!("== payments and shipments ==");
+    let payments: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM payments.payments GROUP BY status ORDER BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (status, n) in payments {
+        println!("payments {status:<9} {n}");
+    }
+    let shipments: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping.shipments")
+        .fetch_one(pool)
+        .await?;
+    println!("shipments          {shipments}");
+
+    println!();
+    println!("== dead letters ==");
+    for service in ALL.iter().filter(|s| **s != "customers") {
+        for l in super::dlq::list(settings, service).await? {
+            println!(
+                "{service:<10} {:<14} {:<16} {}",
+                l.event_type,
+                l.reason,
+                l.error.chars().take(90).collect::<String>()
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// The namespace was the demo's own: remove it from the broker.
+async fn cleanup(settings: &Settings, delays: &[Duration]) {
+    let Ok(conn) = producers::broker::connect(&settings.amqp_url, "warren demo cleanup").await
+    else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let topology = settings.topology();
+    for s in ALL.iter().filter(|s| **s != "customers") {
+        let _ = topology.delete_service(&ch, s, delays).await;
+    }
+    let _ = topology.delete_exchange(&ch).await;
+    let _ = conn.close(200, "demo done").await;
+}

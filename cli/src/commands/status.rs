@@ -1,0 +1,166 @@
+//! `warren status [--json]`: per service, the queue and its consumers,
+//! dead letters, outbox backlog, inbox size and whether a relay is active.
+//! Exits 1 when something needs attention.
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::Connection;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::config::{connect_db, Settings};
+use crate::error::Unhealthy;
+
+/// Unpublished outbox rows older than this make a service unhealthy.
+pub const STALE_OUTBOX_S: f64 = 60.0;
+
+/// One service's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    /// Ready messages in the work queue (`None`: not declared).
+    pub queue_depth: Option<u32>,
+    pub consumers: Option<u32>,
+    pub dead_letters: Option<u32>,
+    pub outbox_backlog: i64,
+    pub outbox_oldest_s: Option<f64>,
+    pub inbox_size: i64,
+    pub relay_active: bool,
+    pub problems: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub namespace: String,
+    pub services: Vec<ServiceStatus>,
+    pub healthy: bool,
+}
+
+/// (ready messages, consumers) of a queue, `None` when it does not exist.
+/// A failed passive declare closes its channel, hence one per question.
+pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
+    let ch = conn.create_channel().await?;
+    let r = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    Ok(match r {
+        Ok(q) => {
+            let _ = ch.close(200, "ok").await;
+            Some((q.message_count(), q.consumer_count()))
+        }
+        Err(_) => None,
+    })
+}
+
+/// Gathers the report.
+pub async fn gather(
+    settings: &Settings,
+    pool: &PgPool,
+    conn: &Connection,
+) -> anyhow::Result<Status> {
+    let topology = settings.topology();
+    let mut services = Vec::new();
+    for service in services::ALL {
+        let outbox = producers::Outbox::new(service)?;
+        let backlog = outbox.backlog(pool).await?;
+        let inbox_size = consumers::inbox::Inbox::new(service).size(pool).await?;
+        let relay_active: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = $1::oid AND objid = (hashtext($2) & 2147483647)::oid",
+        )
+        .bind(producers::relay::RELAY_LOCK_CLASS)
+        .bind(service)
+        .fetch_one(pool)
+        .await?;
+        let mut problems = Vec::new();
+        // customers consumes nothing, so it has no queues to look at.
+        let (queue, dlq) = if service == "customers" {
+            (None, Some((0, 0)))
+        } else {
+            let q = queue_counts(conn, &topology.queue(service)).await?;
+            if q.is_none() {
+                problems.push("queue not declared".to_owned());
+            }
+            (q, queue_counts(conn, &topology.dlq(service)).await?)
+        };
+        if let Some((n, _)) = dlq {
+            if n > 0 {
+                problems.push(format!("{n} dead letter(s)"));
+            }
+        }
+        if let Some(age) = backlog.oldest_age_s {
+            if age > STALE_OUTBOX_S {
+                problems.push(format!("oldest unpublished event is {age:.0}s old"));
+            }
+        }
+        services.push(ServiceStatus {
+            service: service.to_owned(),
+            queue_depth: queue.map(|q| q.0),
+            consumers: queue.map(|q| q.1),
+            dead_letters: if service == "customers" {
+                None
+            } else {
+                dlq.map(|d| d.0)
+            },
+            outbox_backlog: backlog.unpublished,
+            outbox_oldest_s: backlog.oldest_age_s,
+            inbox_size,
+            relay_active,
+            problems,
+        });
+    }
+    let healthy = services.iter().all(|s| s.problems.is_empty());
+    Ok(Status {
+        namespace: settings.namespace.clone(),
+        services,
+        healthy,
+    })
+}
+
+fn opt(v: Option<u32>) -> String {
+    v.map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
+/// Runs the command.
+pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let pool = connect_db(settings, false, 2).await?;
+    let conn = producers::broker::connect(&settings.amqp_url, "warren status").await?;
+    let status = gather(settings, &pool, &conn).await?;
+    let _ = conn.close(200, "status done").await;
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        println!("namespace {}", status.namespace);
+        println!(
+            "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  problems",
+            "service", "queued", "consumers", "dlq", "outbox", "oldest(s)", "inbox", "relay"
+        );
+        for s in &status.services {
+            println!(
+                "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  {}",
+                s.service,
+                opt(s.queue_depth),
+                opt(s.consumers),
+                opt(s.dead_letters),
+                s.outbox_backlog,
+                s.outbox_oldest_s
+                    .map_or("-".to_owned(), |a| format!("{a:.1}")),
+                s.inbox_size,
+                if s.relay_active { "active" } else { "none" },
+                s.problems.join("; ")
+            );
+        }
+    }
+    if !status.healthy {
+        return Err(Unhealthy("unhealthy: see the problems column".into()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The one typed place for configuration: every setting is a flag with an
+//! environment variable and a default that points at the local servers
+//! with their stock credentials.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable; coloured on a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings shared by every command.
+#[derive(Clone, clap::Args)]
+pub struct Settings {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        global = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// PostgreSQL URL (add ?sslmode=require for TLS).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/warren",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Prefix of every exchange and queue.
+    #[arg(
+        long,
+        env = "WARREN_NAMESPACE",
+        global = true,
+        default_value = "warren"
+    )]
+    pub namespace: String,
+    /// Address of the HTTP API (`warren run`).
+    #[arg(
+        long,
+        env = "WARREN_HTTP",
+        global = true,
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http: SocketAddr,
+    /// Log format.
+    #[arg(
+        long,
+        env = "WARREN_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+    /// Largest event body accepted, in bytes.
+    #[arg(long, env = "WARREN_MAX_BODY", global = true, default_value_t = events::DEFAULT_MAX_BODY)]
+    pub max_body: usize,
+}
+
+/// Credentials never print: URLs are shown with their password masked.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("amqp_url", &producers::broker::redact(&self.amqp_url))
+            .field(
+                "database_url",
+                &producers::broker::redact(&self.database_url),
+            )
+            .field("namespace", &self.namespace)
+            .field("http", &self.http)
+            .field("log_format", &self.log_format)
+            .field("max_body", &self.max_body)
+            .finish()
+    }
+}
+
+impl Settings {
+    /// The broker topology of the configured namespace.
+    pub fn topology(&self) -> producers::Topology {
+        producers::Topology::new(self.namespace.clone())
+    }
+
+    /// The same settings pointing at another database.
+    pub fn with_database(&self, name: &str) -> anyhow::Result<Settings> {
+        let mut url = url::Url::parse(&self.database_url).context("DATABASE_URL is not a URL")?;
+        url.set_path(&format!("/{name}"));
+        Ok(Settings {
+            database_url: url.to_string(),
+            ..self.clone()
+        })
+    }
+}
+
+/// Opens a pool of `max` connections; with `create`, creates the database
+/// first when it does not exist. Errors are one line naming what was tried.
+pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::Result<PgPool> {
+    let shown = producers::broker::redact(&settings.database_url);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot reach PostgreSQL at {shown}: {e}. Start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or `docker compose up -d postgres`) or set DATABASE_URL"
+        )
+    };
+    let options: PgConnectOptions = settings
+        .database_url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?;
+    if create {
+        let exists = tokio::time::timeout(
+            Duration::from_secs(5),
+            Postgres::database_exists(&settings.database_url),
+        )
+        .await
+        .map_err(|_| unreachable(&"no answer within 5s"))?
+        .map_err(|e| unreachable(&e))?;
+        if !exists {
+            Postgres::create_database(&settings.database_url)
+                .await
+                .map_err(|e| unreachable(&e))?;
+            tracing::info!(
+                database = options.get_database().unwrap_or(""),
+                "created database"
+            );
+        }
+    }
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|e| unreachable(&e))
+}
+
+/// Applies the migrations (idempotent).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("../migrations")
+        .run(pool)
+        .await
+        .context("applying migrations")
+}

@@ -1,0 +1,19 @@
+//! The `warren` command line: run the services, publish and replay events,
+//! watch the bus, inspect status and dead letters, run the demo and the
+//! benchmark. The binary (`main.rs`) only parses arguments and maps errors
+//! to exit codes; everything else is here, so tests can call it.
+//!
+//! # Layout
+//! - [`config`]: the typed settings (flags with environment variables), database connection, migrations.
+//! - [`telemetry`]: the tracing subscriber (pretty on a terminal, JSON on request).
+//! - [`bus`]: publishing events and raw messages with confirms.
+//! - [`commands`]: one module per command.
+//! - [`bench`]: the benchmark behind `warren bench`.
+//! - [`error`]: errors that choose the exit code.
+
+pub mod bench;
+pub mod bus;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod telemetry;

@@ -1,0 +1,184 @@
+//! Delayed retries and dead letters, both through the broker.
+//!
+//! A retry is a copy of the message published (with confirm) to the
+//! service's retry queue for the delay at hand; the queue's TTL expires it
+//! back into the work queue. A dead letter is a copy published to
+//! `<ns>.<service>.dlq` with headers that say why. In both cases the
+//! original is acknowledged only after the copy is confirmed, so a crash in
+//! between leaves a duplicate (absorbed by the inbox), never a loss.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel};
+use producers::Topology;
+
+/// 1-based delivery attempt, incremented on each retry.
+pub const H_ATTEMPT: &str = "x-warren-attempt";
+/// Times the event was put back because a predecessor was missing.
+pub const H_DEFERRALS: &str = "x-warren-deferrals";
+/// Why it was dead-lettered: a short code (`invalid_data`, `retries_exhausted`, …).
+pub const H_REASON: &str = "x-warren-reason";
+/// The error text.
+pub const H_ERROR: &str = "x-warren-error";
+/// The routing key it was first published with (its type).
+pub const H_ROUTING_KEY: &str = "x-warren-routing-key";
+/// The service that gave up on it.
+pub const H_SERVICE: &str = "x-warren-service";
+/// When it was dead-lettered (RFC 3339).
+pub const H_DEAD_LETTERED_AT: &str = "x-warren-dead-lettered-at";
+
+/// Longest error text kept in a header.
+const MAX_ERROR_LEN: usize = 2000;
+
+/// Forwarding failed: the original must not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The channel failed.
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refused the copy.
+    #[error("broker refused the copy for {0}")]
+    Refused(String),
+    /// No confirm in time.
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Publishes retry and dead-letter copies for one service.
+#[derive(Clone)]
+pub struct Forwarder {
+    /// A channel in confirm mode, used only for these copies.
+    channel: Channel,
+    topology: Topology,
+    service: String,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    /// `channel` must be in confirm mode.
+    pub fn new(channel: Channel, topology: Topology, service: &str, timeout: Duration) -> Self {
+        Forwarder {
+            channel,
+            topology,
+            service: service.to_owned(),
+            timeout,
+        }
+    }
+
+    /// Sends a copy to the retry queue of `delay`, with `header` set to `value`.
+    pub async fn retry(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+        header: &str,
+        value: u32,
+    ) -> Result<(), ForwardError> {
+        let mut headers = base_headers(delivery);
+        headers.insert(header.into(), AMQPValue::LongInt(value as i32));
+        let queue = self.topology.retry_queue(&self.service, delay);
+        self.publish(&queue, delivery, headers).await
+    }
+
+    /// Sends a copy to the dead-letter queue with its reason headers.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        error: &str,
+        attempt: u32,
+    ) -> Result<(), ForwardError> {
+        let mut headers = base_headers(delivery);
+        let error: String = error.chars().take(MAX_ERROR_LEN).collect();
+        headers.insert(H_REASON.into(), long(reason));
+        headers.insert(H_ERROR.into(), long(&error));
+        headers.insert(H_ATTEMPT.into(), AMQPValue::LongInt(attempt as i32));
+        headers.insert(H_SERVICE.into(), long(&self.service));
+        headers.insert(
+            H_DEAD_LETTERED_AT.into(),
+            long(&chrono::Utc::now().to_rfc3339()),
+        );
+        let queue = self.topology.dlq(&self.service);
+        self.publish(&queue, delivery, headers).await
+    }
+
+    async fn publish(
+        &self,
+        queue: &str,
+        delivery: &Delivery,
+        headers: FieldTable,
+    ) -> Result<(), ForwardError> {
+        let props: BasicProperties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "",
+                queue,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &delivery.data,
+                props,
+            )
+            .await?;
+        match tokio::time::timeout(self.timeout, confirm).await {
+            Err(_) => Err(ForwardError::Timeout(self.timeout)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(_)) => Err(ForwardError::Refused(queue.to_owned())),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// The message's headers plus the original routing key (kept from the
+/// first delivery: retries come back with the queue name as routing key).
+fn base_headers(delivery: &Delivery) -> FieldTable {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    if !headers.inner().contains_key(H_ROUTING_KEY) {
+        headers.insert(H_ROUTING_KEY.into(), long(delivery.routing_key.as_str()));
+    }
+    headers
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Reads an integer header, whatever integer width or string it arrived as.
+pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
+    let v = props.headers().as_ref()?.inner().get(name)?;
+    match v {
+        AMQPValue::ShortShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(*n as u32),
+        AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(*n as u32),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// The routing key the message was first published with.
+pub fn original_routing_key(delivery: &Delivery) -> String {
+    header_str(&delivery.properties, H_ROUTING_KEY)
+        .unwrap_or_else(|| delivery.routing_key.to_string())
+}

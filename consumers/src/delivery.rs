@@ -1,0 +1,417 @@
+//! What happens to one delivery, from bytes to acknowledgement:
+//!
+//! 1. decode (size, JSON, envelope, type, version, data); a failure is
+//!    dead-lettered with the decoder's reason;
+//! 2. in one transaction for a lane's batch of deliveries: lock the
+//!    subjects' progress and check each sequence, record the ids of the
+//!    next-in-line events in the inbox (already there → `duplicate`), run
+//!    their handlers, advance the progress, commit. If anything in the
+//!    batch fails, every event of it is applied alone, so one failing
+//!    event never takes the others with it;
+//! 3. only then acknowledge each delivery, or forward it (retry, deferral,
+//!    dead letter) and then acknowledge it.
+//!
+//! # Per-subject order
+//! Events of one (source, subject) apply in `sequence` order. Inside a
+//! process, a subject always maps to the same lane, so deliveries of one
+//! subject are handled one after another in queue order. Across processes
+//! and after retries, the progress row decides: its row lock serialises
+//! handlers of the subject, and an event whose predecessor has not been
+//! applied is *deferred* (sent through the short retry queue) instead of
+//! applied. Limits: a predecessor that never comes (dead-lettered, or
+//! never published) holds its successors back `max_deferrals` times, then
+//! they are dead-lettered with reason `sequence_gap`; redriving the
+//! predecessor first and then them restores the order. An event at or
+//! below the applied sequence with a new id is dead-lettered as
+//! `stale_sequence`, never applied out of order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use events::{Codec, DecodeError, Envelope};
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
+use producers::{Backoff, Outbox};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::deadletter::{
+    header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
+};
+use crate::inbox::{Inbox, Stream};
+use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
+use crate::{Context, HandleError, Router, SubscriptionConfig};
+
+/// A delivery could not be settled; the session must restart (the broker
+/// redelivers it, and the inbox absorbs what had already been applied).
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// Forwarding to a retry or dead-letter queue failed.
+    #[error("forwarding failed: {0}")]
+    Forward(#[from] ForwardError),
+    /// The ack could not be sent.
+    #[error("ack failed: {0}")]
+    Ack(#[from] lapin::Error),
+    /// Shut down while waiting for the database to come back.
+    #[error("shut down before the delivery could be handled")]
+    ShutDown,
+}
+
+/// What the transaction did with one event.
+#[derive(Debug, Clone, Copy)]
+enum Applied {
+    Handled,
+    Skipped,
+    Duplicate,
+    Early { expected: i64 },
+    Stale { last: i64 },
+}
+
+/// Everything a lane needs to settle deliveries.
+#[derive(Clone)]
+pub(crate) struct Processor {
+    pub router: Arc<Router>,
+    pub pool: PgPool,
+    pub outbox: Outbox,
+    pub inbox: Inbox,
+    pub forwarder: Forwarder,
+    pub config: Arc<SubscriptionConfig>,
+    pub stats: Arc<Stats>,
+    pub feed: Option<Feed>,
+    /// In-process outcome listeners.
+    pub outcomes: tokio::sync::broadcast::Sender<OutcomeRecord>,
+    /// `/warren/<service>`: events from here are our own.
+    pub own_source: String,
+}
+
+/// A delivery with what decoding made of it.
+pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
+
+/// Decodes a delivery in either CloudEvents mode.
+pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeError> {
+    let headers: Vec<(String, serde_json::Value)> = d
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), amqp_to_json(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    codec.decode_message(
+        d.properties.content_type().as_ref().map(|c| c.as_str()),
+        headers.iter().map(|(k, v)| (k.as_str(), v.clone())),
+        &d.data,
+    )
+}
+
+impl Processor {
+    /// Settles a batch of deliveries of one lane: the decodable ones are
+    /// applied in one transaction; if that fails, each is applied on its
+    /// own so one bad event cannot hold back the others. Then each is
+    /// retried, deferred, dead-lettered or just acknowledged.
+    pub async fn process(
+        &self,
+        items: Vec<Item>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SettleError> {
+        let started = Instant::now();
+        let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
+        for (delivery, decoded) in items {
+            match decoded {
+                Ok(e) => good.push((delivery, e)),
+                Err(e) => {
+                    let mut record = self.record_for(&delivery, None);
+                    self.dead_letter(&delivery, &mut record, e.kind(), e.to_string())
+                        .await?;
+                    self.finish(delivery, record, started).await?;
+                }
+            }
+        }
+        if good.is_empty() {
+            return Ok(());
+        }
+        let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+        let results: Vec<Result<Applied, HandleError>> = match self
+            .apply_waiting(&envelopes, shutdown)
+            .await?
+        {
+            Ok(applied) => applied.into_iter().map(Ok).collect(),
+            Err(e) if envelopes.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::debug!(error = %e, size = envelopes.len(), "batch failed; applying one by one");
+                let mut one_by_one = Vec::with_capacity(envelopes.len());
+                for env in &envelopes {
+                    one_by_one.push(self.apply_waiting(&[env], shutdown).await?.map(|a| a[0]));
+                }
+                one_by_one
+            }
+        };
+        for ((delivery, envelope), result) in good.into_iter().zip(results) {
+            self.settle(delivery, &envelope, result, started).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies, waiting in place (with backoff) while the database is
+    /// unavailable: a lost database must not burn the events' attempts.
+    async fn apply_waiting(
+        &self,
+        events: &[&Envelope],
+        shutdown: &CancellationToken,
+    ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            self.config.retry_max.max(Duration::from_millis(200)),
+        );
+        loop {
+            match self.apply(events).await {
+                Err(HandleError::Unavailable(e)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        service = self.router.service(), events = events.len(), error = %e, retry_in = ?delay,
+                        "database unavailable; holding the deliveries"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Err(SettleError::ShutDown),
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The transaction: inbox, order check, handlers, progress, commit.
+    async fn apply(&self, events: &[&Envelope]) -> Result<Vec<Applied>, HandleError> {
+        let mut tx = self.pool.begin().await?;
+        let streams: Vec<Stream> = events
+            .iter()
+            .map(|e| (e.source.clone(), e.subject.clone()))
+            .collect();
+        let mut last = self.inbox.lock_progress(&mut tx, &streams).await?;
+
+        // Decide each event's fate in delivery order, per stream.
+        let mut plan: Vec<Option<Applied>> = Vec::with_capacity(events.len());
+        let mut candidates: Vec<&Envelope> = Vec::new();
+        let mut behind: Vec<uuid::Uuid> = Vec::new();
+        let mut advanced: HashMap<Stream, i64> = HashMap::new();
+        for (e, stream) in events.iter().zip(&streams) {
+            let current = last.get(stream).copied().unwrap_or(0);
+            if e.sequence == current + 1 {
+                last.insert(stream.clone(), e.sequence);
+                advanced.insert(stream.clone(), e.sequence);
+                candidates.push(e);
+                plan.push(None);
+            } else if e.sequence <= current {
+                behind.push(e.id);
+                plan.push(Some(Applied::Stale { last: current }));
+            } else {
+                plan.push(Some(Applied::Early {
+                    expected: current + 1,
+                }));
+            }
+        }
+        let new = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            self.inbox.record(&mut tx, &candidates).await?
+        };
+        let seen = if behind.is_empty() {
+            HashSet::new()
+        } else {
+            self.inbox.existing(&mut tx, &behind).await?
+        };
+
+        for (e, slot) in events.iter().zip(plan.iter_mut()) {
+            match slot {
+                Some(Applied::Stale { .. }) if seen.contains(&e.id) => {
+                    *slot = Some(Applied::Duplicate)
+                }
+                Some(_) => {}
+                None if !new.contains(&e.id) => *slot = Some(Applied::Duplicate),
+                None => {
+                    if e.source == self.own_source {
+                        // One of our own events coming back (or one of ours
+                        // replayed from elsewhere): keep our sequence
+                        // counter past it.
+                        self.outbox.observe(&mut tx, &e.subject, e.sequence).await?;
+                    }
+                    *slot = Some(match self.router.handler(&e.event_type) {
+                        Some(h) => {
+                            let mut ctx = Context::new(&mut tx, e, &self.outbox);
+                            tokio::time::timeout(self.config.handler_timeout, h.call(&mut ctx))
+                                .await
+                                .map_err(|_| {
+                                    HandleError::Transient(format!(
+                                        "handler timed out after {:?}",
+                                        self.config.handler_timeout
+                                    ))
+                                })??;
+                            Applied::Handled
+                        }
+                        None => Applied::Skipped,
+                    });
+                }
+            }
+        }
+        self.inbox.advance(&mut tx, &advanced).await?;
+        tx.commit().await?;
+        Ok(plan
+            .into_iter()
+            .map(|a| a.unwrap_or(Applied::Duplicate))
+            .collect())
+    }
+
+    /// Acts on one event's result: ack, retry, defer or dead-letter.
+    async fn settle(
+        &self,
+        delivery: Delivery,
+        envelope: &Envelope,
+        result: Result<Applied, HandleError>,
+        started: Instant,
+    ) -> Result<(), SettleError> {
+        let c = &self.config;
+        let mut record = self.record_for(&delivery, Some(envelope));
+        let attempt = record.attempt;
+        match result {
+            Ok(Applied::Handled) => record.outcome = Outcome::Handled,
+            Ok(Applied::Skipped) => record.outcome = Outcome::Skipped,
+            Ok(Applied::Duplicate) => record.outcome = Outcome::Duplicate,
+            Ok(Applied::Early { expected }) => {
+                let deferrals = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0) + 1;
+                let why = format!(
+                    "sequence {} of subject {} from {} arrived before {expected}",
+                    envelope.sequence, envelope.subject, envelope.source
+                );
+                if deferrals > c.max_deferrals {
+                    let error = format!("{why}; gave up after {} deferrals", c.max_deferrals);
+                    self.dead_letter(&delivery, &mut record, "sequence_gap", error)
+                        .await?;
+                } else {
+                    self.forwarder
+                        .retry(&delivery, c.defer_delay, H_DEFERRALS, deferrals)
+                        .await?;
+                    record.outcome = Outcome::Deferred;
+                    record.reason = Some("sequence_gap".into());
+                    record.error = Some(why);
+                }
+            }
+            Ok(Applied::Stale { last }) => {
+                let error = format!(
+                    "sequence {} of subject {} from {} is at or below the applied sequence {last}, under a new event id",
+                    envelope.sequence, envelope.subject, envelope.source
+                );
+                self.dead_letter(&delivery, &mut record, "stale_sequence", error)
+                    .await?;
+            }
+            // Unavailable is waited out before we get here; should it
+            // arrive anyway, a broker retry is the safe place for it.
+            Err(HandleError::Transient(e) | HandleError::Unavailable(e))
+                if attempt < c.max_attempts =>
+            {
+                let delay = c.retry_delay(attempt);
+                self.forwarder
+                    .retry(&delivery, delay, H_ATTEMPT, attempt + 1)
+                    .await?;
+                record.outcome = Outcome::Retried;
+                record.reason = Some("transient".into());
+                record.error = Some(format!("{e}; retry in {delay:?}"));
+            }
+            Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {
+                let error = format!("{e} (after {attempt} attempts)");
+                self.dead_letter(&delivery, &mut record, "retries_exhausted", error)
+                    .await?;
+            }
+            Err(HandleError::Permanent(e)) => {
+                self.dead_letter(&delivery, &mut record, "handler_rejected", e)
+                    .await?;
+            }
+        }
+        self.finish(delivery, record, started).await
+    }
+
+    /// The outcome record of a delivery, before its outcome is known.
+    fn record_for(&self, delivery: &Delivery, envelope: Option<&Envelope>) -> OutcomeRecord {
+        OutcomeRecord {
+            service: self.router.service().to_owned(),
+            outcome: Outcome::Handled,
+            event_id: envelope.map(|e| e.id.to_string()),
+            event_type: envelope
+                .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
+            subject: envelope.map(|e| e.subject.clone()),
+            correlation_id: envelope.and_then(|e| e.correlationid.clone()),
+            attempt: header_u32(&delivery.properties, H_ATTEMPT)
+                .unwrap_or(1)
+                .max(1),
+            elapsed_ms: 0.0,
+            reason: None,
+            error: None,
+            at: chrono::Utc::now(),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        record: &mut OutcomeRecord,
+        reason: &str,
+        error: String,
+    ) -> Result<(), SettleError> {
+        self.forwarder
+            .dead_letter(delivery, reason, &error, record.attempt)
+            .await?;
+        record.outcome = Outcome::DeadLettered;
+        record.reason = Some(reason.to_owned());
+        record.error = Some(error);
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        delivery: Delivery,
+        mut record: OutcomeRecord,
+        started: Instant,
+    ) -> Result<(), SettleError> {
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        record.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        record.at = chrono::Utc::now();
+        record.log();
+        self.stats.record(&record);
+        if let Some(feed) = &self.feed {
+            feed.publish(&record).await;
+        }
+        // No receiver is the normal case; that is not an error.
+        let _ = self.outcomes.send(record);
+        Ok(())
+    }
+}
+
+/// AMQP header values as JSON, for binary-mode attributes.
+fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Float(f) => {
+            serde_json::Number::from_f64(*f as f64).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AMQPValue::ShortString(s) => Value::String(s.to_string()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::Timestamp(t) => (*t).into(),
+        _ => Value::Null,
+    }
+}

@@ -1,0 +1,110 @@
+//! What a handler is given and what it may return.
+
+use events::{Envelope, EventData};
+use producers::{Outbox, OutboxError};
+use sqlx::PgConnection;
+
+/// Handles events of type `E` for one service.
+///
+/// Runs inside the transaction that records the event in the inbox: every
+/// change made through `ctx.tx` commits together with that record, or not
+/// at all. Must not wait on anything unbounded (the runtime applies a
+/// timeout and treats it as transient).
+#[async_trait::async_trait]
+pub trait Handle<E: EventData>: Send + Sync + 'static {
+    /// Applies `data` (the event's payload, already validated and upcast).
+    async fn handle(&self, ctx: &mut Context<'_>, data: E) -> Result<(), HandleError>;
+}
+
+/// A handler's view of the event and the transaction it runs in.
+pub struct Context<'a> {
+    /// The open transaction: change the service's store through it.
+    pub tx: &'a mut PgConnection,
+    /// The event being handled.
+    pub event: &'a Envelope,
+    /// The service's own outbox, for follow-up events.
+    pub(crate) outbox: &'a Outbox,
+}
+
+impl<'a> Context<'a> {
+    /// A context over an open transaction; the runtime builds these, tests may too.
+    pub fn new(tx: &'a mut PgConnection, event: &'a Envelope, outbox: &'a Outbox) -> Self {
+        Context { tx, event, outbox }
+    }
+
+    /// Appends a follow-up event about `subject` to this service's outbox,
+    /// in this transaction, carrying the correlation of the event handled
+    /// and naming it as the cause.
+    pub async fn emit<E: EventData>(
+        &mut self,
+        subject: impl Into<String>,
+        data: &E,
+    ) -> Result<Envelope, HandleError> {
+        let envelope = Envelope::new(self.outbox.service(), subject, data).caused_by(self.event);
+        Ok(self.outbox.append(self.tx, envelope).await?)
+    }
+}
+
+/// Why a handler did not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// May succeed later (conflict, unavailable dependency): retried with
+    /// delay through the broker, dead-lettered after the attempt limit.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will never succeed (the event contradicts the store, a rule is
+    /// broken): dead-lettered at once.
+    #[error("permanent: {0}")]
+    Permanent(String),
+    /// The service's own database is unreachable: the runtime keeps the
+    /// delivery and tries again in place once it is back, without spending
+    /// attempts.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl HandleError {
+    /// A transient error from anything displayable.
+    pub fn transient(e: impl std::fmt::Display) -> Self {
+        HandleError::Transient(e.to_string())
+    }
+
+    /// A permanent error from anything displayable.
+    pub fn permanent(e: impl std::fmt::Display) -> Self {
+        HandleError::Permanent(e.to_string())
+    }
+}
+
+/// Database errors are classified by SQLSTATE class, never by message:
+/// `40` (serialization failure, deadlock) is transient, `23` (integrity
+/// constraint) and the rest of the server's refusals are permanent, and
+/// connection-level failures mean the database is unavailable.
+impl From<sqlx::Error> for HandleError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) => match db.code().as_deref().map(|c| &c[..2.min(c.len())]) {
+                Some("40") | Some("55") | Some("57") | Some("53") => {
+                    HandleError::Transient(e.to_string())
+                }
+                Some("08") => HandleError::Unavailable(e.to_string()),
+                _ => HandleError::Permanent(e.to_string()),
+            },
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => HandleError::Unavailable(e.to_string()),
+            _ => HandleError::Permanent(e.to_string()),
+        }
+    }
+}
+
+impl From<OutboxError> for HandleError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Database { source, .. } => source.into(),
+            other => HandleError::Permanent(other.to_string()),
+        }
+    }
+}

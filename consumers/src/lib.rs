@@ -1,0 +1,31 @@
+//! Getting events in: the subscription runtime that consumes a service's
+//! queue and runs its handlers exactly once per event, in per-subject
+//! order, with delayed retries and dead letters.
+//!
+//! The contract, in the manner of Watermill's router: handlers change their
+//! own store inside the transaction the runtime opens, may append follow-up
+//! events through [`Context::emit`], and return a [`HandleError`] to say
+//! what went wrong. They never acknowledge anything; the runtime owns acks,
+//! and sends one only after the transaction committed.
+//!
+//! # Layout
+//! - [`handler`]: the [`Handle`] trait, the [`Context`] a handler gets, [`HandleError`].
+//! - [`router`]: registration of typed handlers per event type.
+//! - [`subscription`]: connection, consumer, lanes by subject, shutdown, reconnects.
+//! - [`delivery`]: what happens to one delivery: decode, inbox, order check, handler, outcome.
+//! - [`inbox`]: idempotency records, per-subject progress, retention.
+//! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
+//! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
+
+pub mod deadletter;
+pub mod delivery;
+pub mod handler;
+pub mod inbox;
+pub mod outcome;
+pub mod router;
+pub mod subscription;
+
+pub use handler::{Context, Handle, HandleError};
+pub use outcome::{Outcome, OutcomeRecord, Stats};
+pub use router::Router;
+pub use subscription::{Subscription, SubscriptionConfig};

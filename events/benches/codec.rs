@@ -1,0 +1,40 @@
+//! Cost of the contract on the hot path: encoding an `order.placed`
+//! envelope and decoding (with full validation) what comes off the bus.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use events::catalog::{OrderLine, OrderPlaced};
+use events::{Codec, Envelope};
+use uuid::Uuid;
+
+fn order_placed() -> Envelope {
+    let data = OrderPlaced {
+        order_id: Uuid::now_v7(),
+        customer_id: Uuid::now_v7(),
+        lines: (0..3)
+            .map(|i| OrderLine {
+                sku: format!("SKU-{i}"),
+                qty: i + 1,
+                unit_price: 1999,
+            })
+            .collect(),
+        total: 11994,
+        payment_token: "tok_ok".into(),
+    };
+    let mut e = Envelope::new("orders", data.order_id.to_string(), &data);
+    e.sequence = 1;
+    e
+}
+
+fn codec(c: &mut Criterion) {
+    let codec = Codec::default();
+    let e = order_placed();
+    let body = codec.encode(&e);
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("encode order.placed", |b| b.iter(|| codec.encode(&e)));
+    g.bench_function("decode order.placed", |b| b.iter(|| codec.decode(&body)));
+    g.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);

@@ -1,0 +1,195 @@
+//! Turning bytes into checked envelopes and back.
+//!
+//! Decoding is strict about the envelope (every attribute of the wire
+//! contract present and well-formed, a known type, a supported
+//! `dataversion`, `data` of the right shape) and bounded in size, and
+//! upcasts `data` to the current version. It reads structured mode
+//! (`application/cloudevents+json`) and binary mode (`ce-*` headers,
+//! `data` as the body).
+
+use serde_json::{Map, Value};
+
+use crate::envelope::SPEC_VERSION;
+use crate::{upcast, DecodeError, Envelope, EventSpec};
+
+/// Default maximum body size: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// AMQP `content_type` of structured-mode messages.
+pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
+
+/// Attributes a warren event must carry (besides `specversion`).
+const REQUIRED: &[&str] = &[
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "dataversion",
+    "sequence",
+    "data",
+];
+
+/// Header prefixes of binary mode: `ce-` (RabbitMQ/Knative binding) and the
+/// AMQP binding's `cloudEvents:`/`cloudEvents_`.
+const BINARY_PREFIXES: &[&str] = &["ce-", "ce_", "cloudEvents:", "cloudEvents_"];
+
+/// Encoder/decoder with a size limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    /// Largest body accepted, in bytes; larger ones are rejected unread.
+    pub max_body: usize,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec {
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+impl Codec {
+    /// A codec with the given maximum body size.
+    pub fn new(max_body: usize) -> Self {
+        Codec { max_body }
+    }
+
+    /// Structured mode: the body is the whole CloudEvents JSON document.
+    pub fn encode(&self, envelope: &Envelope) -> Vec<u8> {
+        // An Envelope holds only JSON-representable values, so this cannot fail.
+        serde_json::to_vec(envelope).unwrap_or_default()
+    }
+
+    /// Decodes a structured-mode body.
+    pub fn decode(&self, body: &[u8]) -> Result<Envelope, DecodeError> {
+        self.check_size(body.len())?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+        match value {
+            Value::Object(map) => self.decode_object(map),
+            other => Err(DecodeError::NotAnObject(json_kind(&other))),
+        }
+    }
+
+    /// Decodes an AMQP message in either mode: structured when the content
+    /// type says `application/cloudevents…` or no `ce-specversion` header is
+    /// present; binary otherwise. `headers` are the AMQP headers, already
+    /// converted to JSON values.
+    pub fn decode_message<'a>(
+        &self,
+        content_type: Option<&str>,
+        headers: impl IntoIterator<Item = (&'a str, Value)>,
+        body: &[u8],
+    ) -> Result<Envelope, DecodeError> {
+        let structured = content_type.is_some_and(|c| c.starts_with("application/cloudevents"));
+        let mut attrs = Map::new();
+        if !structured {
+            for (name, value) in headers {
+                if let Some(attr) = BINARY_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
+                    attrs.insert(attr.to_ascii_lowercase(), value);
+                }
+            }
+        }
+        if structured || !attrs.contains_key("specversion") {
+            return self.decode(body);
+        }
+        self.check_size(body.len())?;
+        let ct = content_type.unwrap_or("application/json");
+        if !is_json(ct) {
+            return Err(DecodeError::UnsupportedContentType(ct.to_owned()));
+        }
+        let data: Value =
+            serde_json::from_slice(body).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+        attrs.insert("datacontenttype".into(), Value::String(ct.to_owned()));
+        attrs.insert("data".into(), data);
+        self.decode_object(attrs)
+    }
+
+    fn check_size(&self, size: usize) -> Result<(), DecodeError> {
+        if size > self.max_body {
+            return Err(DecodeError::TooLarge {
+                size,
+                max: self.max_body,
+            });
+        }
+        Ok(())
+    }
+
+    fn decode_object(&self, mut map: Map<String, Value>) -> Result<Envelope, DecodeError> {
+        match map.get("specversion") {
+            None => return Err(DecodeError::MissingAttribute("specversion")),
+            Some(Value::String(v)) if v == SPEC_VERSION => {}
+            Some(Value::String(v)) => return Err(DecodeError::WrongSpecVersion(v.clone())),
+            Some(other) => return Err(DecodeError::WrongSpecVersion(other.to_string())),
+        }
+        if let Some(missing) = REQUIRED.iter().find(|a| !map.contains_key(**a)) {
+            return Err(DecodeError::MissingAttribute(missing));
+        }
+        match map.get("datacontenttype") {
+            None => {
+                map.insert(
+                    "datacontenttype".into(),
+                    Value::String(crate::envelope::DATA_CONTENT_TYPE.into()),
+                );
+            }
+            Some(Value::String(ct)) if is_json(ct) => {}
+            Some(other) => {
+                return Err(DecodeError::UnsupportedContentType(
+                    other
+                        .as_str()
+                        .map_or_else(|| other.to_string(), str::to_owned),
+                ))
+            }
+        }
+        let event_type = match map.get("type") {
+            Some(Value::String(t)) => t.clone(),
+            _ => {
+                return Err(DecodeError::InvalidAttribute {
+                    name: "type".into(),
+                    reason: "must be a string".into(),
+                })
+            }
+        };
+        let spec = EventSpec::find(&event_type).ok_or(DecodeError::UnknownType(event_type))?;
+        let mut envelope: Envelope =
+            serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+                DecodeError::InvalidAttribute {
+                    name: e.path().to_string(),
+                    reason: e.inner().to_string(),
+                }
+            })?;
+        if envelope.subject.is_empty() {
+            return Err(DecodeError::InvalidAttribute {
+                name: "subject".into(),
+                reason: "must not be empty".into(),
+            });
+        }
+        if envelope.sequence < 1 {
+            return Err(DecodeError::InvalidAttribute {
+                name: "sequence".into(),
+                reason: format!("must be 1 or more, got {}", envelope.sequence),
+            });
+        }
+        let data = std::mem::take(&mut envelope.data);
+        envelope.data = upcast::upcast(spec, envelope.dataversion, data)?;
+        envelope.dataversion = spec.version;
+        (spec.validate)(&envelope.data)?;
+        Ok(envelope)
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,29 @@
+//! Getting events out: the transactional outbox, the relay that publishes
+//! it to RabbitMQ with publisher confirms, and the broker topology.
+//!
+//! A service appends events to its outbox inside the same `sqlx`
+//! transaction that changes its store; the relay, one active per service,
+//! publishes committed rows in order and marks exactly the confirmed ones.
+//! A crash anywhere between commit and mark re-publishes, never loses;
+//! consumers absorb the duplicates with their inbox.
+//!
+//! # Layout
+//! - [`broker`]: connecting to RabbitMQ with a timeout and a clear error.
+//! - [`topology`]: names and idempotent declaration of exchanges and queues.
+//! - [`outbox`]: appending events in the caller's transaction; backlog and retention.
+//! - [`relay`]: the worker that publishes the outbox, with leader election.
+//! - [`backoff`]: capped exponential backoff shared by every reconnect loop.
+//! - `testkit` (feature): the integration-test harness.
+
+pub mod backoff;
+pub mod broker;
+pub mod outbox;
+pub mod relay;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod topology;
+
+pub use backoff::Backoff;
+pub use outbox::{Outbox, OutboxError};
+pub use relay::{Relay, RelayConfig, RelayError};
+pub use topology::Topology;

@@ -1,0 +1,212 @@
+//! The transactional outbox of one service schema: events are appended in
+//! the caller's transaction, so they exist if and only if the change that
+//! raised them committed. The relay reads them from here.
+//!
+//! `sequence` is assigned per subject from `outbox_sequences`: the upsert
+//! takes the subject's row lock, so a second transaction appending to the
+//! same subject waits until the first commits or aborts. Sequences are
+//! therefore gap-free per subject and their outbox positions follow the
+//! same order, which is what lets the relay publish in position order.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use events::{envelope::source_of, Codec, Envelope};
+use sqlx::{PgConnection, PgPool};
+
+/// Appending to or reading the outbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The database refused or could not be reached.
+    #[error("outbox of schema {schema}: {source}")]
+    Database {
+        schema: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The schema name is not a plain identifier.
+    #[error("invalid schema name {0:?}: use lower-case letters, digits and _")]
+    BadSchema(String),
+}
+
+/// Size and age of what is still to publish.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Backlog {
+    /// Rows not yet confirmed by the broker.
+    pub unpublished: i64,
+    /// Age of the oldest such row, in seconds.
+    pub oldest_age_s: Option<f64>,
+    /// Rows published and kept until retention removes them.
+    pub published: i64,
+}
+
+/// The outbox of one service (its schema), with its SQL built once.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// Service name; also the schema and the `source` of its events.
+    service: String,
+    codec: Codec,
+    sql: Sql,
+}
+
+#[derive(Debug, Clone)]
+struct Sql {
+    next_sequence: String,
+    insert: String,
+    observe: String,
+    backlog: String,
+    prune: String,
+}
+
+impl Outbox {
+    /// The outbox of `service`, stored in the schema of the same name.
+    pub fn new(service: &str) -> Result<Self, OutboxError> {
+        if service.is_empty()
+            || !service
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(OutboxError::BadSchema(service.to_owned()));
+        }
+        let s = service;
+        Ok(Outbox {
+            service: service.to_owned(),
+            codec: Codec::default(),
+            sql: Sql {
+                next_sequence: format!(
+                    "INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($1, 1) \
+                     ON CONFLICT (aggregate) DO UPDATE SET last_sequence = q.last_sequence + 1 \
+                     RETURNING last_sequence"
+                ),
+                insert: format!(
+                    "INSERT INTO {s}.outbox (event_id, aggregate, sequence, event_type, version, correlation_id, payload) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7::json)"
+                ),
+                observe: format!(
+                    "INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($1, $2) \
+                     ON CONFLICT (aggregate) DO UPDATE SET last_sequence = GREATEST(q.last_sequence, excluded.last_sequence)"
+                ),
+                backlog: format!(
+                    "SELECT count(*) FILTER (WHERE published_at IS NULL), \
+                            extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL))::float8, \
+                            count(*) FILTER (WHERE published_at IS NOT NULL) \
+                     FROM {s}.outbox"
+                ),
+                prune: format!(
+                    "DELETE FROM {s}.outbox WHERE position IN ( \
+                       SELECT position FROM {s}.outbox \
+                       WHERE published_at IS NOT NULL AND published_at < $1 \
+                       ORDER BY published_at LIMIT $2)"
+                ),
+            },
+        })
+    }
+
+    /// The service (and schema) this outbox belongs to.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Appends `event` in the caller's transaction (pass `&mut *tx`).
+    ///
+    /// Assigns the next `sequence` of the event's subject and sets `source`
+    /// to this service. The relay wakes at commit through the table's
+    /// NOTIFY trigger. Returns the envelope as stored.
+    pub async fn append(
+        &self,
+        conn: &mut PgConnection,
+        mut event: Envelope,
+    ) -> Result<Envelope, OutboxError> {
+        let sequence: i64 = sqlx::query_scalar(&self.sql.next_sequence)
+            .bind(&event.subject)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| self.db(e))?;
+        event.sequence = sequence;
+        event.source = source_of(&self.service);
+        let payload = String::from_utf8(self.codec.encode(&event)).unwrap_or_default();
+        sqlx::query(&self.sql.insert)
+            .bind(event.id)
+            .bind(&event.subject)
+            .bind(sequence)
+            .bind(&event.event_type)
+            .bind(event.dataversion as i32)
+            .bind(event.correlationid.as_deref())
+            .bind(payload)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.db(e))?;
+        tracing::debug!(
+            event_id = %event.id, event_type = %event.event_type, subject = %event.subject,
+            sequence, correlation_id = event.correlationid.as_deref().unwrap_or(""),
+            "appended to outbox"
+        );
+        Ok(event)
+    }
+
+    /// Records that an event of this service's own source with `sequence`
+    /// exists elsewhere (replayed from a fixture, raised by another copy of
+    /// the service), so the next append on its subject numbers after it
+    /// instead of reusing its sequence.
+    pub async fn observe(
+        &self,
+        conn: &mut PgConnection,
+        subject: &str,
+        sequence: i64,
+    ) -> Result<(), OutboxError> {
+        sqlx::query(&self.sql.observe)
+            .bind(subject)
+            .bind(sequence)
+            .execute(conn)
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// How much is waiting to be published, and how old it is.
+    pub async fn backlog(&self, pool: &PgPool) -> Result<Backlog, OutboxError> {
+        let (unpublished, oldest_age_s, published): (i64, Option<f64>, i64) =
+            sqlx::query_as(&self.sql.backlog)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| self.db(e))?;
+        Ok(Backlog {
+            unpublished,
+            oldest_age_s,
+            published,
+        })
+    }
+
+    /// Deletes rows published more than `age` ago, `batch` rows per
+    /// statement so no statement holds many locks; returns how many went.
+    pub async fn prune_published(
+        &self,
+        pool: &PgPool,
+        age: Duration,
+        batch: i64,
+    ) -> Result<u64, OutboxError> {
+        let cutoff: DateTime<Utc> =
+            Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&self.sql.prune)
+                .bind(cutoff)
+                .bind(batch)
+                .execute(pool)
+                .await
+                .map_err(|e| self.db(e))?
+                .rows_affected();
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn db(&self, source: sqlx::Error) -> OutboxError {
+        OutboxError::Database {
+            schema: self.service.clone(),
+            source,
+        }
+    }
+}

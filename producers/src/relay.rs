@@ -1,0 +1,484 @@
+//! The relay: one worker per service that publishes its outbox to the
+//! events exchange.
+//!
+//! Each pass claims a bounded batch of unpublished rows in position order,
+//! publishes all of them pipelined with publisher confirms and `mandatory`,
+//! waits for the confirms, and marks exactly the confirmed ones. No
+//! database transaction is open while it waits on the broker. It re-polls
+//! at once while batches come back full, and sleeps on `LISTEN` (with a
+//! periodic poll as fallback, so a lost notification only delays) when the
+//! outbox is empty.
+//!
+//! Crash points and what they cost: a crash after publish and before mark
+//! republishes the batch on restart (duplicates, absorbed by consumers'
+//! inboxes); nothing is ever marked that the broker did not confirm.
+//!
+//! When an event is nacked or returned unroutable, it stays unmarked and so
+//! do the later events of the same subject in that batch, even if they
+//! were confirmed: the next pass publishes them again after it, so the bus
+//! always ends with the subject's events in sequence order.
+//!
+//! Only one relay per service is active: the one holding a PostgreSQL
+//! session advisory lock on a dedicated connection. A standby retries the
+//! lock every `standby_interval`; when the active process dies, PostgreSQL
+//! drops its connection and with it the lock.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::publisher_confirm::Confirmation;
+use lapin::Channel;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, ConnectError};
+use crate::{Backoff, Outbox, Topology};
+
+/// First key of the relay's two-key advisory lock (`'WA'`); the second is
+/// derived from the schema name. `warren status` reads it from `pg_locks`.
+pub const RELAY_LOCK_CLASS: i32 = 0x5741;
+
+/// Tuning of a relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Most rows claimed and published per pass.
+    pub batch_size: i64,
+    /// Poll when no notification came for this long.
+    pub poll_interval: Duration,
+    /// Longest wait for a batch's confirms before the channel is recycled.
+    pub confirm_timeout: Duration,
+    /// Timeout on each database statement of the relay.
+    pub db_timeout: Duration,
+    /// How often a standby tries to become the active relay.
+    pub standby_interval: Duration,
+    /// Published rows older than this are deleted.
+    pub retention: Duration,
+    /// How often retention runs.
+    pub retention_every: Duration,
+    /// Backoff after a failed publish or a lost connection.
+    pub retry_initial: Duration,
+    /// Cap of that backoff.
+    pub retry_max: Duration,
+    /// Test-only fault injection: end the session abruptly at this point
+    /// of the first pass, as if the process died there.
+    #[cfg(feature = "testkit")]
+    pub crash_at: Option<CrashPoint>,
+}
+
+/// Where a test makes the relay die (feature `testkit`).
+#[cfg(feature = "testkit")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Rows claimed, nothing published.
+    AfterClaim,
+    /// Published, confirms not awaited.
+    AfterPublish,
+    /// Confirmed, not marked.
+    AfterConfirm,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(15),
+            db_timeout: Duration::from_secs(10),
+            standby_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            retention_every: Duration::from_secs(60),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            #[cfg(feature = "testkit")]
+            crash_at: None,
+        }
+    }
+}
+
+/// Why a relay session ended (it then reconnects by itself).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed or timed out.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A database statement took longer than `db_timeout`.
+    #[error("database statement timed out after {0:?}")]
+    DatabaseTimeout(Duration),
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The AMQP channel failed.
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// Confirms did not arrive within `confirm_timeout`.
+    #[error("no publisher confirms within {0:?}")]
+    ConfirmTimeout(Duration),
+    /// A test asked the relay to die here.
+    #[cfg(feature = "testkit")]
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(CrashPoint),
+}
+
+/// Counters of a relay, shared with metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Events confirmed and marked.
+    pub published: AtomicU64,
+    /// Events nacked, returned or unconfirmed (they are retried).
+    pub failed: AtomicU64,
+    /// Whether this relay holds the lock.
+    pub active: AtomicBool,
+}
+
+/// Stand-in so fault points compile away without the `testkit` feature.
+#[cfg(not(feature = "testkit"))]
+#[derive(Debug, Clone, Copy)]
+enum CrashPoint {
+    AfterClaim,
+    AfterPublish,
+    AfterConfirm,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Nothing to publish.
+    Empty,
+    /// Published and marked `marked` rows; `failed` stay for a retry.
+    Published {
+        marked: usize,
+        failed: usize,
+        full: bool,
+    },
+}
+
+/// One claimed row.
+#[derive(sqlx::FromRow)]
+struct Row {
+    position: i64,
+    event_id: uuid::Uuid,
+    aggregate: String,
+    event_type: String,
+    correlation_id: Option<String>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    payload: String,
+}
+
+/// The relay of one service.
+#[derive(Clone)]
+pub struct Relay {
+    outbox: Outbox,
+    pool: PgPool,
+    amqp_url: String,
+    topology: Topology,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+    claim_sql: String,
+    mark_sql: String,
+}
+
+impl Relay {
+    /// A relay publishing `outbox` of `pool` to the exchange of `topology`.
+    pub fn new(
+        outbox: Outbox,
+        pool: PgPool,
+        amqp_url: impl Into<String>,
+        topology: Topology,
+        config: RelayConfig,
+    ) -> Self {
+        let s = outbox.service();
+        Relay {
+            claim_sql: format!(
+                "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
+                 FROM {s}.outbox WHERE published_at IS NULL ORDER BY position LIMIT $1"
+            ),
+            mark_sql: format!(
+                "UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)"
+            ),
+            outbox,
+            pool,
+            amqp_url: amqp_url.into(),
+            topology,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counters, for metrics.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`: elects itself or waits as standby, publishes,
+    /// and reconnects with backoff whenever the broker or database goes
+    /// away. On shutdown the batch in flight is confirmed and marked first.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let service = self.outbox.service();
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        while !shutdown.is_cancelled() {
+            let result = self.session(&shutdown, &mut backoff).await;
+            self.stats.active.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(service, error = %e, retry_in = ?delay, "relay interrupted; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        tracing::info!(service, "relay stopped");
+    }
+
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), RelayError> {
+        let service = self.outbox.service();
+        let Some(mut leader) = self.become_leader(shutdown).await? else {
+            return Ok(());
+        };
+        let conn = broker::connect(&self.amqp_url, &format!("warren relay {service}")).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(Default::default()).await?;
+        self.topology.declare_exchange(&ch).await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(&format!("warren_outbox_{service}")).await?;
+        self.stats.active.store(true, Ordering::Relaxed);
+        tracing::info!(service, "relay active");
+        backoff.reset();
+
+        let mut last_prune: Option<Instant> = None;
+        let mut failures = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        loop {
+            // Checked between passes only: a pass in flight always ends with
+            // its confirms awaited and its rows marked.
+            if shutdown.is_cancelled() {
+                let _ = conn.close(200, "shutdown").await;
+                return Ok(());
+            }
+            let outcome = self.publish_batch(&mut leader, &ch).await?;
+            match outcome {
+                BatchOutcome::Published {
+                    full: true,
+                    failed: 0,
+                    ..
+                } => continue,
+                BatchOutcome::Published { failed, .. } if failed > 0 => {
+                    let delay = failures.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+                _ => failures.reset(),
+            }
+            if last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every) {
+                last_prune = Some(Instant::now());
+                self.prune().await;
+            }
+            tokio::select! {
+                n = listener.recv() => { n?; }
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Takes the advisory lock on a dedicated connection, retrying as a
+    /// standby until it gets it. `None` when shut down while waiting.
+    async fn become_leader(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<PgConnection>, RelayError> {
+        let service = self.outbox.service();
+        let mut conn = self.db_timeout(self.pool.acquire()).await?.detach();
+        let mut announced = false;
+        loop {
+            let got: bool = self
+                .db_timeout(
+                    sqlx::query_scalar(
+                        "SELECT pg_try_advisory_lock($1, hashtext($2) & 2147483647)",
+                    )
+                    .bind(RELAY_LOCK_CLASS)
+                    .bind(service)
+                    .fetch_one(&mut conn),
+                )
+                .await?;
+            if got {
+                return Ok(Some(conn));
+            }
+            if !announced {
+                tracing::info!(service, "another relay is active; standing by");
+                announced = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.standby_interval) => {}
+                _ = shutdown.cancelled() => {
+                    let _ = conn.close().await;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// One pass: claim, publish, confirm, mark.
+    pub async fn publish_batch(
+        &self,
+        leader: &mut PgConnection,
+        ch: &Channel,
+    ) -> Result<BatchOutcome, RelayError> {
+        let service = self.outbox.service();
+        let started = Instant::now();
+        let rows: Vec<Row> = self
+            .db_timeout(
+                sqlx::query_as(&self.claim_sql)
+                    .bind(self.config.batch_size)
+                    .fetch_all(&mut *leader),
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(BatchOutcome::Empty);
+        }
+        self.maybe_crash(CrashPoint::AfterClaim)?;
+        let exchange = self.topology.exchange();
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let props = broker::event_properties(
+                &row.event_id.to_string(),
+                &row.event_type,
+                row.correlation_id.as_deref(),
+                row.created_at.timestamp(),
+                service,
+            );
+            let confirm = ch
+                .basic_publish(
+                    &exchange,
+                    &row.event_type,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    row.payload.as_bytes(),
+                    props,
+                )
+                .await?;
+            pending.push(confirm);
+        }
+        self.maybe_crash(CrashPoint::AfterPublish)?;
+        let confirms = tokio::time::timeout(self.config.confirm_timeout, join_all(pending))
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
+        self.maybe_crash(CrashPoint::AfterConfirm)?;
+
+        let mut marked = Vec::with_capacity(rows.len());
+        let mut held_back: HashSet<&str> = HashSet::new();
+        let mut failed = 0;
+        for (row, confirm) in rows.iter().zip(confirms) {
+            let problem = match confirm {
+                Ok(Confirmation::Ack(None)) => None,
+                Ok(Confirmation::Ack(Some(_))) => {
+                    Some("returned unroutable: no queue is bound to its type".to_owned())
+                }
+                Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_owned()),
+                Ok(Confirmation::NotRequested) => Some("confirms not enabled".to_owned()),
+                Err(e) => Some(e.to_string()),
+            };
+            match problem {
+                None if !held_back.contains(row.aggregate.as_str()) => {
+                    tracing::debug!(
+                        event_id = %row.event_id, event_type = %row.event_type,
+                        subject = %row.aggregate,
+                        correlation_id = row.correlation_id.as_deref().unwrap_or(""),
+                        "published"
+                    );
+                    marked.push(row.position);
+                }
+                None => failed += 1,
+                Some(why) => {
+                    tracing::warn!(
+                        event_id = %row.event_id, event_type = %row.event_type,
+                        subject = %row.aggregate,
+                        correlation_id = row.correlation_id.as_deref().unwrap_or(""),
+                        "not published, will retry: {why}"
+                    );
+                    held_back.insert(row.aggregate.as_str());
+                    failed += 1;
+                }
+            }
+        }
+        if !marked.is_empty() {
+            self.db_timeout(
+                sqlx::query(&self.mark_sql)
+                    .bind(&marked)
+                    .execute(&mut *leader),
+            )
+            .await?;
+        }
+        self.stats
+            .published
+            .fetch_add(marked.len() as u64, Ordering::Relaxed);
+        self.stats
+            .failed
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        tracing::info!(
+            service,
+            published = marked.len(),
+            failed,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "relayed batch"
+        );
+        Ok(BatchOutcome::Published {
+            marked: marked.len(),
+            failed,
+            full: rows.len() as i64 >= self.config.batch_size,
+        })
+    }
+
+    #[cfg(feature = "testkit")]
+    fn maybe_crash(&self, point: CrashPoint) -> Result<(), RelayError> {
+        match self.config.crash_at {
+            Some(p) if p == point => Err(RelayError::InjectedCrash(point)),
+            _ => Ok(()),
+        }
+    }
+
+    #[cfg(not(feature = "testkit"))]
+    #[inline(always)]
+    fn maybe_crash(&self, _point: CrashPoint) -> Result<(), RelayError> {
+        Ok(())
+    }
+
+    async fn prune(&self) {
+        let service = self.outbox.service();
+        match self
+            .outbox
+            .prune_published(&self.pool, self.config.retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(service, deleted = n, "pruned published outbox rows"),
+            Err(e) => tracing::warn!(service, error = %e, "outbox retention failed"),
+        }
+    }
+
+    async fn db_timeout<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, RelayError> {
+        tokio::time::timeout(self.config.db_timeout, fut)
+            .await
+            .map_err(|_| RelayError::DatabaseTimeout(self.config.db_timeout))?
+            .map_err(RelayError::from)
+    }
+}

@@ -1,0 +1,270 @@
+//! Integration-test harness, shared by every crate's tests (feature
+//! `testkit`). Each test gets its own namespace of exchanges and queues
+//! (and, from `#[sqlx::test]`, its own database), so tests run in parallel
+//! against the real RabbitMQ and PostgreSQL and leave nothing behind:
+//! [`TestBus`] deletes what it declared when dropped, and its queues carry
+//! `x-expires` so even a test killed mid-way is cleaned up by the broker.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use events::{Codec, Envelope};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use rand::Rng;
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::Topology;
+
+/// The broker the tests use: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A fresh namespace on the real broker, removed on drop.
+pub struct TestBus {
+    /// The random namespace, e.g. `t3f9a1c2e`.
+    pub namespace: String,
+    /// Its topology (queues expire after 10 unused minutes).
+    pub topology: Topology,
+    /// A connection for the test's own use.
+    pub conn: Connection,
+    /// A channel on it.
+    pub channel: Channel,
+    /// Services whose queues are deleted on drop.
+    services: Mutex<Vec<(String, Vec<Duration>)>>,
+}
+
+impl TestBus {
+    /// Connects and declares the namespace's exchange.
+    pub async fn new() -> TestBus {
+        let namespace = format!("t{:08x}", rand::thread_rng().gen::<u32>());
+        let mut topology = Topology::new(namespace.clone());
+        topology.expires = Some(Duration::from_secs(600));
+        let conn = crate::broker::connect(&amqp_url(), "warren test")
+            .await
+            .expect("RabbitMQ must be running for integration tests");
+        let channel = conn.create_channel().await.expect("channel");
+        topology.declare_exchange(&channel).await.expect("exchange");
+        TestBus {
+            namespace,
+            topology,
+            conn,
+            channel,
+            services: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Declares a consuming service's queues and records them for cleanup.
+    pub async fn declare_service(&self, service: &str, handled: &[&str], delays: &[Duration]) {
+        self.topology
+            .declare_service(&self.channel, service, handled, delays)
+            .await
+            .expect("declare service");
+        self.remember(service, delays);
+    }
+
+    /// Records a service whose queues someone else declared, for cleanup.
+    pub fn remember(&self, service: &str, delays: &[Duration]) {
+        self.services
+            .lock()
+            .expect("lock")
+            .push((service.to_owned(), delays.to_vec()));
+    }
+
+    /// An exclusive queue bound to `pattern` that sees everything the
+    /// exchange routes there: the test's view of the bus.
+    pub async fn wiretap(&self, pattern: &str) -> Wiretap {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("wiretap queue");
+        ch.queue_bind(
+            q.name().as_str(),
+            &self.topology.exchange(),
+            pattern,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind wiretap");
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = ch
+            .basic_consume(
+                q.name().as_str(),
+                "wiretap",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume wiretap");
+        Wiretap {
+            _channel: ch,
+            consumer,
+        }
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        let topology = self.topology.clone();
+        let services =
+            std::mem::take(&mut *self.services.lock().unwrap_or_else(|e| e.into_inner()));
+        // Drop cannot await: clean up on a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let Ok(conn) = crate::broker::connect(&amqp_url(), "warren test cleanup").await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for (service, delays) in services {
+                    let _ = topology.delete_service(&ch, &service, &delays).await;
+                }
+                let _ = topology.delete_exchange(&ch).await;
+                let _ = conn.close(200, "bye").await;
+            });
+        })
+        .join();
+    }
+}
+
+/// What a wiretap saw: the decoded event and the AMQP properties.
+#[derive(Debug, Clone)]
+pub struct Tapped {
+    /// The event.
+    pub event: Envelope,
+    /// AMQP routing key.
+    pub routing_key: String,
+    /// AMQP properties as sent.
+    pub properties: lapin::BasicProperties,
+}
+
+/// A consumer on an exclusive queue.
+pub struct Wiretap {
+    _channel: Channel,
+    consumer: Consumer,
+}
+
+impl Wiretap {
+    /// The next event, or `None` after `timeout` of silence.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Tapped> {
+        let delivery = tokio::time::timeout(timeout, self.consumer.next())
+            .await
+            .ok()??
+            .expect("wiretap delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        let event = Codec::default()
+            .decode(&delivery.data)
+            .expect("wiretap decode");
+        Some(Tapped {
+            event,
+            routing_key: delivery.routing_key.to_string(),
+            properties: delivery.properties.clone(),
+        })
+    }
+
+    /// Collects events until `n` arrived or `quiet` passed without one.
+    pub async fn collect(&mut self, n: usize, quiet: Duration) -> Vec<Tapped> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next(quiet).await {
+                Some(t) => out.push(t),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// A TCP proxy in front of a real server, so a test can cut one client's
+/// connection without stopping the server other tests share.
+pub struct Proxy {
+    /// Where clients connect instead of the server.
+    pub addr: std::net::SocketAddr,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port forwarding to `target`.
+    pub async fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let down = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = target.to_owned();
+        let (d, c) = (down.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().expect("lock").push(task);
+            }
+        });
+        Proxy {
+            addr,
+            down,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for task in self.conns.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// An AMQP URL through this proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

@@ -1,0 +1,264 @@
+//! The broker topology, declared idempotently from code. Names are part of
+//! the contract (renaming a queue orphans its messages), so they are built
+//! in exactly one place:
+//!
+//! | name | kind | role |
+//! |---|---|---|
+//! | `<ns>.events` | topic exchange | every event, routing key = type |
+//! | `<ns>.<service>` | quorum queue | a consuming service's work queue |
+//! | `<ns>.<service>.retry.<ms>` | quorum queue, TTL | delayed retry; expires back into the work queue |
+//! | `<ns>.<service>.dlq` | quorum queue | dead letters, with reason headers |
+//!
+//! A service's queue is bound to every type raised by the services whose
+//! events it handles, not only to the types it handles: `sequence` counts
+//! all events of a (source, subject), so a consumer must see them all to
+//! know that none is missing before applying the next (see
+//! `consumers::order`). Types without a handler are acknowledged as
+//! skipped.
+
+use std::time::Duration;
+
+use events::CATALOG;
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Deliveries of one message before the broker itself dead-letters it.
+/// The runtime dead-letters far earlier with a reason; this only stops a
+/// message that crashes the consuming process from looping forever.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Names and declarations of one namespace.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Prefix of every name; `warren` by default, random in tests.
+    pub namespace: String,
+    /// When set, queues are deleted by the broker after being unused this
+    /// long (`x-expires`): test namespaces clean themselves up even when a
+    /// test dies before its own cleanup.
+    pub expires: Option<Duration>,
+}
+
+impl Topology {
+    /// The topology of `namespace`.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Topology {
+            namespace: namespace.into(),
+            expires: None,
+        }
+    }
+
+    /// `<ns>.events`
+    pub fn exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+
+    /// `<ns>.outcomes`: the live feed of consumer outcomes (transient).
+    pub fn outcomes_exchange(&self) -> String {
+        format!("{}.outcomes", self.namespace)
+    }
+
+    /// Declares the outcomes exchange: non-durable, since it carries only
+    /// live telemetry, and redeclared by every consumer session.
+    pub async fn declare_outcomes_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        ch.exchange_declare(
+            &self.outcomes_exchange(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// `<ns>.<service>`
+    pub fn queue(&self, service: &str) -> String {
+        format!("{}.{service}", self.namespace)
+    }
+
+    /// `<ns>.<service>.dlq`
+    pub fn dlq(&self, service: &str) -> String {
+        format!("{}.{service}.dlq", self.namespace)
+    }
+
+    /// `<ns>.<service>.retry.<ms>`: the delay is in the name because a
+    /// queue's TTL cannot change once declared.
+    pub fn retry_queue(&self, service: &str, delay: Duration) -> String {
+        format!("{}.{service}.retry.{}", self.namespace, delay.as_millis())
+    }
+
+    /// The routing keys a service's queue is bound to, for the types it
+    /// handles: every type raised by the sources of those types.
+    pub fn bindings(handled: &[&str]) -> Vec<&'static str> {
+        let sources: Vec<&str> = CATALOG
+            .iter()
+            .filter(|s| handled.contains(&s.event_type))
+            .map(|s| s.source)
+            .collect();
+        CATALOG
+            .iter()
+            .filter(|s| sources.contains(&s.source))
+            .map(|s| s.event_type)
+            .collect()
+    }
+
+    /// Declares the events exchange (durable topic).
+    pub async fn declare_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        ch.exchange_declare(
+            &self.exchange(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Declares a consuming service's work queue with its bindings, its
+    /// retry queues (one per delay) and its dead-letter queue.
+    pub async fn declare_service(
+        &self,
+        ch: &Channel,
+        service: &str,
+        handled: &[&str],
+        retry_delays: &[Duration],
+    ) -> Result<(), lapin::Error> {
+        self.declare_exchange(ch).await?;
+        let queue = self.queue(service);
+        let dlq = self.dlq(service);
+        self.declare_quorum(ch, &dlq, FieldTable::default()).await?;
+
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), string(""));
+        args.insert("x-dead-letter-routing-key".into(), string(&dlq));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        self.declare_quorum(ch, &queue, args).await?;
+        for key in Self::bindings(handled) {
+            ch.queue_bind(
+                &queue,
+                &self.exchange(),
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+
+        for delay in retry_delays {
+            // Expired messages dead-letter back into the work queue through
+            // the default exchange; at-least-once dead-lettering (with
+            // reject-publish overflow, which it requires) so a broker
+            // failure during the move cannot drop a retry.
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            args.insert("x-dead-letter-exchange".into(), string(""));
+            args.insert("x-dead-letter-routing-key".into(), string(&queue));
+            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            args.insert("x-overflow".into(), string("reject-publish"));
+            self.declare_quorum(ch, &self.retry_queue(service, *delay), args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_quorum(
+        &self,
+        ch: &Channel,
+        name: &str,
+        mut args: FieldTable,
+    ) -> Result<(), lapin::Error> {
+        args.insert("x-queue-type".into(), string("quorum"));
+        if let Some(expires) = self.expires {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(expires.as_millis() as i64),
+            );
+        }
+        ch.queue_declare(
+            name,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes a service's queues (work, retry, dead letters). Used by
+    /// tests and by operators tearing down a namespace.
+    pub async fn delete_service(
+        &self,
+        ch: &Channel,
+        service: &str,
+        retry_delays: &[Duration],
+    ) -> Result<(), lapin::Error> {
+        let mut names = vec![self.queue(service), self.dlq(service)];
+        names.extend(retry_delays.iter().map(|d| self.retry_queue(service, *d)));
+        for name in names {
+            ch.queue_delete(&name, QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the events and outcomes exchanges.
+    pub async fn delete_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        ch.exchange_delete(&self.outcomes_exchange(), ExchangeDeleteOptions::default())
+            .await?;
+        ch.exchange_delete(&self.exchange(), ExchangeDeleteOptions::default())
+            .await
+    }
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// A short string for AMQP properties.
+pub fn short(s: &str) -> ShortString {
+    ShortString::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let t = Topology::new("warren");
+        assert_eq!(t.exchange(), "warren.events");
+        assert_eq!(t.queue("orders"), "warren.orders");
+        assert_eq!(t.dlq("orders"), "warren.orders.dlq");
+        assert_eq!(
+            t.retry_queue("orders", Duration::from_millis(1500)),
+            "warren.orders.retry.1500"
+        );
+    }
+
+    #[test]
+    fn bindings_cover_every_type_of_the_handled_sources() {
+        let b = Topology::bindings(&["order.placed", "shipment.dispatched"]);
+        for t in [
+            "order.placed",
+            "order.confirmed",
+            "order.cancelled",
+            "order.shipped",
+            "shipment.dispatched",
+        ] {
+            assert!(b.contains(&t), "{t} missing from {b:?}");
+        }
+        assert!(!b.contains(&"payment.captured"));
+    }
+}

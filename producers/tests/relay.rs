@@ -1,0 +1,482 @@
+//! The outbox and relay against the real PostgreSQL and RabbitMQ: order,
+//! crash points, outages, two relays, unroutable events, retention.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use events::catalog::{CustomerRegistered, CustomerUpdated};
+use events::Envelope;
+use producers::relay::{BatchOutcome, CrashPoint};
+use producers::testkit::{amqp_url, Proxy, Tapped, TestBus};
+use producers::{Outbox, Relay, RelayConfig};
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SERVICE: &str = "customers";
+
+fn registered(subject: Uuid, n: usize) -> Envelope {
+    let data = CustomerRegistered {
+        customer_id: subject,
+        name: format!("customer {n}"),
+        email: format!("c{n}@example.com"),
+    };
+    Envelope::new(SERVICE, subject.to_string(), &data)
+}
+
+fn updated(subject: Uuid, n: usize) -> Envelope {
+    let data = CustomerUpdated {
+        customer_id: subject,
+        name: format!("renamed {n}"),
+        email: format!("c{n}@example.com"),
+    };
+    Envelope::new(SERVICE, subject.to_string(), &data)
+}
+
+/// Appends `per_subject` events for each subject, one transaction each.
+async fn append_events(pool: &PgPool, subjects: &[Uuid], per_subject: usize) -> Vec<Envelope> {
+    let outbox = Outbox::new(SERVICE).unwrap();
+    let mut out = Vec::new();
+    for n in 0..per_subject {
+        for s in subjects {
+            let mut tx = pool.begin().await.unwrap();
+            let e = if n == 0 {
+                registered(*s, n)
+            } else {
+                updated(*s, n)
+            };
+            out.push(outbox.append(&mut tx, e).await.unwrap());
+            tx.commit().await.unwrap();
+        }
+    }
+    out
+}
+
+fn fast_config() -> RelayConfig {
+    RelayConfig {
+        batch_size: 50,
+        poll_interval: Duration::from_millis(200),
+        standby_interval: Duration::from_millis(100),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
+fn relay(pool: &PgPool, bus: &TestBus, url: &str, config: RelayConfig) -> Relay {
+    Relay::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        url,
+        bus.topology.clone(),
+        config,
+    )
+}
+
+fn spawn(relay: Relay) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    (token, tokio::spawn(async move { relay.run(t).await }))
+}
+
+/// Asserts that, per subject, the tapped events contain every sequence
+/// 1..=n and that the *first* occurrence of each appears in order.
+/// Duplicates (republished after a crash) may follow; consumers absorb them.
+fn assert_complete_and_ordered(tapped: &[Tapped], expected: &[Envelope]) {
+    let mut want: HashMap<&str, i64> = HashMap::new();
+    for e in expected {
+        let m = want.entry(e.subject.as_str()).or_default();
+        *m = (*m).max(e.sequence);
+    }
+    let mut seen: HashMap<&str, i64> = HashMap::new();
+    for t in tapped {
+        let last = seen.entry(t.event.subject.as_str()).or_default();
+        if t.event.sequence == *last + 1 {
+            *last += 1;
+        } else {
+            assert!(
+                t.event.sequence <= *last,
+                "subject {} jumped from {} to {}",
+                t.event.subject,
+                last,
+                t.event.sequence
+            );
+        }
+    }
+    for (subject, max) in want {
+        assert_eq!(
+            seen.get(subject).copied(),
+            Some(max),
+            "subject {subject} incomplete"
+        );
+    }
+}
+
+async fn unpublished(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM customers.outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn relay_publishes_every_event_in_subject_order_with_amqp_properties(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let subjects: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let expected = append_events(&pool, &subjects, 4).await;
+    assert!(expected.iter().all(|e| e.sequence >= 1 && e.sequence <= 4));
+
+    let (stop, task) = spawn(relay(&pool, &bus, &amqp_url(), fast_config()));
+    let tapped = tap.collect(expected.len(), Duration::from_secs(10)).await;
+    assert_eq!(tapped.len(), expected.len());
+    assert_complete_and_ordered(&tapped, &expected);
+
+    let first = &tapped[0];
+    assert_eq!(first.routing_key, first.event.event_type);
+    let p = &first.properties;
+    assert_eq!(
+        p.message_id().as_ref().unwrap().as_str(),
+        first.event.id.to_string()
+    );
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), first.event.event_type);
+    assert_eq!(p.app_id().as_ref().unwrap().as_str(), SERVICE);
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/cloudevents+json"
+    );
+    assert_eq!(
+        p.correlation_id().as_ref().map(|c| c.to_string()),
+        first.event.correlationid
+    );
+    assert_eq!(first.event.source, "/warren/customers");
+
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        unpublished(&pool).await,
+        0,
+        "every confirmed event is marked"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn concurrent_appends_on_one_subject_get_gap_free_sequences(pool: PgPool) {
+    let subject = Uuid::now_v7();
+    let outbox = Outbox::new(SERVICE).unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let e = outbox.append(&mut tx, updated(subject, n)).await.unwrap();
+            tx.commit().await.unwrap();
+            e.sequence
+        }));
+    }
+    let mut seqs: Vec<i64> = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    // Positions follow sequences: the relay's commit-order claim is also
+    // the subject's sequence order.
+    let by_position: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM customers.outbox ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(by_position, (1..=20).collect::<Vec<_>>());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn rolled_back_append_never_reaches_the_bus(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let outbox = Outbox::new(SERVICE).unwrap();
+    let s = Uuid::now_v7();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.append(&mut tx, registered(s, 0)).await.unwrap();
+    tx.rollback().await.unwrap();
+    let kept = append_events(&pool, &[Uuid::now_v7()], 1).await;
+
+    let (stop, task) = spawn(relay(&pool, &bus, &amqp_url(), fast_config()));
+    let tapped = tap.collect(2, Duration::from_secs(2)).await;
+    assert_eq!(tapped.len(), 1);
+    assert_eq!(tapped[0].event.id, kept[0].id);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// Kills the relay at each crash point of a pass and restarts it.
+/// After claim: nothing was published, the restart publishes everything.
+/// After publish (confirms not awaited) and after confirm (not marked): the
+/// batch reached the broker but stays unmarked, so the restart publishes it
+/// again — those duplicates are possible and consumers' inboxes absorb them.
+#[sqlx::test(migrations = "../migrations")]
+async fn relay_crash_at_any_point_loses_nothing_and_keeps_order(pool: PgPool) {
+    for point in [
+        CrashPoint::AfterClaim,
+        CrashPoint::AfterPublish,
+        CrashPoint::AfterConfirm,
+    ] {
+        let bus = TestBus::new().await;
+        let mut tap = bus.wiretap("#").await;
+        let subjects: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let expected = append_events(&pool, &subjects, 5).await;
+
+        let crashing = relay(
+            &pool,
+            &bus,
+            &amqp_url(),
+            RelayConfig {
+                crash_at: Some(point),
+                batch_size: 100,
+                ..fast_config()
+            },
+        );
+        let mut leader = pool.acquire().await.unwrap().detach();
+        let conn = producers::broker::connect(&amqp_url(), "crashing relay")
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let err = crashing.publish_batch(&mut leader, &ch).await.unwrap_err();
+        assert!(err.to_string().contains("injected crash"), "{err}");
+        // The process "dies": its connections go away without a goodbye.
+        drop(ch);
+        drop(conn);
+        leader.close().await.unwrap();
+        assert_eq!(
+            unpublished(&pool).await,
+            expected.len() as i64,
+            "{point:?}: nothing marked"
+        );
+
+        let (stop, task) = spawn(relay(&pool, &bus, &amqp_url(), fast_config()));
+        let tapped = tap
+            .collect(expected.len() * 2, Duration::from_secs(2))
+            .await;
+        assert_complete_and_ordered(&tapped, &expected);
+        if point == CrashPoint::AfterClaim {
+            assert_eq!(
+                tapped.len(),
+                expected.len(),
+                "nothing published before the crash"
+            );
+        } else {
+            assert!(tapped.len() >= expected.len());
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            unpublished(&pool).await,
+            0,
+            "{point:?}: all marked after restart"
+        );
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn broker_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let (stop, task) = spawn(relay(&pool, &bus, &proxy.amqp_url(), fast_config()));
+
+    let subjects: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let mut expected = append_events(&pool, &subjects, 2).await;
+    tap.collect(expected.len(), Duration::from_secs(5)).await;
+    proxy.cut();
+    let during = tokio::spawn({
+        let (pool, subjects) = (pool.clone(), subjects.clone());
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..5 {
+                out.extend(append_events(&pool, &subjects, 1).await);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            out
+        }
+    });
+    let appended_during = during.await.unwrap();
+    assert!(
+        unpublished(&pool).await > 0,
+        "events wait while the broker is away"
+    );
+    proxy.restore();
+    expected.extend(appended_during);
+
+    let mut tapped = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while unpublished(&pool).await > 0 && tokio::time::Instant::now() < deadline {
+        tapped.extend(tap.collect(usize::MAX, Duration::from_millis(300)).await);
+    }
+    tapped.extend(tap.collect(usize::MAX, Duration::from_millis(500)).await);
+    assert_eq!(unpublished(&pool).await, 0, "relay resumed by itself");
+    let after: Vec<Envelope> = expected
+        .iter()
+        .filter(|e| e.sequence > 2)
+        .cloned()
+        .collect();
+    for e in &after {
+        assert!(tapped.iter().any(|t| t.event.id == e.id), "{} lost", e.id);
+    }
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn database_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    // The relay reaches the database only through the proxy; the
+    // application keeps appending on its own connections.
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(
+            (*pool.connect_options())
+                .clone()
+                .host("127.0.0.1")
+                .port(proxy.addr.port()),
+        )
+        .await
+        .unwrap();
+    let r = Relay::new(
+        Outbox::new(SERVICE).unwrap(),
+        relay_pool,
+        amqp_url(),
+        bus.topology.clone(),
+        fast_config(),
+    );
+    let (stop, task) = spawn(r);
+
+    let subjects: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let mut expected = append_events(&pool, &subjects, 1).await;
+    tap.collect(expected.len(), Duration::from_secs(5)).await;
+    proxy.cut();
+    for _ in 0..5 {
+        expected.extend(append_events(&pool, &subjects, 1).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    proxy.restore();
+    let tapped = tap
+        .collect(expected.len() - subjects.len(), Duration::from_secs(20))
+        .await;
+    for e in expected.iter().filter(|e| e.sequence > 1) {
+        assert!(tapped.iter().any(|t| t.event.id == e.id), "{} lost", e.id);
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(unpublished(&pool).await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn two_relays_only_one_publishes_and_the_standby_takes_over(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let a = relay(&pool, &bus, &amqp_url(), fast_config());
+    let b = relay(&pool, &bus, &amqp_url(), fast_config());
+    let (a_stats, b_stats) = (a.stats(), b.stats());
+    let (_stop_a, task_a) = spawn(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (stop_b, task_b) = spawn(b);
+
+    let subjects: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let mut expected = append_events(&pool, &subjects, 3).await;
+    let tapped = tap
+        .collect(expected.len() + 1, Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        tapped.len(),
+        expected.len(),
+        "one active relay: no duplicates"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(a_stats.active.load(Relaxed) && !b_stats.active.load(Relaxed));
+    assert_eq!(b_stats.published.load(Relaxed), 0);
+
+    // Kill the active one: its task and connections vanish mid-flight.
+    task_a.abort();
+    let _ = task_a.await;
+    let more = append_events(&pool, &subjects, 2).await;
+    expected.extend(more.iter().cloned());
+    let mut after = tap.collect(more.len(), Duration::from_secs(10)).await;
+    assert_eq!(after.len(), more.len());
+    assert!(b_stats.active.load(Relaxed), "standby became active");
+    let mut all = tapped;
+    all.append(&mut after);
+    assert_complete_and_ordered(&all, &expected);
+    stop_b.cancel();
+    task_b.await.unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn unroutable_event_is_not_marked_and_later_events_of_its_subject_wait(pool: PgPool) {
+    let bus = TestBus::new().await; // no queue bound: every publish is returned
+    let subject = Uuid::now_v7();
+    append_events(&pool, &[subject], 2).await;
+    let r = relay(&pool, &bus, &amqp_url(), fast_config());
+    let mut leader = pool.acquire().await.unwrap().detach();
+    let conn = producers::broker::connect(&amqp_url(), "relay")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let outcome = r.publish_batch(&mut leader, &ch).await.unwrap();
+    assert_eq!(
+        outcome,
+        BatchOutcome::Published {
+            marked: 0,
+            failed: 2,
+            full: false
+        }
+    );
+    assert_eq!(unpublished(&pool).await, 2);
+
+    // Once something listens, the same rows go out, in order.
+    let mut tap = bus.wiretap("customer.*").await;
+    let outcome = r.publish_batch(&mut leader, &ch).await.unwrap();
+    assert_eq!(
+        outcome,
+        BatchOutcome::Published {
+            marked: 2,
+            failed: 0,
+            full: false
+        }
+    );
+    let tapped = tap.collect(2, Duration::from_secs(5)).await;
+    let seqs: Vec<i64> = tapped.iter().map(|t| t.event.sequence).collect();
+    assert_eq!(seqs, vec![1, 2]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: PgPool) {
+    let outbox = Outbox::new(SERVICE).unwrap();
+    append_events(&pool, &[Uuid::now_v7(), Uuid::now_v7()], 3).await;
+    let b = outbox.backlog(&pool).await.unwrap();
+    assert_eq!(b.unpublished, 6);
+    assert!(b.oldest_age_s.unwrap() >= 0.0);
+    sqlx::query(
+        "UPDATE customers.outbox SET published_at = now() - interval '2 hours' WHERE sequence <= 2",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE customers.outbox SET published_at = now() WHERE sequence = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pruned = outbox
+        .prune_published(&pool, Duration::from_secs(3600), 1)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 4, "old rows go in batches of 1; fresh ones stay");
+    let b = outbox.backlog(&pool).await.unwrap();
+    assert_eq!((b.unpublished, b.published), (0, 2));
+    assert_eq!(b.oldest_age_s, None);
+}

@@ -1,0 +1,242 @@
+//! Starting a chosen set of services in one process — each with its relay,
+//! its consumer and its HTTP routes — and stopping them cleanly: on
+//! shutdown, HTTP stops accepting, consumers finish their in-flight
+//! handlers and acks, relays confirm and mark their batch in flight.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use consumers::{Router, Stats, Subscription, SubscriptionConfig};
+use producers::relay::RelayStats;
+use producers::{Outbox, Relay, RelayConfig, Topology};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::{customers, http, inventory, orders, payments, shipping, ALL};
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Namespace of exchanges and queues.
+    pub topology: Topology,
+    /// Services to run (names from [`ALL`]).
+    pub services: Vec<String>,
+    /// Where to serve HTTP; `None` for no HTTP. Port 0 picks a free one.
+    pub http: Option<SocketAddr>,
+    /// Consumer tuning.
+    pub subscription: SubscriptionConfig,
+    /// Relay tuning.
+    pub relay: RelayConfig,
+    /// The simulated gateway.
+    pub gateway: GatewayConfig,
+}
+
+/// Starting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A service name that does not exist.
+    #[error(
+        "unknown service {0:?}; services are: customers, orders, inventory, payments, shipping"
+    )]
+    UnknownService(String),
+    /// The broker could not be reached or refused the topology.
+    #[error(transparent)]
+    Connect(#[from] producers::broker::ConnectError),
+    /// Declaring the topology failed.
+    #[error("declaring the broker topology failed: {0}")]
+    Topology(#[from] lapin::Error),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A schema name was invalid.
+    #[error(transparent)]
+    Outbox(#[from] producers::OutboxError),
+}
+
+/// Each service's outbox, built once.
+#[derive(Debug)]
+pub struct Outboxes {
+    /// customers schema
+    pub customers: Outbox,
+    /// orders schema
+    pub orders: Outbox,
+}
+
+/// State shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct Shared {
+    /// The database.
+    pub pool: PgPool,
+    /// For readiness checks.
+    pub amqp_url: String,
+    /// Outboxes of the services that take HTTP commands.
+    pub outboxes: Arc<Outboxes>,
+    /// Consumer counters per service.
+    pub consumer_stats: Arc<BTreeMap<String, Arc<Stats>>>,
+    /// Relay counters per service.
+    pub relay_stats: Arc<BTreeMap<String, Arc<RelayStats>>>,
+    /// The gateway, when payments runs here.
+    pub gateway: Option<Arc<Gateway>>,
+}
+
+/// Running services.
+pub struct App {
+    /// Where HTTP listens, when it does.
+    pub http_addr: Option<SocketAddr>,
+    /// Consumer counters per service.
+    pub consumer_stats: BTreeMap<String, Arc<Stats>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// The router of a consuming service (`None` for customers, which
+/// consumes nothing).
+pub fn router_of(service: &str, gateway: &Arc<Gateway>) -> Option<Router> {
+    match service {
+        "orders" => Some(orders::router()),
+        "inventory" => Some(inventory::router()),
+        "payments" => Some(payments::router(gateway.clone())),
+        "shipping" => Some(shipping::router()),
+        _ => None,
+    }
+}
+
+impl App {
+    /// Declares the topology of the chosen services, then starts their
+    /// relays, consumers and HTTP routes.
+    pub async fn start(pool: PgPool, config: AppConfig) -> Result<App, AppError> {
+        for s in &config.services {
+            if !ALL.contains(&s.as_str()) {
+                return Err(AppError::UnknownService(s.clone()));
+            }
+        }
+        let gateway = Arc::new(Gateway::new(config.gateway.clone(), pool.clone()));
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut consumer_stats = BTreeMap::new();
+        let mut relay_stats = BTreeMap::new();
+
+        // Queues first, so nothing the relays publish before a consumer
+        // connects is unroutable.
+        let conn = producers::broker::connect(&config.amqp_url, "warren setup").await?;
+        let ch = conn.create_channel().await?;
+        config.topology.declare_exchange(&ch).await?;
+        let mut subscriptions = Vec::new();
+        for s in &config.services {
+            if let Some(router) = router_of(s, &gateway) {
+                let sub = Subscription::new(
+                    router,
+                    pool.clone(),
+                    config.amqp_url.clone(),
+                    config.topology.clone(),
+                    config.subscription.clone(),
+                )?;
+                sub.declare(&ch).await?;
+                subscriptions.push(sub);
+            }
+        }
+        let _ = conn.close(200, "setup done").await;
+
+        for sub in subscriptions {
+            consumer_stats.insert(sub.service().to_owned(), sub.stats());
+            let stop = shutdown.clone();
+            tasks.spawn(async move { sub.run(stop).await });
+        }
+        for s in &config.services {
+            let relay = Relay::new(
+                Outbox::new(s)?,
+                pool.clone(),
+                config.amqp_url.clone(),
+                config.topology.clone(),
+                config.relay.clone(),
+            );
+            relay_stats.insert(s.clone(), relay.stats());
+            let stop = shutdown.clone();
+            tasks.spawn(async move { relay.run(stop).await });
+        }
+
+        let mut http_addr = None;
+        if let Some(addr) = config.http {
+            let shared = Shared {
+                pool: pool.clone(),
+                amqp_url: config.amqp_url.clone(),
+                outboxes: Arc::new(Outboxes {
+                    customers: Outbox::new(customers::SERVICE)?,
+                    orders: Outbox::new(orders::SERVICE)?,
+                }),
+                consumer_stats: Arc::new(consumer_stats.clone()),
+                relay_stats: Arc::new(relay_stats),
+                gateway: config
+                    .services
+                    .iter()
+                    .any(|s| s == "payments")
+                    .then(|| gateway.clone()),
+            };
+            let mut api = axum::Router::new()
+                .route("/health", axum::routing::get(http::health))
+                .route("/ready", axum::routing::get(http::ready))
+                .route("/metrics", axum::routing::get(http::metrics));
+            for s in &config.services {
+                api = match s.as_str() {
+                    "customers" => api.merge(customers::routes()),
+                    "orders" => api.merge(orders::routes()),
+                    "inventory" => api.merge(inventory::routes()),
+                    _ => api,
+                };
+            }
+            let api = api
+                .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY))
+                .with_state(shared);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| AppError::Bind { addr, source })?;
+            http_addr = Some(bound);
+            tracing::info!(%bound, "HTTP API listening");
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(listener, api)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+        }
+        Ok(App {
+            http_addr,
+            consumer_stats,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A token that stops everything when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops everything and waits until in-flight work is settled.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until the shutdown token is cancelled (by a signal handler),
+    /// then until everything settled.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.stop().await;
+    }
+}

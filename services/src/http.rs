@@ -1,0 +1,250 @@
+//! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
+//! rejections are JSON too, and health, readiness and metrics.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::app::Shared;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An API error: a status and a message, rendered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for the client.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 422 with a message naming the field at fault.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: message.into(),
+        }
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+
+    /// 409.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// Database failures are the server's fault (503 when unreachable): they
+/// are logged, and the client gets a message without internals.
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            if db.is_unique_violation() {
+                return ApiError::conflict("already exists");
+            }
+        }
+        tracing::error!(error = %e, "database error in HTTP handler");
+        let status = match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            message: "database error; try again".into(),
+        }
+    }
+}
+
+impl From<producers::OutboxError> for ApiError {
+    fn from(e: producers::OutboxError) -> Self {
+        match e {
+            producers::OutboxError::Database { source, .. } => source.into(),
+            other => ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// `axum::Json`, but a bad body gets a JSON error naming the problem:
+/// 400 for broken JSON, 415 for a wrong content type, 413 for too large,
+/// 422 for a wrong shape.
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(ApiError {
+                status: match &rejection {
+                    JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
+                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    _ => rejection.status(),
+                },
+                message: rejection.body_text(),
+            }),
+        }
+    }
+}
+
+/// Liveness: the process answers.
+pub async fn health() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the database and the broker answer.
+pub async fn ready(State(shared): State<Shared>) -> Response {
+    let db = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&shared.pool),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
+    let broker = match producers::broker::connect(&shared.amqp_url, "warren readiness").await {
+        Ok(conn) => {
+            let _ = conn.close(200, "ready check").await;
+            true
+        }
+        Err(_) => false,
+    };
+    let status = if db && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({ "database": db, "broker": broker })),
+    )
+        .into_response()
+}
+
+/// Prometheus text exposition of consumer outcomes, handler latency,
+/// relay counters, outbox backlog and the gateway breaker.
+pub async fn metrics(State(shared): State<Shared>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP warren_events_total Events by consuming service, type and outcome."
+    );
+    let _ = writeln!(out, "# TYPE warren_events_total counter");
+    for (service, stats) in shared.consumer_stats.iter() {
+        for (t, o, n) in stats.snapshot().by_type {
+            let _ = writeln!(
+                out,
+                "warren_events_total{{service=\"{service}\",type=\"{t}\",outcome=\"{o}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warren_handler_seconds Time from delivery to ack of handled events."
+    );
+    let _ = writeln!(out, "# TYPE warren_handler_seconds histogram");
+    for (service, stats) in shared.consumer_stats.iter() {
+        let s = stats.snapshot();
+        for (le, n) in &s.latency_buckets {
+            let _ = writeln!(
+                out,
+                "warren_handler_seconds_bucket{{service=\"{service}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "warren_handler_seconds_bucket{{service=\"{service}\",le=\"+Inf\"}} {}",
+            s.latency_count
+        );
+        let _ = writeln!(
+            out,
+            "warren_handler_seconds_sum{{service=\"{service}\"}} {}",
+            s.latency_sum
+        );
+        let _ = writeln!(
+            out,
+            "warren_handler_seconds_count{{service=\"{service}\"}} {}",
+            s.latency_count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warren_relay_published_total Events confirmed by the broker and marked."
+    );
+    let _ = writeln!(out, "# TYPE warren_relay_published_total counter");
+    for (service, stats) in shared.relay_stats.iter() {
+        let n = stats.published.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "warren_relay_published_total{{service=\"{service}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warren_relay_active Whether this process holds the service's relay lock."
+    );
+    let _ = writeln!(out, "# TYPE warren_relay_active gauge");
+    for (service, stats) in shared.relay_stats.iter() {
+        let a = stats.active.load(std::sync::atomic::Ordering::Relaxed) as u8;
+        let _ = writeln!(out, "warren_relay_active{{service=\"{service}\"}} {a}");
+    }
+    let _ = writeln!(out, "# HELP warren_outbox_backlog Unpublished outbox rows.");
+    let _ = writeln!(out, "# TYPE warren_outbox_backlog gauge");
+    let _ = writeln!(
+        out,
+        "# HELP warren_outbox_oldest_seconds Age of the oldest unpublished outbox row."
+    );
+    let _ = writeln!(out, "# TYPE warren_outbox_oldest_seconds gauge");
+    for service in shared.relay_stats.keys() {
+        if let Ok(outbox) = producers::Outbox::new(service) {
+            if let Ok(b) = outbox.backlog(&shared.pool).await {
+                let _ = writeln!(
+                    out,
+                    "warren_outbox_backlog{{service=\"{service}\"}} {}",
+                    b.unpublished
+                );
+                let _ = writeln!(
+                    out,
+                    "warren_outbox_oldest_seconds{{service=\"{service}\"}} {}",
+                    b.oldest_age_s.unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    if let Some(gw) = &shared.gateway {
+        let _ = writeln!(out, "# HELP warren_gateway_breaker_state Payment gateway circuit breaker: 0 closed, 1 half-open, 2 open.");
+        let _ = writeln!(out, "# TYPE warren_gateway_breaker_state gauge");
+        let _ = writeln!(
+            out,
+            "warren_gateway_breaker_state {}",
+            gw.breaker_state().as_gauge()
+        );
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,28 @@
+//! The worked example: an e-commerce platform of five services that talk
+//! only through events. Orders run a choreographed saga — stock is
+//! reserved, payment captured, the order confirmed and shipped — and
+//! compensate (release stock, refund) when a step fails.
+//!
+//! # Layout
+//! - [`customers`]: sign-ups and changes (`POST /customers`); raises customer.*.
+//! - [`orders`]: orders and a read model of customers; `POST /orders`, `GET /orders/{id}`.
+//! - [`inventory`]: stock with optimistic locking, reservations; `PUT /stock/{sku}`.
+//! - [`payments`]: charges and refunds through [`gateway`].
+//! - [`gateway`]: the simulated payment gateway behind a timeout and a circuit breaker.
+//! - [`shipping`]: one shipment per confirmed order.
+//! - [`http`]: the API's error type, JSON extraction, health, readiness and metrics.
+//! - [`app`]: starting chosen services (relays, consumers, HTTP) and stopping them cleanly.
+
+pub mod app;
+pub mod customers;
+pub mod gateway;
+pub mod http;
+pub mod inventory;
+pub mod orders;
+pub mod payments;
+pub mod shipping;
+
+pub use app::{App, AppConfig, AppError};
+
+/// Every service, in the order of the saga.
+pub const ALL: [&str; 5] = ["customers", "orders", "inventory", "payments", "shipping"];

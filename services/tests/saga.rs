@@ -1,0 +1,502 @@
+//! End-to-end: the five services through HTTP and the real bus.
+
+use std::time::Duration;
+
+use consumers::SubscriptionConfig;
+use producers::testkit::{amqp_url, TestBus};
+use producers::RelayConfig;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use services::gateway::GatewayConfig;
+use services::{App, AppConfig, ALL};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+struct TestApp {
+    app: Option<App>,
+    base: String,
+    http: reqwest::Client,
+    pool: PgPool,
+    _bus: TestBus,
+}
+
+fn subscription_config() -> SubscriptionConfig {
+    SubscriptionConfig {
+        prefetch: 32,
+        lanes: 4,
+        retry_initial: Duration::from_millis(100),
+        retry_max: Duration::from_millis(500),
+        defer_delay: Duration::from_millis(100),
+        live_feed: false,
+        ..Default::default()
+    }
+}
+
+fn app_config(bus: &TestBus, services: &[&str], http: bool) -> AppConfig {
+    AppConfig {
+        amqp_url: amqp_url(),
+        topology: bus.topology.clone(),
+        services: services.iter().map(|s| s.to_string()).collect(),
+        http: http.then(|| "127.0.0.1:0".parse().unwrap()),
+        subscription: subscription_config(),
+        relay: RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+        gateway: GatewayConfig {
+            latency: Duration::from_millis(1),
+            ..Default::default()
+        },
+    }
+}
+
+/// A pool of its own for an app, large enough for every lane.
+async fn app_pool(pool: &PgPool) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(30)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap()
+}
+
+async fn spawn_app(pool: PgPool, services: &[&str]) -> TestApp {
+    let bus = TestBus::new().await;
+    let subscription = subscription_config();
+    for s in services {
+        bus.remember(s, &subscription.retry_delays());
+    }
+    let app = App::start(app_pool(&pool).await, app_config(&bus, services, true))
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.http_addr.unwrap());
+    TestApp {
+        app: Some(app),
+        base,
+        http: reqwest::Client::new(),
+        pool,
+        _bus: bus,
+    }
+}
+
+impl TestApp {
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn put(&self, path: &str, body: Value) -> StatusCode {
+        self.http
+            .put(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers a customer and waits until orders has heard of it.
+    async fn customer(&self) -> Uuid {
+        let email = format!("{}@example.com", Uuid::now_v7());
+        let (status, body) = self
+            .post("/customers", json!({ "name": "Ada", "email": email }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let id: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+        self.eventually("orders knows the customer", || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders.customers WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await;
+        id
+    }
+
+    async fn order(&self, customer: Uuid, sku: &str, qty: i32, token: &str) -> Uuid {
+        let (status, body) = self
+            .post(
+                "/orders",
+                json!({ "customer_id": customer, "lines": [{ "sku": sku, "qty": qty, "unit_price": 1250 }], "payment_token": token }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["status"], "pending");
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn status_of(&self, order: Uuid) -> String {
+        let (_, body) = self.get(&format!("/orders/{order}")).await;
+        body["status"].as_str().unwrap_or("").to_owned()
+    }
+
+    async fn wait_status(&self, order: Uuid, want: &str) {
+        self.eventually(&format!("order {order} {want}"), || async {
+            self.status_of(order).await == want
+        })
+        .await;
+    }
+
+    async fn eventually<F, Fut>(&self, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        for _ in 0..600 {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until every order reached a final state and every
+    /// compensation ran, then checks the invariants of DESIGN.md.
+    async fn assert_settled(&self, stock_set: &[(&str, i64)]) {
+        self.eventually("every order settled", || async {
+            self.scalar("SELECT count(*) FROM orders.orders WHERE status IN ('pending', 'confirmed')").await == 0
+                && self.scalar("SELECT count(*) FROM inventory.reservations r JOIN orders.orders o ON o.id = r.order_id WHERE r.status = 'held'").await == 0
+                && self.scalar("SELECT count(*) FROM payments.payments p JOIN orders.orders o ON o.id = p.order_id WHERE o.status = 'cancelled' AND p.status = 'captured'").await == 0
+        })
+        .await;
+        assert_eq!(
+            self.scalar("SELECT coalesce(sum(reserved), 0)::bigint FROM inventory.stock")
+                .await,
+            0,
+            "reserved is 0"
+        );
+        for (sku, set) in stock_set {
+            let shipped: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(l.qty), 0)::bigint FROM orders.order_lines l JOIN orders.orders o ON o.id = l.order_id \
+                 WHERE o.status = 'shipped' AND l.sku = $1",
+            )
+            .bind(sku)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            let on_hand: i64 =
+                sqlx::query_scalar("SELECT on_hand::bigint FROM inventory.stock WHERE sku = $1")
+                    .bind(sku)
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(on_hand, set - shipped, "{sku}: on_hand = set - shipped");
+            assert!(on_hand >= 0);
+        }
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM orders.orders o WHERE o.status = 'shipped' AND (SELECT count(*) FROM shipping.shipments s WHERE s.order_id = o.id) <> 1").await,
+            0,
+            "one shipment per shipped order"
+        );
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM (SELECT order_id FROM payments.gateway_ledger WHERE kind = 'charge' AND outcome = 'captured' GROUP BY order_id HAVING count(*) > 1) d").await,
+            0,
+            "no order captured twice"
+        );
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM payments.payments p JOIN orders.orders o ON o.id = p.order_id WHERE o.status = 'cancelled' AND p.status = 'captured'").await,
+            0,
+            "no cancelled order left captured"
+        );
+    }
+
+    async fn stop(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn happy_path_order_is_shipped(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    assert_eq!(
+        t.put("/stock/SKU-1", json!({ "on_hand": 10 })).await,
+        StatusCode::OK
+    );
+    let c = t.customer().await;
+    let o = t.order(c, "SKU-1", 2, "tok_ok").await;
+    t.wait_status(o, "shipped").await;
+    t.assert_settled(&[("SKU-1", 10)]).await;
+    assert_eq!(
+        t.scalar("SELECT on_hand::bigint FROM inventory.stock WHERE sku = 'SKU-1'")
+            .await,
+        8
+    );
+    let (_, body) = t.get(&format!("/orders/{o}")).await;
+    assert_eq!(body["total"], 2500);
+    assert_eq!(body["lines"][0]["sku"], "SKU-1");
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn out_of_stock_order_is_cancelled_with_nothing_reserved(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    t.put("/stock/SKU-1", json!({ "on_hand": 1 })).await;
+    let c = t.customer().await;
+    let o = t.order(c, "SKU-1", 5, "tok_ok").await;
+    t.wait_status(o, "cancelled").await;
+    let (_, body) = t.get(&format!("/orders/{o}")).await;
+    assert!(
+        body["reason"].as_str().unwrap().contains("out of stock"),
+        "{body}"
+    );
+    t.assert_settled(&[("SKU-1", 1)]).await;
+    assert_eq!(
+        t.scalar("SELECT count(*) FROM inventory.reservations")
+            .await,
+        0
+    );
+    assert_eq!(
+        t.scalar("SELECT count(*) FROM payments.gateway_ledger")
+            .await,
+        0,
+        "never charged"
+    );
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn declined_payment_cancels_the_order_and_releases_stock(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    t.put("/stock/SKU-1", json!({ "on_hand": 3 })).await;
+    let c = t.customer().await;
+    let o = t.order(c, "SKU-1", 2, "tok_decline").await;
+    t.wait_status(o, "cancelled").await;
+    t.eventually("stock released", || async {
+        t.scalar("SELECT count(*) FROM inventory.reservations WHERE status = 'released'")
+            .await
+            == 1
+    })
+    .await;
+    t.assert_settled(&[("SKU-1", 3)]).await;
+    assert_eq!(
+        t.scalar("SELECT on_hand::bigint FROM inventory.stock")
+            .await,
+        3
+    );
+    assert_eq!(
+        t.scalar("SELECT count(*) FROM payments.payments WHERE status = 'failed'")
+            .await,
+        1
+    );
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn captured_order_cancelled_later_is_refunded_and_restocked(pool: PgPool) {
+    // Without shipping, a confirmed order stays confirmed until cancelled.
+    let mut t = spawn_app(pool, &["customers", "orders", "inventory", "payments"]).await;
+    t.put("/stock/SKU-1", json!({ "on_hand": 4 })).await;
+    let c = t.customer().await;
+    let o = t.order(c, "SKU-1", 1, "tok_ok").await;
+    t.wait_status(o, "confirmed").await;
+    let (status, _) = t.post(&format!("/orders/{o}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    t.eventually("refunded", || async {
+        t.scalar("SELECT count(*) FROM payments.payments WHERE status = 'refunded'")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(t.scalar("SELECT count(*) FROM payments.refunds").await, 1);
+    t.assert_settled(&[("SKU-1", 4)]).await;
+    assert_eq!(
+        t.scalar("SELECT on_hand::bigint FROM inventory.stock")
+            .await,
+        4
+    );
+    let (status, _) = t.post(&format!("/orders/{o}/cancel"), json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a cancelled order stays cancelled"
+    );
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn two_hundred_concurrent_orders_for_fifty_units_sell_exactly_fifty(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    t.put("/stock/HOT", json!({ "on_hand": 50 })).await;
+    let c = t.customer().await;
+    let mut tasks = Vec::new();
+    let t_ref = std::sync::Arc::new((t.base.clone(), t.http.clone()));
+    for _ in 0..200 {
+        let r = t_ref.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "customer_id": c, "lines": [{ "sku": "HOT", "qty": 1, "unit_price": 100 }], "payment_token": "tok_ok" });
+            r.1.post(format!("{}/orders", r.0)).json(&body).send().await.unwrap().status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    t.assert_settled(&[("HOT", 50)]).await;
+    assert_eq!(
+        t.scalar("SELECT count(*) FROM orders.orders WHERE status = 'shipped'")
+            .await,
+        50
+    );
+    assert_eq!(
+        t.scalar("SELECT count(*) FROM orders.orders WHERE status = 'cancelled'")
+            .await,
+        150
+    );
+    assert_eq!(
+        t.scalar("SELECT on_hand::bigint FROM inventory.stock WHERE sku = 'HOT'")
+            .await,
+        0
+    );
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    let c = t.customer().await;
+    let cases = [
+        (
+            json!({ "customer_id": c, "lines": [], "payment_token": "tok_ok" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "lines",
+        ),
+        (
+            json!({ "customer_id": c, "lines": [{ "sku": "A", "qty": 0, "unit_price": 1 }], "payment_token": "tok_ok" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "qty",
+        ),
+        (
+            json!({ "customer_id": c, "lines": [{ "sku": "A", "qty": 1, "unit_price": -1 }], "payment_token": "tok_ok" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unit_price",
+        ),
+        (
+            json!({ "customer_id": Uuid::now_v7(), "lines": [{ "sku": "A", "qty": 1, "unit_price": 1 }], "payment_token": "tok_ok" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not known",
+        ),
+        (
+            json!({ "customer_id": "nope", "lines": [] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "customer_id",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (got, err) = t.post("/orders", body.clone()).await;
+        assert_eq!(got, status, "{body}");
+        assert!(err["error"].as_str().unwrap().contains(needle), "{err}");
+    }
+    let r = t
+        .http
+        .post(format!("{}/orders", t.base))
+        .header("content-type", "application/json")
+        .body("{broken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    let big = "x".repeat(200 * 1024);
+    let r = t
+        .http
+        .post(format!("{}/customers", t.base))
+        .header("content-type", "application/json")
+        .body(format!("{{\"name\":\"{big}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = t.get(&format!("/orders/{}", Uuid::now_v7())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = t
+        .post("/customers", json!({ "name": "", "email": "x@y" }))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        t.put("/stock/A", json!({ "on_hand": -1 })).await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    let (status, _) = t.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = t.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let metrics = t
+        .http
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("warren_events_total{service=\"orders\",type=\"customer.registered\",outcome=\"handled\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("warren_outbox_backlog{service=\"customers\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warren_gateway_breaker_state 0"),
+        "{metrics}"
+    );
+    t.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn two_copies_of_every_service_share_the_work_without_double_effects(pool: PgPool) {
+    let mut t = spawn_app(pool.clone(), &ALL).await;
+    // A second process's worth of every service: same database, same
+    // namespace; consumers compete for each queue, relays stand by.
+    let second = App::start(app_pool(&pool).await, app_config(&t._bus, &ALL, false))
+        .await
+        .unwrap();
+    t.put("/stock/TWIN", json!({ "on_hand": 30 })).await;
+    let c = t.customer().await;
+    let mut orders = Vec::new();
+    for i in 0..60 {
+        let token = if i % 4 == 0 { "tok_decline" } else { "tok_ok" };
+        orders.push(t.order(c, "TWIN", 1, token).await);
+    }
+    t.assert_settled(&[("TWIN", 30)]).await;
+    let shipped = t
+        .scalar("SELECT count(*) FROM orders.orders WHERE status = 'shipped'")
+        .await;
+    assert_eq!(
+        shipped, 30,
+        "every unit sold once: declined orders gave theirs back"
+    );
+    let second_handled: u64 = second
+        .consumer_stats
+        .values()
+        .map(|s| s.count(consumers::Outcome::Handled))
+        .sum();
+    assert!(second_handled > 0, "the second copy took part");
+    second.stop().await;
+    t.stop().await;
+}
