@@ -248,6 +248,23 @@ impl Relay {
             return Ok(());
         };
         let conn = broker::connect(&self.amqp_url, &format!("warren relay {service}")).await?;
+        let result = self.publish_loop(shutdown, backoff, &mut leader, &conn).await;
+        // lapin keeps a dropped connection open: close it on every exit, or
+        // each reconnect after a database error would leak one. Bounded,
+        // since the broker may be the thing that is gone.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "relay session ended"))
+            .await;
+        result
+    }
+
+    async fn publish_loop(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+        leader: &mut PgConnection,
+        conn: &lapin::Connection,
+    ) -> Result<(), RelayError> {
+        let service = self.outbox.service();
         let ch = conn.create_channel().await?;
         ch.confirm_select(Default::default()).await?;
         self.topology.declare_exchange(&ch).await?;
@@ -263,10 +280,9 @@ impl Relay {
             // Checked between passes only: a pass in flight always ends with
             // its confirms awaited and its rows marked.
             if shutdown.is_cancelled() {
-                let _ = conn.close(200, "shutdown").await;
                 return Ok(());
             }
-            let outcome = self.publish_batch(&mut leader, &ch).await?;
+            let outcome = self.publish_batch(leader, &ch).await?;
             match outcome {
                 BatchOutcome::Published {
                     full: true,

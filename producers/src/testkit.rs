@@ -199,6 +199,34 @@ impl Wiretap {
         }
         out
     }
+
+    /// Collects until every id of `want` has been seen at least once, or
+    /// `deadline` passes. Counting messages is not enough where the relay
+    /// may republish (a crash between confirm and mark): duplicates would
+    /// fill the count before the last events arrive.
+    pub async fn collect_until_seen(
+        &mut self,
+        want: &[uuid::Uuid],
+        deadline: Duration,
+    ) -> Vec<Tapped> {
+        let mut missing: std::collections::HashSet<uuid::Uuid> = want.iter().copied().collect();
+        let end = tokio::time::Instant::now() + deadline;
+        let mut out = Vec::new();
+        while !missing.is_empty() {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.next(left).await {
+                Some(t) => {
+                    missing.remove(&t.event.id);
+                    out.push(t);
+                }
+                None => break,
+            }
+        }
+        out
+    }
 }
 
 /// A TCP proxy in front of a real server, so a test can cut one client's
