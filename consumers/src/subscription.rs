@@ -349,9 +349,13 @@ impl Subscription {
         // Past the timeout, dropping the JoinSet aborts the lanes: open
         // transactions roll back and unacked deliveries are redelivered.
         let _ = drained.await;
-        if result.is_ok() {
-            let _ = conn.close(200, "shutdown").await;
-        }
+        // Also on error: lapin keeps a dropped connection open, so every
+        // reconnect would leak one. Bounded, the broker may be gone.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "consumer session ended"),
+        )
+        .await;
         result
     }
 
