@@ -96,7 +96,14 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    warren::telemetry::init(cli.settings.log_format);
+    // The benchmark measures the pipeline, not a terminal printing one
+    // line per event: its per-event `handled` lines are off unless
+    // RUST_LOG asks for them (BENCHMARKS.md says so next to the figures).
+    let default_filter = match cli.command {
+        Command::Bench(_) => "warn",
+        _ => warren::telemetry::DEFAULT_FILTER,
+    };
+    warren::telemetry::init(cli.settings.log_format, default_filter);
     let s = &cli.settings;
     let result = match &cli.command {
         Command::Demo(a) => demo::run(s, a).await,
