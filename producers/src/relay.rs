@@ -3,34 +3,43 @@
 //!
 //! Each pass claims a bounded batch of unpublished rows in position order,
 //! publishes all of them pipelined with publisher confirms and `mandatory`,
-//! waits for the confirms, and marks exactly the confirmed ones. No
-//! database transaction is open while it waits on the broker. It re-polls
-//! at once while batches come back full, and sleeps on `LISTEN` (with a
-//! periodic poll as fallback, so a lost notification only delays) when the
-//! outbox is empty.
+//! and marks exactly the confirmed ones once their confirms arrive. Up to
+//! `batches_in_flight` batches await their confirms at once: the next claim
+//! skips the rows in flight, so new events go out while the broker is still
+//! syncing the previous ones. No database transaction is open while it
+//! waits on the broker. It claims again at once while batches come back
+//! full, and sleeps on `LISTEN` (with a periodic poll as fallback, so a lost
+//! notification only delays) when the outbox is empty.
+//!
+//! Order: rows of one subject are committed in sequence order and get
+//! increasing positions (the per-subject sequence row lock serialises
+//! their transactions), so claiming in position order, with earlier rows
+//! either marked or in flight, publishes each subject in sequence order.
 //!
 //! Crash points and what they cost: a crash after publish and before mark
 //! republishes the batch on restart (duplicates, absorbed by consumers'
 //! inboxes); nothing is ever marked that the broker did not confirm.
 //!
 //! When an event is nacked or returned unroutable, it stays unmarked and so
-//! do the later events of the same subject in that batch, even if they
-//! were confirmed: the next pass publishes them again after it, so the bus
-//! always ends with the subject's events in sequence order.
+//! do the later events of the same subject in flight, even if they were
+//! confirmed; every batch in flight is settled before the next claim, which
+//! publishes them again after it, so the bus always ends with the subject's
+//! events in sequence order.
 //!
 //! Only one relay per service is active: the one holding a PostgreSQL
 //! session advisory lock on a dedicated connection. A standby retries the
 //! lock every `standby_interval`; when the active process dies, PostgreSQL
 //! drops its connection and with it the lock.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use futures::future::{join_all, JoinAll};
 use lapin::options::BasicPublishOptions;
-use lapin::publisher_confirm::Confirmation;
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::Channel;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -52,6 +61,10 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Longest wait for a batch's confirms before the channel is recycled.
     pub confirm_timeout: Duration,
+    /// Batches published and awaiting confirms at once: the next batch is
+    /// claimed and published while the previous one's confirms (a broker
+    /// fsync away) are on their way.
+    pub batches_in_flight: usize,
     /// Timeout on each database statement of the relay.
     pub db_timeout: Duration,
     /// How often a standby tries to become the active relay.
@@ -88,6 +101,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(15),
+            batches_in_flight: 4,
             db_timeout: Duration::from_secs(10),
             standby_interval: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
@@ -169,6 +183,19 @@ struct Row {
     payload: String,
 }
 
+/// A published batch whose confirms are on their way.
+struct InFlight {
+    rows: Vec<Row>,
+    /// The confirms of `rows`, in the same order.
+    confirms: Pin<Box<JoinAll<PublisherConfirm>>>,
+    /// When waiting for `confirms` becomes a `ConfirmTimeout`.
+    deadline: tokio::time::Instant,
+    /// When the batch was claimed, for the batch's log line.
+    started: Instant,
+    /// Whether the claim came back full (more rows are likely waiting).
+    full: bool,
+}
+
 /// The relay of one service.
 #[derive(Clone)]
 pub struct Relay {
@@ -195,7 +222,7 @@ impl Relay {
         Relay {
             claim_sql: format!(
                 "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
-                 FROM {s}.outbox WHERE published_at IS NULL ORDER BY position LIMIT $1"
+                 FROM {s}.outbox WHERE published_at IS NULL AND position <> ALL($2) ORDER BY position LIMIT $1"
             ),
             mark_sql: format!(
                 "UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)"
@@ -279,30 +306,69 @@ impl Relay {
         tracing::info!(service, "relay active");
         backoff.reset();
 
+        let depth = self.config.batches_in_flight.max(1);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(depth);
+        let mut held_back: HashSet<String> = HashSet::new();
         let mut last_prune: Option<Instant> = None;
         let mut failures = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        let mut claim = true;
         loop {
-            // Checked between passes only: a pass in flight always ends with
-            // its confirms awaited and its rows marked.
+            // A batch in flight always ends with its confirms awaited and
+            // its rows marked before the relay stops.
             if shutdown.is_cancelled() {
+                while let Some(batch) = in_flight.pop_front() {
+                    self.await_and_settle(leader, batch, &mut held_back).await?;
+                }
                 return Ok(());
             }
-            let outcome = self.publish_batch(leader, &ch).await?;
-            match outcome {
-                BatchOutcome::Published {
-                    full: true,
-                    failed: 0,
-                    ..
-                } => continue,
-                BatchOutcome::Published { failed, .. } if failed > 0 => {
-                    let delay = failures.next_delay();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => {}
+            if claim && in_flight.len() < depth {
+                let exclude: Vec<i64> = in_flight
+                    .iter()
+                    .flat_map(|b| b.rows.iter().map(|r| r.position))
+                    .collect();
+                match self.claim_and_publish(leader, &ch, &exclude).await? {
+                    Some(batch) => {
+                        // A full batch means more is waiting: claim again at
+                        // once, while this one's confirms are on their way.
+                        claim = batch.full;
+                        in_flight.push_back(batch);
+                        continue;
                     }
-                    continue;
+                    None => claim = false,
                 }
-                _ => failures.reset(),
+            }
+            let room = in_flight.len() < depth;
+            if let Some(oldest) = in_flight.front_mut() {
+                tokio::select! {
+                    confirms = tokio::time::timeout_at(oldest.deadline, &mut oldest.confirms) => {
+                        let confirms = confirms
+                            .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
+                        let Some(batch) = in_flight.pop_front() else { continue };
+                        let (_, failed) = self.settle(leader, batch, confirms, &mut held_back).await?;
+                        claim = true;
+                        if failed > 0 || !held_back.is_empty() {
+                            // Settle everything in flight before anything is
+                            // claimed again, so a row to retry is never
+                            // republished while a later row of its subject
+                            // is still on its way: the bus keeps each
+                            // subject's order.
+                            while let Some(batch) = in_flight.pop_front() {
+                                self.await_and_settle(leader, batch, &mut held_back).await?;
+                            }
+                            held_back.clear();
+                            let delay = failures.next_delay();
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                        } else {
+                            failures.reset();
+                        }
+                    }
+                    n = listener.recv(), if room => { n?; claim = true; }
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
             }
             if last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every) {
                 last_prune = Some(Instant::now());
@@ -313,6 +379,7 @@ impl Relay {
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
                 _ = shutdown.cancelled() => {}
             }
+            claim = true;
         }
     }
 
@@ -362,23 +429,47 @@ impl Relay {
         }
     }
 
-    /// One pass: claim, publish, confirm, mark.
+    /// One pass on its own: claim, publish, await the confirms, mark.
     pub async fn publish_batch(
         &self,
         leader: &mut PgConnection,
         ch: &Channel,
     ) -> Result<BatchOutcome, RelayError> {
+        let Some(batch) = self.claim_and_publish(leader, ch, &[]).await? else {
+            return Ok(BatchOutcome::Empty);
+        };
+        let full = batch.full;
+        let (marked, failed) = self
+            .await_and_settle(leader, batch, &mut HashSet::new())
+            .await?;
+        Ok(BatchOutcome::Published {
+            marked,
+            failed,
+            full,
+        })
+    }
+
+    /// Claims up to a batch of unpublished rows, skipping the `exclude`d
+    /// positions (in flight already), and publishes them without waiting
+    /// for their confirms. `None` when there is nothing to publish.
+    async fn claim_and_publish(
+        &self,
+        leader: &mut PgConnection,
+        ch: &Channel,
+        exclude: &[i64],
+    ) -> Result<Option<InFlight>, RelayError> {
         let service = self.outbox.service();
         let started = Instant::now();
         let rows: Vec<Row> = self
             .db_timeout(
                 sqlx::query_as(&self.claim_sql)
                     .bind(self.config.batch_size)
+                    .bind(exclude)
                     .fetch_all(&mut *leader),
             )
             .await?;
         if rows.is_empty() {
-            return Ok(BatchOutcome::Empty);
+            return Ok(None);
         }
         self.maybe_crash(CrashPoint::AfterClaim)?;
         let exchange = self.topology.exchange();
@@ -406,15 +497,46 @@ impl Relay {
             pending.push(confirm);
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
-        let confirms = tokio::time::timeout(self.config.confirm_timeout, join_all(pending))
+        Ok(Some(InFlight {
+            full: rows.len() as i64 >= self.config.batch_size,
+            rows,
+            confirms: Box::pin(join_all(pending)),
+            deadline: tokio::time::Instant::now() + self.config.confirm_timeout,
+            started,
+        }))
+    }
+
+    /// Waits for a batch's confirms (up to `confirm_timeout` from its
+    /// publication), then settles it.
+    async fn await_and_settle(
+        &self,
+        leader: &mut PgConnection,
+        mut batch: InFlight,
+        held_back: &mut HashSet<String>,
+    ) -> Result<(usize, usize), RelayError> {
+        let confirms = tokio::time::timeout_at(batch.deadline, &mut batch.confirms)
             .await
             .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
-        self.maybe_crash(CrashPoint::AfterConfirm)?;
+        self.settle(leader, batch, confirms, held_back).await
+    }
 
-        let mut marked = Vec::with_capacity(rows.len());
-        let mut held_back: HashSet<&str> = HashSet::new();
+    /// Marks exactly the confirmed rows of a batch. A row that was nacked,
+    /// returned or not confirmed stays unmarked, and so does every later
+    /// row of its subject (`held_back`, shared by the batches settled
+    /// together), even if confirmed: they are published again after it.
+    /// Returns (marked, failed).
+    async fn settle(
+        &self,
+        leader: &mut PgConnection,
+        batch: InFlight,
+        confirms: Vec<Result<Confirmation, lapin::Error>>,
+        held_back: &mut HashSet<String>,
+    ) -> Result<(usize, usize), RelayError> {
+        self.maybe_crash(CrashPoint::AfterConfirm)?;
+        let service = self.outbox.service();
+        let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
-        for (row, confirm) in rows.iter().zip(confirms) {
+        for (row, confirm) in batch.rows.iter().zip(confirms) {
             let problem = match confirm {
                 Ok(Confirmation::Ack(None)) => None,
                 Ok(Confirmation::Ack(Some(_))) => {
@@ -425,7 +547,7 @@ impl Relay {
                 Err(e) => Some(e.to_string()),
             };
             match problem {
-                None if !held_back.contains(row.aggregate.as_str()) => {
+                None if !held_back.contains(&row.aggregate) => {
                     tracing::debug!(
                         event_id = %row.event_id, event_type = %row.event_type,
                         subject = %row.aggregate,
@@ -442,7 +564,7 @@ impl Relay {
                         correlation_id = row.correlation_id.as_deref().unwrap_or(""),
                         "not published, will retry: {why}"
                     );
-                    held_back.insert(row.aggregate.as_str());
+                    held_back.insert(row.aggregate.clone());
                     failed += 1;
                 }
             }
@@ -465,14 +587,10 @@ impl Relay {
             service,
             published = marked.len(),
             failed,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            elapsed_ms = batch.started.elapsed().as_secs_f64() * 1000.0,
             "relayed batch"
         );
-        Ok(BatchOutcome::Published {
-            marked: marked.len(),
-            failed,
-            full: rows.len() as i64 >= self.config.batch_size,
-        })
+        Ok((marked.len(), failed))
     }
 
     #[cfg(feature = "testkit")]

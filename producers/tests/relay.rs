@@ -485,3 +485,66 @@ async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: 
     assert_eq!((b.unpublished, b.published), (0, 2));
     assert_eq!(b.oldest_age_s, None);
 }
+
+/// The running relay, with several small batches in flight at once: while
+/// each subject's first event is unroutable, none of the subject's later
+/// events is marked, even though they are routable and confirmed. Once the
+/// first becomes routable, the last round that publishes it carries the
+/// rest after it, in order, and everything ends marked.
+#[sqlx::test(migrations = "../migrations")]
+async fn pipelined_relay_holds_a_subject_back_behind_its_unroutable_event(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let _updates_only = bus.wiretap("customer.updated").await;
+    let subjects: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let expected = append_events(&pool, &subjects, 4).await;
+    let config = RelayConfig {
+        batch_size: 2,
+        batches_in_flight: 3,
+        ..fast_config()
+    };
+    let r = relay(&pool, &bus, &amqp_url(), config);
+    let stats = r.stats();
+    let (stop, task) = spawn(r);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stats.failed.load(std::sync::atomic::Ordering::Relaxed) < 2 * expected.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay kept retrying"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        unpublished(&pool).await,
+        expected.len() as i64,
+        "nothing marked while each subject's first event is unroutable"
+    );
+
+    let mut tap = bus.wiretap("#").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while unpublished(&pool).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tapped = tap.collect(usize::MAX, Duration::from_millis(700)).await;
+    for s in &subjects {
+        let seqs: Vec<i64> = tapped
+            .iter()
+            .filter(|t| t.event.subject == s.to_string())
+            .map(|t| t.event.sequence)
+            .collect();
+        let last_first = seqs
+            .iter()
+            .rposition(|&q| q == 1)
+            .unwrap_or_else(|| panic!("subject {s}: sequence 1 never published: {seqs:?}"));
+        assert_eq!(
+            &seqs[last_first..],
+            &[1, 2, 3, 4],
+            "subject {s}: the final round is in order: {seqs:?}"
+        );
+    }
+    stop.cancel();
+    task.await.unwrap();
+}
