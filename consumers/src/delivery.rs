@@ -261,6 +261,15 @@ impl Processor {
         }
         self.inbox.advance(&mut tx, &advanced).await?;
         tx.commit().await?;
+        #[cfg(feature = "testkit")]
+        if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
+            tracing::error!(
+                service = self.router.service(),
+                events = events.len(),
+                "crash point after commit reached; halting before the ack"
+            );
+            std::future::pending::<()>().await;
+        }
         Ok(plan
             .into_iter()
             .map(|a| a.unwrap_or(Applied::Duplicate))
