@@ -331,6 +331,16 @@ impl Processor {
                 record.reason = Some("transient".into());
                 record.error = Some(format!("{e}; retry in {delay:?}"));
             }
+            Err(HandleError::Throttled(e)) => {
+                // Same attempt number: nothing was tried, so nothing spent.
+                let delay = c.retry_delay(attempt);
+                self.forwarder
+                    .retry(&delivery, delay, H_ATTEMPT, attempt)
+                    .await?;
+                record.outcome = Outcome::Retried;
+                record.reason = Some("throttled".into());
+                record.error = Some(format!("{e}; retry in {delay:?}"));
+            }
             Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {
                 let error = format!("{e} (after {attempt} attempts)");
                 self.dead_letter(&delivery, &mut record, "retries_exhausted", error)
