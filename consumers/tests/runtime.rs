@@ -30,6 +30,8 @@ struct Recorder {
     fail_transient: Arc<Mutex<HashMap<Uuid, u32>>>,
     always: Arc<Mutex<Option<HandleErrorKind>>>,
     delay: Option<Duration>,
+    /// Handler calls begun, so a test can act while one is in flight.
+    entered: Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(Clone, Copy)]
@@ -41,6 +43,8 @@ enum HandleErrorKind {
 #[async_trait::async_trait]
 impl Handle<OrderPlaced> for Recorder {
     async fn handle(&self, ctx: &mut Context<'_>, data: OrderPlaced) -> Result<(), HandleError> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -559,9 +563,17 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
         delay: Some(Duration::from_millis(700)),
         ..Default::default()
     };
+    let entered = recorder.entered.clone();
     let mut f = start(pool, recorder, None).await;
     f.publish(&placed(Uuid::now_v7(), 1)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop once the handler runs (a fixed sleep raced the consumer's start
+    // on a loaded machine and stopped it before the delivery arrived).
+    until(
+        "the handler is in flight",
+        Duration::from_secs(10),
+        || async { entered.load(std::sync::atomic::Ordering::SeqCst) > 0 },
+    )
+    .await;
     f.stop().await;
     assert_eq!(f.effects().await.len(), 1, "in-flight handler completed");
     let q = f
