@@ -261,6 +261,15 @@ impl Processor {
         }
         self.inbox.advance(&mut tx, &advanced).await?;
         tx.commit().await?;
+        #[cfg(feature = "testkit")]
+        if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
+            tracing::error!(
+                service = self.router.service(),
+                events = events.len(),
+                "crash point after commit reached; halting before the ack"
+            );
+            std::future::pending::<()>().await;
+        }
         Ok(plan
             .into_iter()
             .map(|a| a.unwrap_or(Applied::Duplicate))
@@ -320,6 +329,16 @@ impl Processor {
                     .await?;
                 record.outcome = Outcome::Retried;
                 record.reason = Some("transient".into());
+                record.error = Some(format!("{e}; retry in {delay:?}"));
+            }
+            Err(HandleError::Throttled(e)) => {
+                // Same attempt number: nothing was tried, so nothing spent.
+                let delay = c.retry_delay(attempt);
+                self.forwarder
+                    .retry(&delivery, delay, H_ATTEMPT, attempt)
+                    .await?;
+                record.outcome = Outcome::Retried;
+                record.reason = Some("throttled".into());
                 record.error = Some(format!("{e}; retry in {delay:?}"));
             }
             Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {

@@ -56,6 +56,15 @@ pub enum HandleError {
     /// broken): dead-lettered at once.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// A dependency refused the call without making it (an open circuit
+    /// breaker): retried with delay through the broker like a transient
+    /// failure, but without spending an attempt, because the event itself
+    /// has not failed; an outage longer than the retry budget must not
+    /// dead-letter everything that waited it out. Still bounded: the
+    /// breaker lets a probe through after each cool-down, and a failed
+    /// probe spends an attempt of the event that carried it.
+    #[error("throttled: {0}")]
+    Throttled(String),
     /// The service's own database is unreachable: the runtime keeps the
     /// delivery and tries again in place once it is back, without spending
     /// attempts.

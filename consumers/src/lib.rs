@@ -16,6 +16,8 @@
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
 //! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
+//! - `testkit` (feature): fault injection for the integration tests
+//!   (`subscription::CrashPoint`), inert unless a test sets it.
 
 pub mod deadletter;
 pub mod delivery;

@@ -60,6 +60,21 @@ pub struct SubscriptionConfig {
     pub inbox_retention: Duration,
     /// Whether to publish outcomes on the live feed for `warren tail`.
     pub live_feed: bool,
+    /// Test-only fault injection: stop dead at this point, as a process
+    /// that is about to be killed would.
+    #[cfg(feature = "testkit")]
+    pub crash_at: Option<CrashPoint>,
+}
+
+/// Where a test makes a consumer stop dead (feature `testkit`).
+#[cfg(feature = "testkit")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The transaction committed, the ack not sent: the lane never goes
+    /// further (it does not return an error, which would let the session
+    /// clean up), so the test can kill the process with the delivery
+    /// still unacknowledged.
+    AfterCommit,
 }
 
 impl Default for SubscriptionConfig {
@@ -77,6 +92,8 @@ impl Default for SubscriptionConfig {
             max_body: events::DEFAULT_MAX_BODY,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             live_feed: true,
+            #[cfg(feature = "testkit")]
+            crash_at: None,
         }
     }
 }

@@ -15,6 +15,8 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use producers::testkit::{amqp_url, Proxy, TestBus};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -28,6 +30,8 @@ struct Recorder {
     fail_transient: Arc<Mutex<HashMap<Uuid, u32>>>,
     always: Arc<Mutex<Option<HandleErrorKind>>>,
     delay: Option<Duration>,
+    /// Handler calls begun, so a test can act while one is in flight.
+    entered: Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(Clone, Copy)]
@@ -39,6 +43,8 @@ enum HandleErrorKind {
 #[async_trait::async_trait]
 impl Handle<OrderPlaced> for Recorder {
     async fn handle(&self, ctx: &mut Context<'_>, data: OrderPlaced) -> Result<(), HandleError> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -110,17 +116,28 @@ struct Fixture {
 }
 
 async fn start(pool: PgPool, recorder: Recorder, url: Option<String>) -> Fixture {
+    start_with(pool, recorder, url, config()).await
+}
+
+fn router(recorder: Recorder) -> Router {
+    Router::new(SERVICE)
+        .on::<OrderPlaced, _>(recorder.clone())
+        .on::<OrderCancelled, _>(recorder)
+}
+
+async fn start_with(
+    pool: PgPool,
+    recorder: Recorder,
+    url: Option<String>,
+    cfg: SubscriptionConfig,
+) -> Fixture {
     sqlx::query("CREATE TABLE shipping.effects (n bigserial PRIMARY KEY, event_id uuid NOT NULL, subject text NOT NULL, sequence bigint NOT NULL, total bigint NOT NULL)")
         .execute(&pool)
         .await
         .unwrap();
     let bus = TestBus::new().await;
-    let router = Router::new(SERVICE)
-        .on::<OrderPlaced, _>(recorder.clone())
-        .on::<OrderCancelled, _>(recorder);
-    let cfg = config();
     let sub = Subscription::new(
-        router,
+        router(recorder),
         pool.clone(),
         url.unwrap_or_else(amqp_url),
         bus.topology.clone(),
@@ -208,6 +225,47 @@ impl Fixture {
         if let Some(t) = self.task.take() {
             t.await.unwrap();
         }
+    }
+
+    /// Stops the consumer and starts a new session of the same subscription.
+    async fn restart(&mut self) {
+        self.stop().await;
+        self.stop = CancellationToken::new();
+        let (s, t) = (self.sub.clone(), self.stop.clone());
+        self.task = Some(tokio::spawn(async move { s.run(t).await }));
+    }
+
+    /// Consumers attached to the service's queue.
+    async fn consumers_attached(&self) -> u32 {
+        self.bus
+            .channel
+            .queue_declare(
+                &self.bus.topology.queue(SERVICE),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .consumer_count()
+    }
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after `limit`.
+async fn until<F, Fut>(what: &str, limit: Duration, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -505,9 +563,17 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
         delay: Some(Duration::from_millis(700)),
         ..Default::default()
     };
+    let entered = recorder.entered.clone();
     let mut f = start(pool, recorder, None).await;
     f.publish(&placed(Uuid::now_v7(), 1)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop once the handler runs (a fixed sleep raced the consumer's start
+    // on a loaded machine and stopped it before the delivery arrived).
+    until(
+        "the handler is in flight",
+        Duration::from_secs(10),
+        || async { entered.load(std::sync::atomic::Ordering::SeqCst) > 0 },
+    )
+    .await;
     f.stop().await;
     assert_eq!(f.effects().await.len(), 1, "in-flight handler completed");
     let q = f
@@ -524,4 +590,202 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(q.message_count(), 0, "and was acknowledged");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_consumers(
+    pool: PgPool,
+) {
+    // Deferral count as in production (40): with two consumers, early
+    // events of one subject are split between them and a chain resolves
+    // only a few links per round, so one event may be deferred ~10 times
+    // here (measured); 20 leaves too thin a margin on a loaded machine.
+    let cfg = SubscriptionConfig {
+        prefetch: 32,
+        lanes: 4,
+        max_deferrals: SubscriptionConfig::default().max_deferrals,
+        ..config()
+    };
+    let mut f = start_with(pool.clone(), Recorder::default(), None, cfg.clone()).await;
+    // A competing consumer on the same queue, as a second process would
+    // be: its own connection, prefetch and lanes, the same store.
+    let rival = Subscription::new(
+        router(Recorder::default()),
+        pool.clone(),
+        amqp_url(),
+        f.bus.topology.clone(),
+        cfg,
+    )
+    .unwrap();
+    let rival_stop = CancellationToken::new();
+    let rival_task = tokio::spawn({
+        let (s, t) = (rival.clone(), rival_stop.clone());
+        async move { s.run(t).await }
+    });
+    until(
+        "both consumers are attached",
+        Duration::from_secs(10),
+        || async { f.consumers_attached().await == 2 },
+    )
+    .await;
+
+    // 50 subjects × sequences 1..=20, subjects interleaved at random and,
+    // within a subject, about one pair in five swapped (n+1 sent before n).
+    let mut rng = StdRng::seed_from_u64(0x5eed_0004);
+    let subjects: Vec<Uuid> = (0..50).map(|_| Uuid::now_v7()).collect();
+    let mut swaps = 0;
+    let mut queues: Vec<Vec<Envelope>> = subjects
+        .iter()
+        .map(|s| {
+            let mut evs: Vec<Envelope> = (1..=20).map(|n| placed(*s, n)).collect();
+            let mut i = 0;
+            while i + 1 < evs.len() {
+                if rng.gen_bool(0.2) {
+                    evs.swap(i, i + 1);
+                    swaps += 1;
+                    i += 2;
+                } else {
+                    i += 1;
+                }
+            }
+            evs.reverse(); // popped from the end, in publication order
+            evs
+        })
+        .collect();
+    assert!(swaps > 0);
+    let mut published = 0;
+    while published < 1000 {
+        let open: Vec<usize> = (0..queues.len())
+            .filter(|i| !queues[*i].is_empty())
+            .collect();
+        let pick = open[rng.gen_range(0..open.len())];
+        let e = queues[pick].pop().unwrap();
+        f.publish(&e).await;
+        published += 1;
+    }
+
+    let (ours, theirs) = (f.sub.stats(), rival.stats());
+    until("1,000 events handled", Duration::from_secs(45), || async {
+        ours.count(Outcome::Handled) + theirs.count(Outcome::Handled) >= 1000
+    })
+    .await;
+    for stats in [&ours, &theirs] {
+        assert_eq!(stats.count(Outcome::DeadLettered), 0);
+        assert_eq!(stats.count(Outcome::Duplicate), 0);
+    }
+    assert!(
+        ours.count(Outcome::Handled) > 0 && theirs.count(Outcome::Handled) > 0,
+        "both consumers took part: {} and {}",
+        ours.count(Outcome::Handled),
+        theirs.count(Outcome::Handled)
+    );
+    assert!(
+        ours.count(Outcome::Deferred) + theirs.count(Outcome::Deferred) > 0,
+        "some events arrived before their predecessor"
+    );
+
+    // The store's own record of the order in which events were applied.
+    let effects = f.effects().await;
+    assert_eq!(effects.len(), 1000, "each event applied exactly once");
+    let mut applied: HashMap<String, Vec<i64>> = HashMap::new();
+    for (_, subject, seq) in effects {
+        applied.entry(subject).or_default().push(seq);
+    }
+    assert_eq!(applied.len(), 50);
+    let want: Vec<i64> = (1..=20).collect();
+    for (subject, seqs) in &applied {
+        assert_eq!(seqs, &want, "subject {subject} applied out of order");
+    }
+    rival_stop.cancel();
+    rival_task.await.unwrap();
+    f.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn inbox_retention_prunes_old_rows_in_bounded_batches_and_keeps_recent_ones(pool: PgPool) {
+    let cfg = SubscriptionConfig {
+        inbox_retention: Duration::from_secs(3600),
+        ..config()
+    };
+    let mut f = start_with(pool.clone(), Recorder::default(), None, cfg.clone()).await;
+    let events: Vec<Envelope> = (0..7).map(|_| placed(Uuid::now_v7(), 1)).collect();
+    for e in &events {
+        f.publish(e).await;
+    }
+    f.wait_for(&[Outcome::Handled], 7).await;
+    let ids = |range: std::ops::Range<usize>| -> Vec<Uuid> {
+        let mut v: Vec<Uuid> = events[range].iter().map(|e| e.id).collect();
+        v.sort();
+        v
+    };
+    let inbox = || async {
+        let v: Vec<Uuid> =
+            sqlx::query_scalar("SELECT event_id FROM shipping.inbox ORDER BY event_id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        v
+    };
+    let backdate = |ids: Vec<Uuid>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("UPDATE shipping.inbox SET handled_at = now() - interval '2 hours' WHERE event_id = ANY($1)")
+                .bind(ids)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Every DELETE statement on the inbox logs how many rows it removed.
+    for sql in [
+        "CREATE TABLE shipping.prune_log (n bigserial PRIMARY KEY, deleted bigint NOT NULL)",
+        "CREATE FUNCTION shipping.log_prune() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO shipping.prune_log (deleted) SELECT count(*) FROM gone; RETURN NULL; END $$",
+        "CREATE TRIGGER log_prune AFTER DELETE ON shipping.inbox REFERENCING OLD TABLE AS gone \
+         FOR EACH STATEMENT EXECUTE FUNCTION shipping.log_prune()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let batches = || async {
+        let v: Vec<i64> = sqlx::query_scalar("SELECT deleted FROM shipping.prune_log ORDER BY n")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        v
+    };
+
+    // Five rows handled two hours ago, past the one-hour window; two fresh.
+    backdate(ids(0..5)).await;
+    let pruned = f
+        .sub
+        .inbox()
+        .prune(&pool, cfg.inbox_retention, 2)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 5);
+    assert_eq!(batches().await, vec![2, 2, 1], "deleted two at a time");
+    assert_eq!(inbox().await, ids(5..7), "recent rows stay");
+
+    // The runtime prunes by itself with its configured window (at the
+    // start of each session, then periodically).
+    backdate(ids(5..6)).await;
+    f.restart().await;
+    until(
+        "the runtime pruned the old row",
+        Duration::from_secs(10),
+        || async { inbox().await == ids(6..7) },
+    )
+    .await;
+    assert_eq!(batches().await, vec![2, 2, 1, 1]);
+
+    // A redelivery later than the window is no longer known to the inbox;
+    // the subject's progress still refuses to apply it a second time.
+    f.publish(&events[0]).await;
+    f.wait_for(&[Outcome::DeadLettered], 1).await;
+    assert_eq!(
+        header(&f.dead_letters().await[0], H_REASON),
+        "stale_sequence"
+    );
+    assert_eq!(f.effects().await.len(), 7, "not applied twice");
+    f.stop().await;
 }

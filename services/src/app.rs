@@ -94,6 +94,9 @@ pub struct App {
     pub http_addr: Option<SocketAddr>,
     /// Consumer counters per service.
     pub consumer_stats: BTreeMap<String, Arc<Stats>>,
+    /// The simulated payment gateway payments calls here (its breaker
+    /// state, and a switch for its failure rate).
+    pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -217,6 +220,7 @@ impl App {
         Ok(App {
             http_addr,
             consumer_stats,
+            gateway,
             shutdown,
             tasks,
         })

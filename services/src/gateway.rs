@@ -10,6 +10,7 @@
 //! consecutive failures it opens and fails fast for `cooldown`, then lets
 //! one probe through (half-open); the probe's success closes it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,7 +24,8 @@ use uuid::Uuid;
 pub struct GatewayConfig {
     /// Time each call takes.
     pub latency: Duration,
-    /// Share of calls (0.0–1.0) that fail transiently before doing anything.
+    /// Share of calls (0.0–1.0) that fail transiently before doing anything;
+    /// the starting value, [`Gateway::set_failure_rate`] changes it live.
     pub failure_rate: f64,
     /// Longest wait for an answer.
     pub timeout: Duration,
@@ -100,7 +102,11 @@ pub struct Breaker {
 struct Inner {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// When the half-open probe went out. A probe whose caller was dropped
+    /// before reporting (a handler timeout) never reports; after one more
+    /// cool-down it counts as lost and another may go, so the breaker
+    /// cannot stay open forever.
+    probe_since: Option<Instant>,
 }
 
 impl Breaker {
@@ -112,7 +118,7 @@ impl Breaker {
             state: Mutex::new(Inner {
                 failures: 0,
                 open_until: None,
-                probing: false,
+                probe_since: None,
             }),
         }
     }
@@ -120,12 +126,13 @@ impl Breaker {
     /// Whether a call may go out now (claims the probe when half-open).
     pub fn allow(&self) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         match s.open_until {
             None => true,
-            Some(until) if Instant::now() < until => false,
-            Some(_) if s.probing => false,
+            Some(until) if now < until => false,
+            Some(_) if s.probe_since.is_some_and(|t| now < t + self.cooldown) => false,
             Some(_) => {
-                s.probing = true;
+                s.probe_since = Some(now);
                 true
             }
         }
@@ -137,7 +144,7 @@ impl Breaker {
         *s = Inner {
             failures: 0,
             open_until: None,
-            probing: false,
+            probe_since: None,
         };
     }
 
@@ -146,9 +153,9 @@ impl Breaker {
     pub fn failure(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.failures += 1;
-        if s.probing || s.failures >= self.threshold {
+        if s.probe_since.is_some() || s.failures >= self.threshold {
             s.open_until = Some(Instant::now() + self.cooldown);
-            s.probing = false;
+            s.probe_since = None;
         }
     }
 
@@ -167,6 +174,9 @@ impl Breaker {
 #[derive(Debug)]
 pub struct Gateway {
     config: GatewayConfig,
+    /// The current failure rate as `f64` bits: an outage can start and end
+    /// while the service runs (tests, demos), without a lock on the path.
+    failure_rate: AtomicU64,
     breaker: Breaker,
     ledger: PgPool,
 }
@@ -176,9 +186,26 @@ impl Gateway {
     pub fn new(config: GatewayConfig, ledger: PgPool) -> Self {
         Gateway {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+            failure_rate: AtomicU64::new(config.failure_rate.clamp(0.0, 1.0).to_bits()),
             config,
             ledger,
         }
+    }
+
+    /// Changes the share of calls that fail (clamped to 0.0–1.0): 1.0 is
+    /// an outage, 0.0 a healthy gateway.
+    pub fn set_failure_rate(&self, rate: f64) {
+        let rate = if rate.is_nan() {
+            0.0
+        } else {
+            rate.clamp(0.0, 1.0)
+        };
+        self.failure_rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The share of calls that fail now.
+    pub fn failure_rate(&self) -> f64 {
+        f64::from_bits(self.failure_rate.load(Ordering::Relaxed))
     }
 
     /// The breaker's state.
@@ -267,9 +294,8 @@ impl Gateway {
         outcome: &str,
     ) -> Result<(String, Uuid), GatewayError> {
         tokio::time::sleep(self.config.latency).await;
-        if self.config.failure_rate > 0.0
-            && rand::thread_rng().gen_bool(self.config.failure_rate.min(1.0))
-        {
+        let rate = self.failure_rate();
+        if rate > 0.0 && rand::thread_rng().gen_bool(rate) {
             return Err(GatewayError::Unavailable(
                 "simulated transient failure".into(),
             ));
@@ -325,5 +351,19 @@ mod tests {
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow() && b.allow());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_is_replaced_after_a_cooldown() {
+        let b = Breaker::new(1, Duration::from_secs(10));
+        b.failure();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(b.allow(), "the probe, whose caller is then dropped");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!b.allow(), "still in flight");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(b.allow(), "presumed lost: another probe");
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }

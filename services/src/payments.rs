@@ -34,9 +34,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 }
 
 fn unavailable(e: GatewayError) -> HandleError {
-    // Breaker open or gateway down: a delayed retry through the broker,
-    // never a hot loop against the gateway.
-    HandleError::transient(e)
+    // Either way a delayed retry through the broker, never a hot loop
+    // against the gateway. A failed call spends an attempt; a call the
+    // open breaker refused does not, so a long outage parks payments in
+    // delayed retry instead of dead-lettering them once the attempts run
+    // out (the breaker's probes still spend attempts, one per cool-down).
+    match e {
+        GatewayError::Open => HandleError::Throttled(e.to_string()),
+        GatewayError::Unavailable(_) => HandleError::transient(e),
+    }
 }
 
 #[async_trait::async_trait]
