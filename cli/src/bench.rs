@@ -291,6 +291,11 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
         .await
         .context("ceiling consumer timed out")???;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    // Close the consumer's channel before deleting its queue: deleting a
+    // queue with a live consumer makes the broker cancel it, which races
+    // with lapin's own cancel of the dropped consumer (seen here as a
+    // connection-killing UNEXPECTED-FRAME on cancel-ok).
+    consumer_ch.close(200, "ceiling done").await?;
     publisher
         .queue_delete(&queue, QueueDeleteOptions::default())
         .await?;
