@@ -248,12 +248,17 @@ impl Relay {
             return Ok(());
         };
         let conn = broker::connect(&self.amqp_url, &format!("warren relay {service}")).await?;
-        let result = self.publish_loop(shutdown, backoff, &mut leader, &conn).await;
+        let result = self
+            .publish_loop(shutdown, backoff, &mut leader, &conn)
+            .await;
         // lapin keeps a dropped connection open: close it on every exit, or
         // each reconnect after a database error would leak one. Bounded,
         // since the broker may be the thing that is gone.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "relay session ended"))
-            .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "relay session ended"),
+        )
+        .await;
         result
     }
 
