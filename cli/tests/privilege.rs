@@ -591,6 +591,7 @@ fn amqps_against_a_plain_port_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("amqps://guest:***@127.0.0.1:5672"), "{err}");
+    assert!(err.contains("is TLS enabled on that port"), "{err}");
     assert!(
         !err.contains("panicked") && !err.contains("s3cretTLS"),
         "{err}"
