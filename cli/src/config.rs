@@ -150,3 +150,19 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .await
         .context("applying migrations")
 }
+
+/// Applies the migrations, unless the connected role may not: a service
+/// running with its own role from `warren setup` has no right to change
+/// the schema (SQLSTATE 42501), and the administrator who ran setup has
+/// applied them already.
+pub async fn migrate_if_permitted(pool: &PgPool) -> anyhow::Result<()> {
+    match sqlx::migrate!("../migrations").run(pool).await {
+        Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)))
+            if e.code().as_deref() == Some("42501") =>
+        {
+            tracing::info!("this database role may not migrate; assuming `warren setup` applied the migrations");
+            Ok(())
+        }
+        other => other.context("applying migrations"),
+    }
+}

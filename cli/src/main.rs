@@ -3,7 +3,7 @@
 //! (0 ok, 1 failure or unhealthy, 2 bad usage or invalid input).
 
 use clap::{Parser, Subcommand};
-use warren::commands::{demo, dlq, migrate, publish, replay, run, status, tail};
+use warren::commands::{demo, dlq, migrate, publish, replay, run, setup, status, tail};
 use warren::config::Settings;
 
 /// Event-driven services over RabbitMQ with a transactional outbox.
@@ -12,7 +12,7 @@ use warren::config::Settings;
     name = "warren",
     version,
     about,
-    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq list inventory"
+    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq list inventory\n  WARREN_ORDERS_PASSWORD=... warren setup orders"
 )]
 struct Cli {
     #[command(flatten)]
@@ -44,6 +44,8 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Apply the database migrations (creates the database if needed).
     Migrate,
+    /// Migrate, then create each service's own PostgreSQL role and RabbitMQ user.
+    Setup(setup::SetupArgs),
     /// Measure throughput and latency against the broker's raw ceiling.
     Bench(BenchArgs),
 }
@@ -114,6 +116,7 @@ async fn main() {
         Command::Status { json } => status::run(s, *json).await,
         Command::Dlq(c) => dlq::run(s, c).await,
         Command::Migrate => migrate::run(s).await,
+        Command::Setup(a) => setup::run(s, a).await,
         Command::Bench(a) => bench(s, a).await,
     };
     if let Err(e) = result {

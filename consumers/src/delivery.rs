@@ -91,6 +91,16 @@ pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
 
 /// Decodes a delivery in either CloudEvents mode.
 pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeError> {
+    // Counted before any header is converted: the conversion copies them.
+    if d.properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().len() > events::MAX_HEADERS)
+    {
+        return Err(DecodeError::TooManyHeaders {
+            max: events::MAX_HEADERS,
+        });
+    }
     let headers: Vec<(String, serde_json::Value)> = d
         .properties
         .headers()

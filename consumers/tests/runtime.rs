@@ -473,6 +473,52 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_traff
     f.stop().await;
 }
 
+/// The limits hold on the live path too: a message with more headers than
+/// `events::MAX_HEADERS` (refused before they are converted) and one whose
+/// subject is over `events::MAX_ATTRIBUTE_LEN` are dead-lettered with
+/// their reason, not handled.
+#[sqlx::test(migrations = "../migrations")]
+async fn too_many_headers_and_an_overlong_subject_are_dead_lettered(pool: PgPool) {
+    let mut f = start(pool, Recorder::default(), None).await;
+    let structured =
+        BasicProperties::default().with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
+    let mut headers = FieldTable::default();
+    for i in 0..=events::MAX_HEADERS {
+        headers.insert(
+            format!("x-junk-{i}").into(),
+            AMQPValue::LongString("v".into()),
+        );
+    }
+    let e = placed(Uuid::now_v7(), 1);
+    f.publish_raw(
+        "order.placed",
+        &Codec::default().encode(&e),
+        structured.clone().with_headers(headers),
+    )
+    .await;
+    let mut v = serde_json::to_value(placed(Uuid::now_v7(), 1)).unwrap();
+    v["subject"] = "s".repeat(events::MAX_ATTRIBUTE_LEN + 1).into();
+    f.publish_raw("order.placed", &serde_json::to_vec(&v).unwrap(), structured)
+        .await;
+    f.wait_for(&[Outcome::DeadLettered], 2).await;
+    assert_eq!(f.sub.stats().count(Outcome::Handled), 0);
+    let dl = f.dead_letters().await;
+    let mut got: Vec<(String, String)> = dl
+        .iter()
+        .map(|m| (header(m, H_REASON), header(m, H_ERROR)))
+        .collect();
+    got.sort();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, "invalid_envelope");
+    assert!(
+        got[0].1.contains("`subject`") && got[0].1.contains("257 bytes"),
+        "{got:?}"
+    );
+    assert_eq!(got[1].0, "too_large");
+    assert!(got[1].1.contains("more than 64 AMQP headers"), "{got:?}");
+    f.stop().await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn sequence_two_before_one_is_applied_as_one_then_two(pool: PgPool) {
     let mut f = start(pool, Recorder::default(), None).await;

@@ -14,6 +14,14 @@ use crate::{upcast, DecodeError, Envelope, EventSpec};
 
 /// Default maximum body size: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Most AMQP headers a message may carry. Binary mode needs about a dozen
+/// and warren's retries add six; more is a malformed or hostile message,
+/// rejected before its headers are converted.
+pub const MAX_HEADERS: usize = 64;
+/// Longest string attribute (`source`, `type`, `subject`, `correlationid`,
+/// `causationid`, `traceparent`), in bytes. They become log fields,
+/// database keys and dead-letter headers, so they stay short.
+pub const MAX_ATTRIBUTE_LEN: usize = 256;
 /// AMQP `content_type` of structured-mode messages.
 pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
 
@@ -83,11 +91,17 @@ impl Codec {
     ) -> Result<Envelope, DecodeError> {
         let structured = content_type.is_some_and(|c| c.starts_with("application/cloudevents"));
         let mut attrs = Map::new();
-        if !structured {
-            for (name, value) in headers {
-                if let Some(attr) = BINARY_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
-                    attrs.insert(attr.to_ascii_lowercase(), value);
-                }
+        let mut count = 0;
+        for (name, value) in headers {
+            count += 1;
+            if count > MAX_HEADERS {
+                return Err(DecodeError::TooManyHeaders { max: MAX_HEADERS });
+            }
+            if structured {
+                continue;
+            }
+            if let Some(attr) = BINARY_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
+                attrs.insert(attr.to_ascii_lowercase(), value);
             }
         }
         if structured || !attrs.contains_key("specversion") {
@@ -158,6 +172,21 @@ impl Codec {
                     reason: e.inner().to_string(),
                 }
             })?;
+        for (name, value) in [
+            ("source", Some(&envelope.source)),
+            ("type", Some(&envelope.event_type)),
+            ("subject", Some(&envelope.subject)),
+            ("correlationid", envelope.correlationid.as_ref()),
+            ("causationid", envelope.causationid.as_ref()),
+            ("traceparent", envelope.traceparent.as_ref()),
+        ] {
+            if let Some(v) = value.filter(|v| v.len() > MAX_ATTRIBUTE_LEN) {
+                return Err(DecodeError::InvalidAttribute {
+                    name: name.into(),
+                    reason: format!("{} bytes long; the maximum is {MAX_ATTRIBUTE_LEN}", v.len()),
+                });
+            }
+        }
         if envelope.subject.is_empty() {
             return Err(DecodeError::InvalidAttribute {
                 name: "subject".into(),

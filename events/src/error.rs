@@ -8,6 +8,9 @@ pub enum DecodeError {
     /// The body is larger than the configured maximum.
     #[error("body of {size} bytes exceeds the maximum of {max} bytes")]
     TooLarge { size: usize, max: usize },
+    /// The message carries more AMQP headers than [`crate::codec::MAX_HEADERS`].
+    #[error("more than {max} AMQP headers")]
+    TooManyHeaders { max: usize },
     /// The body is not JSON at all.
     #[error("body is not valid JSON: {0}")]
     MalformedJson(String),
@@ -52,7 +55,7 @@ impl DecodeError {
     /// A short stable code, used as the dead-letter `reason` header.
     pub fn kind(&self) -> &'static str {
         match self {
-            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::TooLarge { .. } | DecodeError::TooManyHeaders { .. } => "too_large",
             DecodeError::MalformedJson(_) | DecodeError::NotAnObject(_) => "malformed_json",
             DecodeError::MissingAttribute(_)
             | DecodeError::InvalidAttribute { .. }

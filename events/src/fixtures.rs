@@ -3,7 +3,7 @@
 //! the file and the line, so a broken fixture is fixed in seconds.
 
 use std::fmt;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::{Codec, DecodeError, Envelope};
@@ -17,7 +17,8 @@ pub struct FixtureLine {
     /// 1-based line number in the file.
     pub line: usize,
     /// The line as written, so a deliberately broken event can be replayed
-    /// byte for byte to exercise dead-lettering.
+    /// byte for byte to exercise dead-lettering; empty for a line longer
+    /// than [`MAX_LINE`], which is never held whole.
     pub raw: String,
     /// The decoded event, or why it is not one.
     pub event: Result<Envelope, FixtureError>,
@@ -70,34 +71,48 @@ pub fn read(path: &Path, codec: &Codec) -> Result<Vec<FixtureLine>, FixtureError
 }
 
 /// Reads fixture lines from any reader; `path` only names them in errors.
+/// A line longer than [`MAX_LINE`] is skipped through without being held
+/// in memory, and reported in place.
 pub fn parse(
     path: &Path,
-    reader: impl BufRead,
+    mut reader: impl BufRead,
     codec: &Codec,
 ) -> Result<Vec<FixtureLine>, FixtureError> {
     let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i + 1;
-        let raw = line.map_err(|e| FixtureError {
+    let mut buf = Vec::new();
+    let mut line_no = 0;
+    loop {
+        line_no += 1;
+        let io_err = |e: std::io::Error| FixtureError {
             file: path.to_owned(),
             line: line_no,
             kind: FixtureErrorKind::Io(e.to_string()),
-        })?;
+        };
+        let Some(len) = read_line_bounded(&mut reader, &mut buf).map_err(io_err)? else {
+            break;
+        };
+        if len > MAX_LINE {
+            out.push(FixtureLine {
+                line: line_no,
+                raw: String::new(),
+                event: Err(FixtureError {
+                    file: path.to_owned(),
+                    line: line_no,
+                    kind: FixtureErrorKind::LineTooLong(len),
+                }),
+            });
+            continue;
+        }
+        let raw = std::str::from_utf8(&buf)
+            .map_err(|e| io_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let trimmed = raw.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with("//") {
             continue;
         }
-        let event = if raw.len() > MAX_LINE {
-            Err(FixtureErrorKind::LineTooLong(raw.len()))
-        } else {
-            codec
-                .decode(trimmed.as_bytes())
-                .map_err(FixtureErrorKind::from)
-        }
-        .map_err(|kind| FixtureError {
+        let event = codec.decode(trimmed.as_bytes()).map_err(|e| FixtureError {
             file: path.to_owned(),
             line: line_no,
-            kind,
+            kind: FixtureErrorKind::from(e),
         });
         out.push(FixtureLine {
             line: line_no,
@@ -106,6 +121,49 @@ pub fn parse(
         });
     }
     Ok(out)
+}
+
+/// Reads one line into `buf` (without its newline), keeping at most
+/// [`MAX_LINE`] + 1 bytes of it; returns the line's full length, or `None`
+/// at the end of input.
+fn read_line_bounded(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<usize>> {
+    buf.clear();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Some(buf.len()));
+    }
+    if n <= MAX_LINE {
+        return Ok(Some(n)); // last line, without a newline
+    }
+    // Too long: skip to the end of the line, counting, keeping nothing.
+    let mut len = n;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(Some(len));
+        }
+        match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(Some(len + i));
+            }
+            None => {
+                let k = chunk.len();
+                reader.consume(k);
+                len += k;
+            }
+        }
+    }
 }
 
 /// Writes events as JSON Lines, one structured document per line.

@@ -22,6 +22,6 @@ pub mod fixtures;
 pub mod upcast;
 
 pub use catalog::{EventData, EventSpec, CATALOG};
-pub use codec::{Codec, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_BODY};
+pub use codec::{Codec, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_BODY, MAX_ATTRIBUTE_LEN, MAX_HEADERS};
 pub use envelope::Envelope;
 pub use error::DecodeError;

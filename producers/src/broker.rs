@@ -34,6 +34,12 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
             reason: format!("scheme must be amqp or amqps, not {:?}", parsed.scheme()),
         });
     }
+    // A TLS failure reads like noise ("corrupt message"); say what to check.
+    let tls_hint = if parsed.scheme() == "amqps" {
+        " (amqps: is TLS enabled on that port? RabbitMQ's TLS listener is usually 5671)"
+    } else {
+        ""
+    };
     let props = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
@@ -42,7 +48,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(ConnectError::Unreachable {
             url: shown,
-            reason: e.to_string(),
+            reason: format!("{e}{tls_hint}"),
         }),
         Err(_) => Err(ConnectError::Unreachable {
             url: shown,

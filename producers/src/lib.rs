@@ -8,6 +8,7 @@
 //! consumers absorb the duplicates with their inbox.
 //!
 //! # Layout
+//! - [`access`]: least privilege: per-service PostgreSQL roles and RabbitMQ permissions.
 //! - [`broker`]: connecting to RabbitMQ with a timeout and a clear error.
 //! - [`topology`]: names and idempotent declaration of exchanges and queues.
 //! - [`outbox`]: appending events in the caller's transaction; backlog and retention.
@@ -15,6 +16,7 @@
 //! - [`backoff`]: capped exponential backoff shared by every reconnect loop.
 //! - `testkit` (feature): the integration-test harness.
 
+pub mod access;
 pub mod backoff;
 pub mod broker;
 pub mod outbox;

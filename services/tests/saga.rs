@@ -470,6 +470,17 @@ async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // No JSON content type, a malformed id in the path: 4xx, not a 500.
+    let r = t
+        .http
+        .post(format!("{}/customers", t.base))
+        .body(r#"{"name":"A","email":"a@b"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, _) = t.get("/orders/not-a-uuid").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = t.get(&format!("/orders/{}", Uuid::now_v7())).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = t

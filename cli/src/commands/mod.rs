@@ -6,6 +6,7 @@ pub mod migrate;
 pub mod publish;
 pub mod replay;
 pub mod run;
+pub mod setup;
 pub mod status;
 pub mod tail;
 

@@ -6,7 +6,7 @@ use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
 
-use crate::config::{connect_db, migrate, Settings};
+use crate::config::{connect_db, migrate_if_permitted, Settings};
 use crate::error::InvalidInput;
 
 /// Tuning flags of `warren run`.
@@ -85,7 +85,7 @@ pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
         (args.lanes as u32 + 3) * config.services.len() as u32 + 4,
     )
     .await?;
-    migrate(&pool).await?;
+    migrate_if_permitted(&pool).await?;
     let shutdown = super::shutdown_on_signal();
     let app = App::start(pool, config).await?;
     tracing::info!(services = ?args.services()?, namespace = %settings.namespace, "warren running; Ctrl-C to stop");

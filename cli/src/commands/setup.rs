@@ -1,0 +1,277 @@
+//! `warren setup [SERVICE…]`: least privilege. Applies the migrations, then
+//! gives each service its own PostgreSQL role and RabbitMQ user, both named
+//! `<namespace>_<service>`, that reach only what the service owns (see
+//! `producers::access`). Run it with administrator credentials; run the
+//! services with theirs. Running it again only resets the passwords.
+//!
+//! RabbitMQ users are created with `rabbitmqctl import_definitions` fed on
+//! stdin: it needs no management plugin, takes one call for every user
+//! (each `rabbitmqctl` call starts an Erlang VM, about 1.5 s), and carries
+//! only salted password hashes, so no password shows up in a process list.
+//! The import may finish after the command returns, so setup then logs in
+//! as each user until its permissions are in force.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use producers::access::{self, AmqpPermissions, AmqpUser, Password};
+use producers::Topology;
+use services::ALL;
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{connect_db, migrate, Settings};
+use crate::error::InvalidInput;
+
+/// Arguments of `warren setup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SetupArgs {
+    /// Services to set up (all by default).
+    pub services: Vec<String>,
+    /// Use each role's name as its password. For development only: anyone
+    /// who knows the namespace knows the passwords.
+    #[arg(long)]
+    pub dev_passwords: bool,
+    /// Leave RabbitMQ alone (only PostgreSQL roles).
+    #[arg(long)]
+    pub no_broker: bool,
+    /// How to run rabbitmqctl, split on spaces, e.g.
+    /// `docker compose exec -T rabbitmq rabbitmqctl`.
+    #[arg(long, env = "WARREN_RABBITMQCTL", default_value = "rabbitmqctl")]
+    pub rabbitmqctl: String,
+}
+
+/// The environment variable holding a service's password:
+/// `WARREN_ORDERS_PASSWORD` for orders.
+pub fn password_var(service: &str) -> String {
+    format!("WARREN_{}_PASSWORD", service.to_ascii_uppercase())
+}
+
+/// Runs the command.
+pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
+    let services = chosen(&args.services)?;
+    let mut passwords = Vec::new();
+    let mut missing = Vec::new();
+    for s in &services {
+        let name = access::principal(&settings.namespace, s);
+        match std::env::var(password_var(s)) {
+            Ok(p) if !p.is_empty() => passwords.push((s.clone(), name, Password::new(p))),
+            _ if args.dev_passwords => {
+                passwords.push((s.clone(), name.clone(), Password::new(name)));
+            }
+            _ => missing.push(password_var(s)),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(InvalidInput(format!(
+            "set {} (or pass --dev-passwords on a development machine)",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    if args.dev_passwords {
+        tracing::warn!(
+            "--dev-passwords: each password is its role name; never use this outside development"
+        );
+    }
+
+    let pool = connect_db(settings, true, 2).await?;
+    migrate(&pool).await?;
+    let roles: Vec<(String, String, Password)> = passwords.clone();
+    postgres_roles(&pool, &roles).await?;
+    for (s, name, _) in &roles {
+        println!("postgres role {name}: schema {s} only");
+    }
+
+    if !args.no_broker {
+        let topology = settings.topology();
+        let users: Vec<AmqpUser> = passwords
+            .iter()
+            .map(|(s, name, pw)| AmqpUser {
+                name: name.clone(),
+                password: pw.clone(),
+                permissions: AmqpPermissions::for_service(&topology, s),
+            })
+            .collect();
+        rabbitmq_users(&args.rabbitmqctl, &settings.amqp_url, &topology, &users).await?;
+        for u in &users {
+            println!(
+                "rabbitmq user {}: configure {}, write {}, read {}, publish {} on {}",
+                u.name,
+                u.permissions.configure,
+                u.permissions.write,
+                u.permissions.read,
+                u.permissions.topic_write,
+                u.permissions.exchange
+            );
+        }
+    }
+    println!(
+        "run a service with its own credentials, e.g. DATABASE_URL={} AMQP_URL={} warren run {}",
+        producers::broker::redact(&with_user(
+            &settings.database_url,
+            &roles[0].1,
+            &roles[0].2
+        )?),
+        producers::broker::redact(&with_user(&settings.amqp_url, &roles[0].1, &roles[0].2)?),
+        roles[0].0
+    );
+    Ok(())
+}
+
+fn chosen(services: &[String]) -> Result<Vec<String>, InvalidInput> {
+    if services.is_empty() {
+        return Ok(ALL.iter().map(|s| s.to_string()).collect());
+    }
+    for s in services {
+        if !ALL.contains(&s.as_str()) {
+            return Err(InvalidInput(format!(
+                "unknown service {s:?}; services are: {}",
+                ALL.join(", ")
+            )));
+        }
+    }
+    Ok(services.to_vec())
+}
+
+/// `url` with `user` and `password` as its credentials.
+pub fn with_user(url: &str, user: &str, password: &Password) -> anyhow::Result<String> {
+    let mut u = url::Url::parse(url).map_err(|_| anyhow::anyhow!("not a URL"))?;
+    u.set_username(user)
+        .and_then(|_| u.set_password(Some(password.expose())))
+        .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
+    Ok(u.to_string())
+}
+
+/// Creates or updates each (schema, role, password) in the database of
+/// `pool` (see `producers::access::ensure_pg_role`).
+pub async fn postgres_roles(
+    pool: &PgPool,
+    roles: &[(String, String, Password)],
+) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    for (schema, role, password) in roles {
+        access::ensure_pg_role(&mut conn, role, schema, password)
+            .await
+            .with_context(|| format!("creating PostgreSQL role {role}"))?;
+    }
+    Ok(())
+}
+
+/// Creates or updates `users` with their permissions in the vhost of
+/// `admin_url`, then waits (up to 15 s) until each can log in and use its
+/// permissions. `rabbitmqctl` is the command line that runs rabbitmqctl.
+pub async fn rabbitmq_users(
+    rabbitmqctl: &str,
+    admin_url: &str,
+    topology: &Topology,
+    users: &[AmqpUser],
+) -> anyhow::Result<()> {
+    let vhost = admin_url
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| anyhow::anyhow!("invalid AMQP URL: {e}"))?
+        .vhost;
+    let definitions = access::rabbitmq_definitions(&vhost, users).to_string();
+    rabbitmqctl_run(rabbitmqctl, &["import_definitions"], Some(&definitions)).await?;
+
+    // The probe redeclares the events exchange as each user, which needs
+    // the configure permission: it succeeds only once the user and its
+    // permissions are in force.
+    let conn = producers::broker::connect(admin_url, "warren setup").await?;
+    let ch = conn.create_channel().await?;
+    topology.declare_exchange(&ch).await?;
+    let _ = ch.close(200, "setup").await;
+    let _ = conn.close(200, "setup").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for u in users {
+        let url = with_user(admin_url, &u.name, &u.password)?;
+        loop {
+            let probe = async {
+                let conn = producers::broker::connect(&url, "warren setup probe").await?;
+                let ch = conn.create_channel().await?;
+                let declared = topology.declare_exchange(&ch).await;
+                // Channel first: closing a connection with an open channel
+                // makes lapin log a spurious error.
+                let _ = ch.close(200, "probe").await;
+                let _ = conn.close(200, "probe").await;
+                declared.map_err(anyhow::Error::from)
+            };
+            match probe.await {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!(
+                        "RabbitMQ user {} does not work after the import",
+                        u.name
+                    )))
+                }
+                Err(e) => {
+                    tracing::debug!(user = %u.name, error = %format!("{e:#}"), "user not in force yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes RabbitMQ users (teardown, tests). Missing ones are fine.
+pub async fn delete_rabbitmq_users(rabbitmqctl: &str, names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        rabbitmqctl_run(rabbitmqctl, &["delete_user", name], None)
+            .await
+            .or_else(|e| {
+                if format!("{e:#}").contains("does not exist") {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+    }
+    Ok(())
+}
+
+async fn rabbitmqctl_run(command: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
+    let mut words = command.split_whitespace();
+    let Some(program) = words.next() else {
+        bail!("WARREN_RABBITMQCTL is empty");
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(words)
+        .args(["--quiet"])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("cannot run {command:?}: install RabbitMQ's CLI tools, set WARREN_RABBITMQCTL, or pass --no-broker")
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await?;
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .with_context(|| format!("{command} {} took over 60 s", args.join(" ")))??;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let said: Vec<&str> = err
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        bail!(
+            "{command} {} failed ({}): {}",
+            args.first().copied().unwrap_or(""),
+            out.status,
+            said.join(" ")
+        );
+    }
+    Ok(())
+}
