@@ -79,6 +79,7 @@ impl Env {
         let status = Command::new(&servers.warren)
             .arg("migrate")
             .envs(env.warren_env())
+            .env("RUST_LOG", "warn,sqlx=error")
             .stdout(Stdio::null())
             .status()
             .await

@@ -389,12 +389,14 @@ pub async fn twins(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result
     let mut run = prepare(o, &a, env).await?;
     *run.targets.lock().unwrap_or_else(|e| e.into_inner()) = vec![a.base.clone(), b.base.clone()];
     let when = run.rng.gen_range(0.3..0.7) * o.window.as_secs_f64();
-    let victim_is_a = run.rng.gen_bool(0.5);
     let t0 = Instant::now();
     let plan = std::mem::take(&mut run.plan);
     let mut faults = Vec::new();
     let mut peak_rss = 0;
-    let (mut victim, survivor) = if victim_is_a { (a, b) } else { (b, a) };
+    // The victim is chosen at the moment of the kill: the process holding
+    // more relay locks, so that standbys must take over.
+    let mut pair = Some((a, b));
+    let mut kept: Option<Warren> = None;
     let placing = load::run(
         &run.env,
         plan,
@@ -404,7 +406,10 @@ pub async fn twins(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result
     );
     let injecting = async {
         tokio::time::sleep_until((t0 + Duration::from_secs_f64(when)).into()).await;
-        let relays_before = (victim.active_relays().await, survivor.active_relays().await);
+        let (a, b) = pair.take().context("twins already split")?;
+        let (ra, rb) = (a.active_relays().await, b.active_relays().await);
+        let (mut victim, survivor) = if ra >= rb { (a, b) } else { (b, a) };
+        let relays_before = (ra.max(rb), ra.min(rb));
         peak(&victim, &mut peak_rss);
         let killed = Instant::now();
         victim.kill9().await?;
@@ -449,6 +454,7 @@ pub async fn twins(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result
             outage_s: takeover.as_secs_f64(),
             recover_s: recover.as_secs_f64(),
         });
+        kept = Some(survivor);
         anyhow::Ok(())
     };
     let (placed, injected) = tokio::join!(
@@ -461,6 +467,7 @@ pub async fn twins(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result
     let (placed, placed_done) = placed;
     placed?;
     injected?;
+    let survivor = kept.context("no survivor")?;
     finish(
         run,
         "twins",
