@@ -414,6 +414,47 @@ async fn two_hundred_concurrent_orders_for_fifty_units_sell_exactly_fifty(pool: 
     t.stop().await;
 }
 
+/// Regression: lanes apply batches of events in one transaction each, and
+/// a batch touches SKUs in no common order, so two batches could deadlock
+/// on stock rows (each costing a 1 s `deadlock_timeout` and a retry; enough
+/// of them in a row dead-letter the event and strand its stock).
+/// Inventory's stock writers are serialised, so none is ever retried.
+#[sqlx::test(migrations = "../migrations")]
+async fn concurrent_multi_sku_orders_never_deadlock_inventory(pool: PgPool) {
+    let mut t = spawn_app(pool, &ALL).await;
+    let skus = ["S1", "S2", "S3", "S4", "S5", "S6"];
+    for sku in skus {
+        t.put(&format!("/stock/{sku}"), json!({ "on_hand": 10_000 }))
+            .await;
+    }
+    let c = t.customer().await;
+    let r = std::sync::Arc::new((t.base.clone(), t.http.clone()));
+    let mut tasks = Vec::new();
+    for i in 0..150usize {
+        let r = r.clone();
+        // Three SKUs per order, in a different order each time.
+        let lines: Vec<Value> = (0..3)
+            .map(|k| json!({ "sku": skus[(i * 5 + k * (1 + i % 5)) % 6], "qty": 1, "unit_price": 100 }))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "customer_id": c, "lines": lines, "payment_token": if i % 4 == 0 { "tok_decline" } else { "tok_ok" } });
+            r.1.post(format!("{}/orders", r.0)).json(&body).send().await.unwrap().status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    t.assert_settled(&skus.map(|s| (s, 10_000))).await;
+    let inventory = &t.app.as_ref().unwrap().consumer_stats["inventory"];
+    assert_eq!(
+        inventory.count(consumers::Outcome::Retried),
+        0,
+        "inventory retried events: {:?}",
+        inventory.snapshot().by_type
+    );
+    t.stop().await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;

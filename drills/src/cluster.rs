@@ -1,0 +1,319 @@
+//! The system under drill: a dedicated database and namespace, created
+//! fresh for each drill, and `warren run` processes started from the
+//! release binary, killed with SIGKILL and watched through `/proc`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use consumers::SubscriptionConfig;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+/// Services with a work queue (customers consumes nothing).
+pub const CONSUMING: [&str; 4] = ["orders", "inventory", "payments", "shipping"];
+/// Every schema with an outbox.
+pub const SCHEMAS: [&str; 5] = ["customers", "orders", "inventory", "payments", "shipping"];
+
+/// Where the servers are and where the binary is.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// The `warren` release binary.
+    pub warren: PathBuf,
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// A PostgreSQL URL; its path is replaced by each drill's database.
+    pub database_url: String,
+    /// Logs of the warren processes go here.
+    pub log_dir: PathBuf,
+}
+
+/// One drill's private database and namespace.
+pub struct Env {
+    /// Short name of the drill (`kill`, `outage`, …).
+    pub name: String,
+    /// Servers and binary.
+    pub servers: Servers,
+    /// `postgres://…/warren_drill_<name>`.
+    pub database_url: String,
+    /// `drill_<name>_<random>`.
+    pub namespace: String,
+    /// A pool on the drill's database, for seeding checks and the final audit.
+    pub pool: PgPool,
+}
+
+impl Env {
+    /// Drops and recreates the drill's database, migrates it with
+    /// `warren migrate`, and picks a fresh namespace.
+    pub async fn create(servers: &Servers, name: &str) -> anyhow::Result<Env> {
+        let db = format!("warren_drill_{name}");
+        let mut admin_url = url::Url::parse(&servers.database_url).context("database URL")?;
+        admin_url.set_path("/postgres");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url.as_str())
+            .await
+            .context("connecting to PostgreSQL")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let mut url = admin_url.clone();
+        url.set_path(&format!("/{db}"));
+        let namespace = format!(
+            "drill_{name}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let env = Env {
+            name: name.to_owned(),
+            servers: servers.clone(),
+            database_url: url.to_string(),
+            namespace,
+            // Placeholder until the database exists; replaced below.
+            pool: PgPoolOptions::new().connect_lazy(url.as_str())?,
+        };
+        let status = Command::new(&servers.warren)
+            .arg("migrate")
+            .envs(env.warren_env())
+            .env("RUST_LOG", "warn,sqlx=error")
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("running warren migrate")?;
+        if !status.success() {
+            bail!("warren migrate failed for {db}");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url.as_str())
+            .await?;
+        Ok(Env { pool, ..env })
+    }
+
+    fn warren_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AMQP_URL", self.servers.amqp_url.clone()),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("WARREN_NAMESPACE", self.namespace.clone()),
+            ("RUST_LOG", "info".into()),
+        ]
+    }
+
+    /// Starts `warren run` (every service) serving HTTP on `port`.
+    pub async fn start(&self, label: &str, port: u16) -> anyhow::Result<Warren> {
+        Warren::spawn(self, label, port, &[]).await
+    }
+
+    /// The retry queue delays `warren run` declares with its defaults.
+    pub fn retry_delays() -> Vec<Duration> {
+        SubscriptionConfig::default().retry_delays()
+    }
+
+    /// Ready-message counts of (work + retry queues, dead-letter queues)
+    /// per consuming service.
+    pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u32, u32)>> {
+        let conn = producers::broker::connect(&self.servers.amqp_url, "warren drills").await?;
+        let ch = conn.create_channel().await?;
+        let topo = producers::Topology::new(self.namespace.clone());
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for s in CONSUMING {
+            let mut work = ch
+                .queue_declare(&topo.queue(s), passive, FieldTable::default())
+                .await?
+                .message_count();
+            for d in Self::retry_delays() {
+                work += ch
+                    .queue_declare(&topo.retry_queue(s, d), passive, FieldTable::default())
+                    .await?
+                    .message_count();
+            }
+            let dlq = ch
+                .queue_declare(&topo.dlq(s), passive, FieldTable::default())
+                .await?
+                .message_count();
+            out.push((s.to_owned(), work, dlq));
+        }
+        let _ = conn.close(200, "depths read").await;
+        Ok(out)
+    }
+
+    /// Deletes the namespace's queues and exchanges and the database.
+    /// Called only after a drill passed: a failed one is left for a look.
+    pub async fn destroy(self) -> anyhow::Result<()> {
+        let conn = producers::broker::connect(&self.servers.amqp_url, "warren drills").await?;
+        let ch = conn.create_channel().await?;
+        let topo = producers::Topology::new(self.namespace.clone());
+        for s in CONSUMING {
+            topo.delete_service(&ch, s, &Self::retry_delays()).await?;
+        }
+        topo.delete_exchange(&ch).await?;
+        let _ = conn.close(200, "drill cleaned up").await;
+        self.pool.close().await;
+        let mut admin_url = url::Url::parse(&self.database_url)?;
+        admin_url.set_path("/postgres");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url.as_str())
+            .await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS warren_drill_{} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A running `warren run` process.
+pub struct Warren {
+    /// Name in logs and figures (`a`, `b`, …).
+    pub label: String,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// HTTP port.
+    pub port: u16,
+    child: Child,
+    /// OS process id.
+    pub pid: u32,
+    /// When it was spawned.
+    pub started: Instant,
+}
+
+impl Warren {
+    /// Spawns `warren run` with `extra` arguments, logging to
+    /// `<log_dir>/<drill>-<label>.log`, and waits until `/health` answers.
+    pub async fn spawn(
+        env: &Env,
+        label: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Warren> {
+        let log = log_file(&env.servers.log_dir, &format!("{}-{label}.log", env.name))?;
+        let child = Command::new(&env.servers.warren)
+            .arg("run")
+            .args(extra)
+            .envs(env.warren_env())
+            .env("WARREN_HTTP", format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning warren run")?;
+        let pid = child.id().context("warren exited at once")?;
+        let mut w = Warren {
+            label: label.to_owned(),
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            child,
+            pid,
+            started: Instant::now(),
+        };
+        w.wait_healthy(Duration::from_secs(30)).await?;
+        Ok(w)
+    }
+
+    /// Waits until `/health` answers 200, failing if the process dies.
+    pub async fn wait_healthy(&mut self, within: Duration) -> anyhow::Result<Duration> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "warren {} exited with {status} before it was healthy",
+                    self.label
+                );
+            }
+            let ok = client
+                .get(format!("{}/health", self.base))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(self.started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("warren {} not healthy within {within:?}", self.label);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, no chance to drain, then reap.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM (a clean stop) and wait for the exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => self.kill9().await?,
+        }
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// (current RSS, peak RSS) in KiB, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// Services whose relay lock this process holds, from `/metrics`.
+    pub async fn active_relays(&self) -> usize {
+        let Ok(resp) = reqwest::Client::new()
+            .get(format!("{}/metrics", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        else {
+            return 0;
+        };
+        let text = resp.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("warren_relay_active{") && l.ends_with(" 1"))
+            .count()
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))?)
+}

@@ -1,0 +1,24 @@
+//! Fault drills and bad input at volume for warren, run on purpose
+//! (`scripts/drills`), never by `cargo test`: they restart processes and,
+//! in the outage drill, the shared RabbitMQ and PostgreSQL themselves.
+//!
+//! Every drill drives the release `warren` binary as an operator would —
+//! `warren migrate`, `warren run`, HTTP and events on the exchange — in a
+//! database and namespace of its own, created fresh, and ends with an
+//! exact audit of every store (see [`check`]).
+//!
+//! # Layout
+//! - [`cluster`]: the drill's database and namespace; `warren run`
+//!   processes (spawn, SIGKILL, RSS from `/proc`, relay roles from `/metrics`).
+//! - [`load`]: seeding, the mixed order plan, the HTTP and bus placers, probes.
+//! - [`check`]: the SQL audit and the wait for the system to settle.
+//! - [`servers`]: restarting RabbitMQ and PostgreSQL and waiting for them.
+//! - [`scenarios`]: the `kill`, `outage` and `twins` drills.
+//! - [`badinput`]: 10,000 messages, good and malformed, and the dead-letter check.
+
+pub mod badinput;
+pub mod check;
+pub mod cluster;
+pub mod load;
+pub mod scenarios;
+pub mod servers;

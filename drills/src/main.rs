@@ -1,0 +1,172 @@
+//! `drills [DRILL…]`: runs the fault drills and the bad-input run against
+//! the release `warren` binary and prints their figures; exit 1 when any
+//! audit fails.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use drills::cluster::Servers;
+use drills::{badinput, scenarios};
+
+/// Fault drills and bad input at volume (they restart processes; the
+/// `outage` drill restarts the local RabbitMQ and PostgreSQL).
+#[derive(Parser)]
+#[command(
+    name = "drills",
+    after_help = "Drills: kill, twins, bad-input, outage (default: all, in that order)"
+)]
+struct Args {
+    /// Drills to run.
+    drills: Vec<String>,
+    /// The warren binary (default: `warren` next to this binary).
+    #[arg(long)]
+    warren: Option<PathBuf>,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// PostgreSQL URL; each drill uses its own database `warren_drill_<drill>`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Orders per fault drill.
+    #[arg(long, default_value_t = 2000)]
+    orders: usize,
+    /// Seconds over which the orders are placed.
+    #[arg(long, default_value_t = 40)]
+    window: u64,
+    /// Kills in the kill drill.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Seconds RabbitMQ stays stopped in the outage drill.
+    #[arg(long, default_value_t = 5)]
+    broker_down: u64,
+    /// Messages in the bad-input run.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// Peak RSS allowed for warren in the bad-input run, MiB.
+    #[arg(long, default_value_t = 256)]
+    rss_bound_mib: u64,
+    /// Seed of every random choice (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep each drill's database and namespace even when it passed.
+    #[arg(long)]
+    keep: bool,
+    /// Where the warren processes' logs and the figures go.
+    #[arg(long, default_value = "target/drills")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let warren = match &args.warren {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .join("warren"),
+    };
+    anyhow::ensure!(
+        warren.exists(),
+        "no warren binary at {} (cargo build --release -p warren)",
+        warren.display()
+    );
+    let seed = args
+        .seed
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_micros() as u64);
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let log_dir = args.out.join(&stamp);
+    let servers = Servers {
+        warren,
+        amqp_url: args.amqp_url.clone(),
+        database_url: args.database_url.clone(),
+        log_dir: log_dir.clone(),
+    };
+    let drills: Vec<String> = if args.drills.is_empty() || args.drills.iter().any(|d| d == "all") {
+        ["kill", "twins", "bad-input", "outage"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        args.drills.clone()
+    };
+    println!(
+        "drills {drills:?}, seed {seed}, logs in {}",
+        log_dir.display()
+    );
+    let o = scenarios::Options {
+        orders: args.orders,
+        window: Duration::from_secs(args.window),
+        kills: args.kills,
+        customers: 20,
+        seed,
+        settle_within: Duration::from_secs(300),
+        broker_down: Duration::from_secs(args.broker_down),
+    };
+    let mut failed = Vec::new();
+    let mut figures = Vec::new();
+    for d in &drills {
+        println!("== {d}");
+        let started = std::time::Instant::now();
+        let (passed, text, json) = match d.as_str() {
+            "kill" | "outage" | "twins" => {
+                let f = match d.as_str() {
+                    "kill" => scenarios::kill(&servers, &o, args.keep).await,
+                    "outage" => scenarios::outage(&servers, &o, args.keep).await,
+                    _ => scenarios::twins(&servers, &o, args.keep).await,
+                }
+                .with_context(|| format!("drill {d}"))?;
+                (f.passed(), scenarios::render(&f), serde_json::to_value(&f)?)
+            }
+            "bad-input" => {
+                let f = badinput::run(
+                    &servers,
+                    &badinput::Options {
+                        messages: args.messages,
+                        bad_share: 0.8,
+                        seed,
+                        settle_within: Duration::from_secs(300),
+                        rss_bound_mib: args.rss_bound_mib,
+                    },
+                    args.keep,
+                )
+                .await
+                .context("drill bad-input")?;
+                (f.passed(), badinput::render(&f), serde_json::to_value(&f)?)
+            }
+            other => {
+                anyhow::bail!("unknown drill {other:?}; drills are kill, twins, bad-input, outage")
+            }
+        };
+        print!("{text}");
+        println!("   ({:.1}s)", started.elapsed().as_secs_f64());
+        if !passed {
+            failed.push(d.clone());
+        }
+        figures.push(json);
+    }
+    std::fs::create_dir_all(&log_dir)?;
+    let path = log_dir.join("figures.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::json!({ "seed": seed, "drills": figures }))?,
+    )?;
+    println!("figures written to {}", path.display());
+    if !failed.is_empty() {
+        eprintln!("FAILED: {failed:?}");
+        std::process::exit(1);
+    }
+    println!("all drills passed");
+    Ok(())
+}
