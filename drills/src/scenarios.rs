@@ -164,20 +164,22 @@ async fn finish(
     for w in procs.drain(..) {
         w.stop().await?;
     }
-    let p = lock(&run.placed);
+    let (http_retries, republished, in_doubt) = {
+        let p = lock(&run.placed);
+        (p.http_retries, p.republished, p.in_doubt)
+    };
     let figures = Figures {
         drill: name.to_owned(),
         orders: o.orders,
         faults,
-        http_retries: p.http_retries,
-        republished: p.republished,
-        in_doubt: p.in_doubt,
+        http_retries,
+        republished,
+        in_doubt,
         total_s: t0.elapsed().as_secs_f64(),
         settle_s,
         peak_rss_kib: peak_rss,
         audit,
     };
-    drop(p);
     if figures.passed() && !keep {
         run.env
             .destroy()
@@ -227,7 +229,7 @@ pub async fn kill(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<
             let restarted = Instant::now();
             let (recover, _) = load::probe(
                 &run.env,
-                &[w.base.clone()],
+                std::slice::from_ref(&w.base),
                 run.customers[0],
                 &run.placed,
                 o.settle_within,
@@ -305,7 +307,7 @@ pub async fn outage(servers: &Servers, o: &Options, keep: bool) -> anyhow::Resul
         );
         let (recover, _) = load::probe(
             &run.env,
-            &[w.base.clone()],
+            std::slice::from_ref(&w.base),
             run.customers[0],
             &run.placed,
             o.settle_within,
@@ -330,7 +332,7 @@ pub async fn outage(servers: &Servers, o: &Options, keep: bool) -> anyhow::Resul
         );
         let (recover, _) = load::probe(
             &run.env,
-            &[w.base.clone()],
+            std::slice::from_ref(&w.base),
             run.customers[0],
             &run.placed,
             o.settle_within,
@@ -437,7 +439,7 @@ pub async fn twins(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result
         );
         let (recover, _) = load::probe(
             &run.env,
-            &[survivor.base.clone()],
+            std::slice::from_ref(&survivor.base),
             run.customers[0],
             &run.placed,
             o.settle_within,
