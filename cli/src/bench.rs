@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
 use events::catalog::{OrderLine, OrderPlaced};
 use events::{Codec, Envelope};
+use futures::future::{join_all, maybe_done};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -248,16 +249,23 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
         )
         .await?;
     let started = Instant::now();
+    // Deliveries are acked one by one (no `multiple`), but the acks of
+    // whatever has arrived go out together, as warren's consumer does.
     let consume = tokio::spawn(async move {
         let mut seen = 0;
+        let mut chunks = (&mut consumer).ready_chunks(256);
         while seen < n {
-            match consumer.next().await {
-                Some(Ok(d)) => {
-                    d.ack(BasicAckOptions::default()).await?;
-                    seen += 1;
-                }
-                Some(Err(e)) => return Err(anyhow::Error::from(e)),
-                None => anyhow::bail!("ceiling consumer ended after {seen}"),
+            let Some(chunk) = chunks.next().await else {
+                anyhow::bail!("ceiling consumer ended after {seen}");
+            };
+            let mut acks = Vec::with_capacity(chunk.len());
+            for d in chunk {
+                let d = d?;
+                acks.push(async move { d.ack(BasicAckOptions::default()).await });
+                seen += 1;
+            }
+            for r in join_all(acks).await {
+                r?;
             }
         }
         Ok(())
@@ -265,24 +273,39 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
+    // Published the way the relay publishes: chunks of 500 written
+    // together (each publish polled once, in order, then all awaited),
+    // with up to 2,000 confirms outstanding.
     let mut window = VecDeque::new();
-    for _ in 0..n {
-        if window.len() >= 1000 {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(500);
+        left -= chunk;
+        while window.len() + chunk > 2000 {
             if let Some(c) = window.pop_front() {
                 c.await?;
             }
         }
-        window.push_back(
-            publisher
-                .basic_publish(
-                    "",
-                    &queue,
-                    BasicPublishOptions::default(),
-                    body,
-                    props.clone(),
-                )
-                .await?,
-        );
+        let mut sending = Vec::with_capacity(chunk);
+        for _ in 0..chunk {
+            let mut publish = Box::pin(maybe_done(publisher.basic_publish(
+                "",
+                &queue,
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )));
+            let _ = futures::poll!(publish.as_mut());
+            sending.push(publish);
+        }
+        join_all(sending.iter_mut().map(|p| p.as_mut())).await;
+        for mut publish in sending {
+            let sent = publish
+                .as_mut()
+                .take_output()
+                .context("publish output missing after join_all")?;
+            window.push_back(sent?);
+        }
     }
     for c in window {
         c.await?;

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use events::{Codec, DecodeError, Envelope};
+use futures::future::join_all;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
@@ -130,6 +131,7 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<(), SettleError> {
         let started = Instant::now();
+        let mut settled: Vec<(Delivery, OutcomeRecord)> = Vec::with_capacity(items.len());
         let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
         for (delivery, decoded) in items {
             match decoded {
@@ -138,12 +140,12 @@ impl Processor {
                     let mut record = self.record_for(&delivery, None);
                     self.dead_letter(&delivery, &mut record, e.kind(), e.to_string())
                         .await?;
-                    self.finish(delivery, record, started).await?;
+                    settled.push((delivery, record));
                 }
             }
         }
         if good.is_empty() {
-            return Ok(());
+            return self.finish(settled, started).await;
         }
         let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
         let results: Vec<Result<Applied, HandleError>> = match self
@@ -162,9 +164,10 @@ impl Processor {
             }
         };
         for ((delivery, envelope), result) in good.into_iter().zip(results) {
-            self.settle(delivery, &envelope, result, started).await?;
+            let record = self.settle(&delivery, &envelope, result).await?;
+            settled.push((delivery, record));
         }
-        Ok(())
+        self.finish(settled, started).await
     }
 
     /// Applies, waiting in place (with backoff) while the database is
@@ -289,13 +292,12 @@ impl Processor {
     /// Acts on one event's result: ack, retry, defer or dead-letter.
     async fn settle(
         &self,
-        delivery: Delivery,
+        delivery: &Delivery,
         envelope: &Envelope,
         result: Result<Applied, HandleError>,
-        started: Instant,
-    ) -> Result<(), SettleError> {
+    ) -> Result<OutcomeRecord, SettleError> {
         let c = &self.config;
-        let mut record = self.record_for(&delivery, Some(envelope));
+        let mut record = self.record_for(delivery, Some(envelope));
         let attempt = record.attempt;
         match result {
             Ok(Applied::Handled) => record.outcome = Outcome::Handled,
@@ -309,11 +311,11 @@ impl Processor {
                 );
                 if deferrals > c.max_deferrals {
                     let error = format!("{why}; gave up after {} deferrals", c.max_deferrals);
-                    self.dead_letter(&delivery, &mut record, "sequence_gap", error)
+                    self.dead_letter(delivery, &mut record, "sequence_gap", error)
                         .await?;
                 } else {
                     self.forwarder
-                        .retry(&delivery, c.defer_delay, H_DEFERRALS, deferrals)
+                        .retry(delivery, c.defer_delay, H_DEFERRALS, deferrals)
                         .await?;
                     record.outcome = Outcome::Deferred;
                     record.reason = Some("sequence_gap".into());
@@ -325,7 +327,7 @@ impl Processor {
                     "sequence {} of subject {} from {} is at or below the applied sequence {last}, under a new event id",
                     envelope.sequence, envelope.subject, envelope.source
                 );
-                self.dead_letter(&delivery, &mut record, "stale_sequence", error)
+                self.dead_letter(delivery, &mut record, "stale_sequence", error)
                     .await?;
             }
             // Unavailable is waited out before we get here; should it
@@ -335,7 +337,7 @@ impl Processor {
             {
                 let delay = c.retry_delay(attempt);
                 self.forwarder
-                    .retry(&delivery, delay, H_ATTEMPT, attempt + 1)
+                    .retry(delivery, delay, H_ATTEMPT, attempt + 1)
                     .await?;
                 record.outcome = Outcome::Retried;
                 record.reason = Some("transient".into());
@@ -345,7 +347,7 @@ impl Processor {
                 // Same attempt number: nothing was tried, so nothing spent.
                 let delay = c.retry_delay(attempt);
                 self.forwarder
-                    .retry(&delivery, delay, H_ATTEMPT, attempt)
+                    .retry(delivery, delay, H_ATTEMPT, attempt)
                     .await?;
                 record.outcome = Outcome::Retried;
                 record.reason = Some("throttled".into());
@@ -353,15 +355,15 @@ impl Processor {
             }
             Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {
                 let error = format!("{e} (after {attempt} attempts)");
-                self.dead_letter(&delivery, &mut record, "retries_exhausted", error)
+                self.dead_letter(delivery, &mut record, "retries_exhausted", error)
                     .await?;
             }
             Err(HandleError::Permanent(e)) => {
-                self.dead_letter(&delivery, &mut record, "handler_rejected", e)
+                self.dead_letter(delivery, &mut record, "handler_rejected", e)
                     .await?;
             }
         }
-        self.finish(delivery, record, started).await
+        Ok(record)
     }
 
     /// The outcome record of a delivery, before its outcome is known.
@@ -400,22 +402,37 @@ impl Processor {
         Ok(())
     }
 
+    /// Acknowledges a batch's deliveries, all of them after their commit
+    /// (or their forward to a retry or dead-letter queue), then reports
+    /// each outcome. The acks go out together: a lapin ack resolves only
+    /// once its frame is written, so one at a time they would cost a round
+    /// trip to lapin's I/O loop each.
     async fn finish(
         &self,
-        delivery: Delivery,
-        mut record: OutcomeRecord,
+        settled: Vec<(Delivery, OutcomeRecord)>,
         started: Instant,
     ) -> Result<(), SettleError> {
-        delivery.acker.ack(BasicAckOptions::default()).await?;
-        record.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        record.at = chrono::Utc::now();
-        record.log();
-        self.stats.record(&record);
-        if let Some(feed) = &self.feed {
-            feed.publish(&record).await;
+        let acks = join_all(
+            settled
+                .iter()
+                .map(|(d, _)| d.acker.ack(BasicAckOptions::default())),
+        )
+        .await;
+        for ack in acks {
+            ack?;
         }
-        // No receiver is the normal case; that is not an error.
-        let _ = self.outcomes.send(record);
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        for (_, mut record) in settled {
+            record.elapsed_ms = elapsed_ms;
+            record.at = chrono::Utc::now();
+            record.log();
+            self.stats.record(&record);
+            if let Some(feed) = &self.feed {
+                feed.publish(&record).await;
+            }
+            // No receiver is the normal case; that is not an error.
+            let _ = self.outcomes.send(record);
+        }
         Ok(())
     }
 }
