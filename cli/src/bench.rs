@@ -389,18 +389,36 @@ async fn latency(
             ms
         })
     };
+    // Each tick's transaction runs in its own task, as concurrent requests
+    // of a service would: one after another, each commit waiting for its
+    // WAL flush, the producer fell behind the rate asked for whenever the
+    // disk was busy (and then measured a lower rate). At most 256 in flight.
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut producers = tokio::task::JoinSet::new();
     for _ in 0..total {
         tick.tick().await;
-        let e = sample(Uuid::now_v7());
-        let id = e.id;
-        let mut tx = pool.begin().await?;
-        outbox.append(&mut tx, e).await?;
-        tx.commit().await?;
-        if let Ok(mut c) = committed.lock() {
-            c.insert(id, Instant::now());
+        let permit = permits.clone().acquire_owned().await?;
+        let (pool, outbox, committed) = (pool.clone(), outbox.clone(), committed.clone());
+        producers.spawn(async move {
+            let _permit = permit;
+            let e = sample(Uuid::now_v7());
+            let id = e.id;
+            let mut tx = pool.begin().await?;
+            outbox.append(&mut tx, e).await?;
+            tx.commit().await?;
+            if let Ok(mut c) = committed.lock() {
+                c.insert(id, Instant::now());
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+        while let Some(done) = producers.try_join_next() {
+            done??;
         }
+    }
+    while let Some(done) = producers.join_next().await {
+        done??;
     }
     Ok(collector.await?)
 }

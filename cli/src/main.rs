@@ -74,7 +74,7 @@ struct BenchArgs {
 }
 
 async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
-    let pool = warren::config::connect_db(settings, true, args.lanes as u32 + 8).await?;
+    let pool = warren::config::connect_db(settings, true, args.lanes as u32 + 24).await?;
     warren::config::migrate(&pool).await?;
     let report = warren::bench::run(
         pool,

@@ -4,7 +4,7 @@
 //! Each pass claims a bounded batch of unpublished rows in position order,
 //! publishes all of them pipelined with publisher confirms and `mandatory`,
 //! and marks exactly the confirmed ones once their confirms arrive. Up to
-//! `batches_in_flight` batches await their confirms at once: the next claim
+//! `batches_in_flight` batches (`max_in_flight` rows) await their confirms at once: the next claim
 //! skips the rows in flight, so new events go out while the broker is still
 //! syncing the previous ones. No database transaction is open while it
 //! waits on the broker. It claims again at once while batches come back
@@ -62,9 +62,12 @@ pub struct RelayConfig {
     /// Longest wait for a batch's confirms before the channel is recycled.
     pub confirm_timeout: Duration,
     /// Batches published and awaiting confirms at once: the next batch is
-    /// claimed and published while the previous one's confirms (a broker
-    /// fsync away) are on their way.
+    /// claimed and published while the previous ones' confirms (a broker
+    /// fsync away) are on their way. Under a steady trickle every batch is
+    /// a row or two, so this is generous; `max_in_flight` bounds the rows.
     pub batches_in_flight: usize,
+    /// Rows published and awaiting confirms at once, over all batches.
+    pub max_in_flight: usize,
     /// Timeout on each database statement of the relay.
     pub db_timeout: Duration,
     /// How often a standby tries to become the active relay.
@@ -101,7 +104,8 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(15),
-            batches_in_flight: 4,
+            batches_in_flight: 64,
+            max_in_flight: 2000,
             db_timeout: Duration::from_secs(10),
             standby_interval: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
@@ -324,12 +328,16 @@ impl Relay {
                 }
                 return Ok(());
             }
-            if claim && in_flight.len() < depth {
+            let rows_in_flight: usize = in_flight.iter().map(|b| b.rows.len()).sum();
+            let free = self.config.max_in_flight.saturating_sub(rows_in_flight);
+            let room = in_flight.len() < depth && free > 0;
+            if claim && room {
                 let exclude: Vec<i64> = in_flight
                     .iter()
                     .flat_map(|b| b.rows.iter().map(|r| r.position))
                     .collect();
-                match self.claim_and_publish(leader, &ch, &exclude).await? {
+                let limit = (self.config.batch_size as usize).min(free) as i64;
+                match self.claim_and_publish(leader, &ch, &exclude, limit).await? {
                     Some(batch) => {
                         // A full batch means more is waiting: claim again at
                         // once, while this one's confirms are on their way.
@@ -340,7 +348,6 @@ impl Relay {
                     None => claim = false,
                 }
             }
-            let room = in_flight.len() < depth;
             if let Some(oldest) = in_flight.front_mut() {
                 tokio::select! {
                     confirms = tokio::time::timeout_at(oldest.deadline, &mut oldest.confirms) => {
@@ -410,8 +417,8 @@ impl Relay {
                 // This connection only claims (reads) and marks. A mark lost
                 // in a database crash means the rows are published again,
                 // which consumers' inboxes absorb; so marks need not wait
-                // for the WAL flush (~4 ms per commit on this machine's
-                // disk), which would otherwise sit in every relay pass.
+                // for the WAL flush, which would otherwise sit in every
+                // relay pass (and be slowest exactly when the disk is busy).
                 // The outbox rows themselves are written by the callers'
                 // transactions, whose durability is untouched.
                 self.db_timeout(sqlx::query("SET synchronous_commit = off").execute(&mut conn))
@@ -438,7 +445,10 @@ impl Relay {
         leader: &mut PgConnection,
         ch: &Channel,
     ) -> Result<BatchOutcome, RelayError> {
-        let Some(batch) = self.claim_and_publish(leader, ch, &[]).await? else {
+        let Some(batch) = self
+            .claim_and_publish(leader, ch, &[], self.config.batch_size)
+            .await?
+        else {
             return Ok(BatchOutcome::Empty);
         };
         let full = batch.full;
@@ -460,13 +470,14 @@ impl Relay {
         leader: &mut PgConnection,
         ch: &Channel,
         exclude: &[i64],
+        limit: i64,
     ) -> Result<Option<InFlight>, RelayError> {
         let service = self.outbox.service();
         let started = Instant::now();
         let rows: Vec<Row> = self
             .db_timeout(
                 sqlx::query_as(&self.claim_sql)
-                    .bind(self.config.batch_size)
+                    .bind(limit)
                     .bind(exclude)
                     .fetch_all(&mut *leader),
             )
@@ -518,7 +529,7 @@ impl Relay {
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
         Ok(Some(InFlight {
-            full: rows.len() as i64 >= self.config.batch_size,
+            full: rows.len() as i64 >= limit,
             rows,
             confirms: Box::pin(join_all(pending)),
             deadline: tokio::time::Instant::now() + self.config.confirm_timeout,
