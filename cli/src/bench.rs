@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
 use events::catalog::{OrderLine, OrderPlaced};
 use events::{Codec, Envelope};
-use futures::future::{join_all, maybe_done};
+use futures::future::join_all;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -286,24 +286,16 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
                 c.await?;
             }
         }
-        let mut sending = Vec::with_capacity(chunk);
-        for _ in 0..chunk {
-            let mut publish = Box::pin(maybe_done(publisher.basic_publish(
+        let publishes = (0..chunk).map(|_| {
+            publisher.basic_publish(
                 "",
                 &queue,
                 BasicPublishOptions::default(),
                 body,
                 props.clone(),
-            )));
-            let _ = futures::poll!(publish.as_mut());
-            sending.push(publish);
-        }
-        join_all(sending.iter_mut().map(|p| p.as_mut())).await;
-        for mut publish in sending {
-            let sent = publish
-                .as_mut()
-                .take_output()
-                .context("publish output missing after join_all")?;
+            )
+        });
+        for sent in producers::broker::publish_in_order(publishes).await {
             window.push_back(sent?);
         }
     }

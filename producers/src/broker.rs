@@ -93,6 +93,39 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Sends publishes together, in the given order, and returns their
+/// outcomes in that order.
+///
+/// Each lapin publish resolves only once lapin's I/O loop has written its
+/// frames; awaited one by one, a batch pays one such round trip per
+/// message. Here each future is polled once, in order, before the next is
+/// made — that first poll is where lapin queues the frames and numbers the
+/// publisher confirm — and only then are all awaited, so the broker still
+/// receives them in order.
+pub async fn publish_in_order<F, T>(publishes: impl IntoIterator<Item = F>) -> Vec<lapin::Result<T>>
+where
+    F: std::future::Future<Output = lapin::Result<T>>,
+{
+    let mut sending: Vec<_> = Vec::new();
+    for publish in publishes {
+        let mut publish = Box::pin(futures::future::maybe_done(publish));
+        let _ = futures::poll!(publish.as_mut());
+        sending.push(publish);
+    }
+    futures::future::join_all(sending.iter_mut().map(|p| p.as_mut())).await;
+    sending
+        .into_iter()
+        .map(|mut p| {
+            // join_all returned, so every MaybeDone holds its output.
+            p.as_mut()
+                .take_output()
+                .unwrap_or(Err(lapin::Error::InvalidChannelState(
+                    lapin::ChannelState::Error,
+                )))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

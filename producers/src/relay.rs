@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::{join_all, maybe_done, JoinAll};
+use futures::future::{join_all, JoinAll};
 use lapin::options::BasicPublishOptions;
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::Channel;
@@ -136,9 +136,6 @@ pub enum RelayError {
     /// Confirms did not arrive within `confirm_timeout`.
     #[error("no publisher confirms within {0:?}")]
     ConfirmTimeout(Duration),
-    /// A broken internal invariant (a bug), reported instead of a panic.
-    #[error("internal error: {0}")]
-    Internal(&'static str),
     /// A test asked the relay to die here.
     #[cfg(feature = "testkit")]
     #[error("injected crash at {0:?}")]
@@ -487,44 +484,34 @@ impl Relay {
         }
         self.maybe_crash(CrashPoint::AfterClaim)?;
         let exchange = self.topology.exchange();
-        // Each lapin publish resolves only once its frames are written, a
-        // round trip to lapin's I/O loop. Awaiting them one by one capped a
-        // batch at that round trip's rate, so they are written together:
-        // each future is polled once, in row order, before the next is
-        // made — that first poll is where lapin queues the frames and takes
-        // the confirm's delivery tag — and only then are all awaited. The
-        // broker so receives the rows in position order, as before.
-        let mut sending = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let props = broker::event_properties(
-                &row.event_id.to_string(),
-                &row.event_type,
-                row.correlation_id.as_deref(),
-                row.created_at.timestamp(),
-                service,
-            );
-            let mut publish = Box::pin(maybe_done(ch.basic_publish(
-                &exchange,
-                &row.event_type,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                row.payload.as_bytes(),
-                props,
-            )));
-            let _ = futures::poll!(publish.as_mut());
-            sending.push(publish);
-        }
-        join_all(sending.iter_mut().map(|p| p.as_mut())).await;
+        // Written together, in row order (see `broker::publish_in_order`);
+        // collected first, as a lazy iterator's closure held across the
+        // await would make the relay's future not `Send`. Nothing is sent
+        // until polled.
+        let publishes: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                let props = broker::event_properties(
+                    &row.event_id.to_string(),
+                    &row.event_type,
+                    row.correlation_id.as_deref(),
+                    row.created_at.timestamp(),
+                    service,
+                );
+                ch.basic_publish(
+                    &exchange,
+                    &row.event_type,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    row.payload.as_bytes(),
+                    props,
+                )
+            })
+            .collect();
         let mut pending = Vec::with_capacity(rows.len());
-        for mut publish in sending {
-            // join_all returned, so every MaybeDone holds its output; a
-            // missing one would misalign rows and confirms, hence an error.
-            let sent = publish
-                .as_mut()
-                .take_output()
-                .ok_or(RelayError::Internal("publish output taken twice"))?;
+        for sent in broker::publish_in_order(publishes).await {
             pending.push(sent?);
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
