@@ -323,6 +323,12 @@ impl Relay {
                 while let Some(batch) = in_flight.pop_front() {
                     self.await_and_settle(leader, batch, &mut held_back).await?;
                 }
+                // Closed here, before the connection: a channel dropped
+                // while its connection closes makes lapin log a spurious
+                // "invalid channel state: Closing" error.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), ch.close(200, "relay stopping"))
+                        .await;
                 return Ok(());
             }
             let rows_in_flight: usize = in_flight.iter().map(|b| b.rows.len()).sum();
