@@ -371,7 +371,16 @@ impl Processor {
         OutcomeRecord {
             service: self.router.service().to_owned(),
             outcome: Outcome::Handled,
-            event_id: envelope.map(|e| e.id.to_string()),
+            // An undecodable message has no envelope; its AMQP message_id
+            // (the relay and `warren publish` set it to the event id) is
+            // still the best handle an operator has on it.
+            event_id: envelope.map(|e| e.id.to_string()).or_else(|| {
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+            }),
             event_type: envelope
                 .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
             subject: envelope.map(|e| e.subject.clone()),
