@@ -351,6 +351,12 @@ impl Relay {
                     None => claim = false,
                 }
             }
+            // Time-gated, and checked on busy passes too: under steady
+            // traffic the pipeline may never run empty.
+            if last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every) {
+                last_prune = Some(Instant::now());
+                self.prune().await;
+            }
             if let Some(oldest) = in_flight.front_mut() {
                 tokio::select! {
                     confirms = tokio::time::timeout_at(oldest.deadline, &mut oldest.confirms) => {
@@ -382,10 +388,6 @@ impl Relay {
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
-            }
-            if last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every) {
-                last_prune = Some(Instant::now());
-                self.prune().await;
             }
             tokio::select! {
                 n = listener.recv() => { n?; }
