@@ -138,6 +138,13 @@ pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before each acquire: sqlx already pings a connection when
+        // it goes back to the pool, and the extra round trip per
+        // transaction was the largest single cost in `warren bench`
+        // (BENCHMARKS.md). A connection that died idle (database restart)
+        // fails its first statement instead: consumers hold the delivery
+        // and retry, HTTP answers 503, and sqlx discards the connection.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(|e| unreachable(&e))
