@@ -167,16 +167,8 @@ fn bad_message(
             structured(&id, key, body, Some(("bad JSON", "malformed_json")))
         }
         1 => {
-            let attr = [
-                "id",
-                "source",
-                "type",
-                "time",
-                "subject",
-                "dataversion",
-                "sequence",
-                "data",
-            ][rng.gen_range(0..8)];
+            let required = events::codec::REQUIRED;
+            let attr = required[rng.gen_range(0..required.len())];
             if let Some(m) = doc.as_object_mut() {
                 m.remove(attr);
             }

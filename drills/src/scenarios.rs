@@ -293,58 +293,47 @@ pub async fn outage(servers: &Servers, o: &Options, keep: bool) -> anyhow::Resul
         run.placed.clone(),
     );
     let injecting = async {
-        tokio::time::sleep_until((t0 + o.window.mul_f64(0.3)).into()).await;
-        let began = Instant::now();
-        eprintln!(
-            "  rabbitmqctl stop_app at {:.1}s",
-            t0.elapsed().as_secs_f64()
-        );
-        servers::restart_rabbit(o.broker_down).await?;
-        let back = Instant::now();
-        eprintln!(
-            "  rabbitmqctl start_app done, broker answers after {:.1}s",
-            back.duration_since(began).as_secs_f64()
-        );
-        let (recover, _) = load::probe(
-            &run.env,
-            std::slice::from_ref(&w.base),
-            run.customers[0],
-            &run.placed,
-            o.settle_within,
-        )
-        .await?;
-        faults.push(Fault {
-            what: "RabbitMQ stop_app/start_app".into(),
-            at_s: began.duration_since(t0).as_secs_f64(),
-            outage_s: back.duration_since(began).as_secs_f64(),
-            recover_s: recover.as_secs_f64(),
-        });
-        eprintln!("    probe shipped after {:.2}s", recover.as_secs_f64());
-
-        tokio::time::sleep_until((t0 + o.window.mul_f64(0.65)).into()).await;
-        let began = Instant::now();
-        eprintln!("  PostgreSQL restart at {:.1}s", t0.elapsed().as_secs_f64());
-        servers::restart_postgres().await?;
-        let back = Instant::now();
-        eprintln!(
-            "  PostgreSQL accepts connections after {:.1}s",
-            back.duration_since(began).as_secs_f64()
-        );
-        let (recover, _) = load::probe(
-            &run.env,
-            std::slice::from_ref(&w.base),
-            run.customers[0],
-            &run.placed,
-            o.settle_within,
-        )
-        .await?;
-        faults.push(Fault {
-            what: "PostgreSQL restart".into(),
-            at_s: began.duration_since(t0).as_secs_f64(),
-            outage_s: back.duration_since(began).as_secs_f64(),
-            recover_s: recover.as_secs_f64(),
-        });
-        eprintln!("    probe shipped after {:.2}s", recover.as_secs_f64());
+        // Each outage: at a fraction of the placing window, restart one
+        // server, then time how long until a new order ships.
+        let phases = [
+            (0.3, true, "RabbitMQ stop_app/start_app", "broker answers"),
+            (
+                0.65,
+                false,
+                "PostgreSQL restart",
+                "PostgreSQL accepts connections",
+            ),
+        ];
+        for (at, broker, what, back_msg) in phases {
+            tokio::time::sleep_until((t0 + o.window.mul_f64(at)).into()).await;
+            let began = Instant::now();
+            eprintln!("  {what} at {:.1}s", t0.elapsed().as_secs_f64());
+            if broker {
+                servers::restart_rabbit(o.broker_down).await?;
+            } else {
+                servers::restart_postgres().await?;
+            }
+            let back = Instant::now();
+            eprintln!(
+                "  {back_msg} after {:.1}s",
+                back.duration_since(began).as_secs_f64()
+            );
+            let (recover, _) = load::probe(
+                &run.env,
+                std::slice::from_ref(&w.base),
+                run.customers[0],
+                &run.placed,
+                o.settle_within,
+            )
+            .await?;
+            faults.push(Fault {
+                what: what.into(),
+                at_s: began.duration_since(t0).as_secs_f64(),
+                outage_s: back.duration_since(began).as_secs_f64(),
+                recover_s: recover.as_secs_f64(),
+            });
+            eprintln!("    probe shipped after {:.2}s", recover.as_secs_f64());
+        }
         anyhow::Ok(())
     };
     let (placed, injected) = tokio::join!(

@@ -26,7 +26,7 @@ pub const MAX_ATTRIBUTE_LEN: usize = 256;
 pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
 
 /// Attributes a warren event must carry (besides `specversion`).
-const REQUIRED: &[&str] = &[
+pub const REQUIRED: &[&str] = &[
     "id",
     "source",
     "type",
