@@ -48,10 +48,16 @@ impl Inbox {
                  ON CONFLICT (source, subject) DO UPDATE SET last_sequence = p.last_sequence \
                  RETURNING source, subject, last_sequence"
             ),
+            // An upsert rather than UPDATE … FROM unnest: the rows exist
+            // (locked above), and an upsert always finds them through the
+            // primary key, whereas the join's cached generic plan, chosen
+            // while the table was small, stays a sequential scan forever
+            // (seen: one per batch, 1.1 M rows read in a bench run).
             advance: format!(
-                "UPDATE {s}.subject_progress AS p SET last_sequence = u.seq, updated_at = now() \
-                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(src, sub, seq) \
-                 WHERE p.source = u.src AND p.subject = u.sub"
+                "INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                 ON CONFLICT (source, subject) DO UPDATE \
+                 SET last_sequence = excluded.last_sequence, updated_at = now()"
             ),
             prune: format!(
                 "DELETE FROM {s}.inbox WHERE event_id IN ( \

@@ -426,8 +426,17 @@ impl Relay {
                 // relay pass (and be slowest exactly when the disk is busy).
                 // The outbox rows themselves are written by the callers'
                 // transactions, whose durability is untouched.
-                self.db_timeout(sqlx::query("SET synchronous_commit = off").execute(&mut conn))
-                    .await?;
+                //
+                // Custom plans: claims and marks run once per batch, so
+                // planning is cheap next to them, while a generic plan
+                // cached when the outbox was small would keep scanning
+                // the whole table once it has grown.
+                for set in [
+                    "SET synchronous_commit = off",
+                    "SET plan_cache_mode = force_custom_plan",
+                ] {
+                    self.db_timeout(sqlx::query(set).execute(&mut conn)).await?;
+                }
                 return Ok(Some(conn));
             }
             if !announced {
