@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 use consumers::SubscriptionConfig;
 use events::catalog::{OrderConfirmed, ShipmentDispatched};
 use events::{Codec, Envelope};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use producers::access::{principal, Password};
-use producers::testkit::{amqp_url, TestBus};
+use producers::testkit::{amqp_url, TestBus, TlsProxy};
 use producers::{broker, Outbox, RelayConfig};
 use services::{App, AppConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -597,4 +601,159 @@ fn amqps_against_a_plain_port_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The plain broker behind the tests' TLS proxies.
+const PLAIN_BROKER: &str = "127.0.0.1:5672";
+
+const CUSTOMER_UPDATED: &str =
+    r#"{"customer_id":"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e","name":"A","email":"a@b"}"#;
+
+/// The CLI from a blocking thread, so the test's TLS proxy (a task on this
+/// runtime) keeps serving it.
+async fn warren_cli_async(args: Vec<String>, log: &'static str) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        warren_cli(&args, log)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn amqps_with_cacertfile_carries_events_both_ways_through_a_tls_listener() {
+    // The local broker has no TLS listener: the test brings its own, with
+    // a CA no trust store knows, and trusts it through the URL alone.
+    let bus = TestBus::new().await;
+    let tls = TlsProxy::start(PLAIN_BROKER).await;
+    let url = tls.amqps_url_trusting_ca("guest", "guest");
+
+    // Receiving over TLS: a queue of ours on the namespace's exchange.
+    let conn = broker::connect(&url, "tls test").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().as_str(),
+        &bus.topology.exchange(),
+        "customer.updated",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.name().as_str(),
+            "tls",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.handshakes(), 1);
+
+    // Publishing over TLS: the CLI, configured by the URL only.
+    let out = warren_cli_async(
+        vec![
+            "--namespace".into(),
+            bus.namespace.clone(),
+            "--amqp-url".into(),
+            url.clone(),
+            "publish".into(),
+            "customer.updated".into(),
+            "--data".into(),
+            CUSTOMER_UPDATED.into(),
+        ],
+        "trace",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(tls.handshakes(), 2, "the CLI went through the TLS proxy");
+    let id: Uuid = text(&out.stdout).trim().parse().unwrap();
+    for leak in ["guest:guest", ":guest@"] {
+        assert_no_secret(&out, leak);
+    }
+
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the event within 10 s")
+        .expect("a delivery")
+        .unwrap();
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    let event = Codec::default().decode(&delivery.data).unwrap();
+    assert_eq!(event.id, id);
+    assert_eq!(event.event_type, "customer.updated");
+    let _ = ch.close(200, "bye").await;
+    let _ = conn.close(200, "bye").await;
+}
+
+#[tokio::test]
+async fn amqps_without_a_trusted_ca_or_with_a_bad_cacertfile_is_a_clear_error() {
+    let tls = TlsProxy::start(PLAIN_BROKER).await;
+    let secret = format!("s3cret{}", Uuid::new_v4().simple());
+    let url = tls.amqps_url("guest", &secret);
+    let shown = format!("amqps://guest:***@localhost:{}/%2f", tls.addr.port());
+    let publish = |url: &str| {
+        vec![
+            "--amqp-url".to_owned(),
+            url.to_owned(),
+            "publish".into(),
+            "customer.updated".into(),
+            "--data".into(),
+            CUSTOMER_UPDATED.into(),
+        ]
+    };
+    let one_clear_line = |out: &Output| {
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert_no_secret(out, &secret);
+        let err = text(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+
+    // No cacertfile: the system trust store does not know the test CA.
+    let err = match broker::connect(&url, "tls test").await {
+        Err(e @ broker::ConnectError::Untrusted { .. }) => e.to_string(),
+        Err(other) => panic!("expected Untrusted, got {other}"),
+        Ok(_) => panic!("a certificate from an unknown CA was accepted"),
+    };
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let err = one_clear_line(&warren_cli_async(publish(&url), "warn").await);
+    assert!(err.contains(&shown), "{err}");
+    assert!(err.contains("certificate we do not trust"), "{err}");
+    assert!(err.contains("?cacertfile="), "{err}");
+    // And at trace level, where every layer logs, still no password.
+    let out = warren_cli_async(publish(&url), "trace").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_no_secret(&out, &secret);
+    assert_eq!(tls.handshakes(), 0, "no client may finish the handshake");
+
+    // A cacertfile that is not there: named, before any connection.
+    let missing = std::env::temp_dir().join(format!("warren-no-ca-{}.pem", Uuid::new_v4()));
+    let bad = format!("{url}?cacertfile={}", missing.display());
+    let err = one_clear_line(&warren_cli_async(publish(&bad), "warn").await);
+    assert!(
+        err.contains(&format!("cannot use cacertfile {}", missing.display())),
+        "{err}"
+    );
+    assert!(err.contains("No such file"), "{err}");
+
+    // A cacertfile that exists but is another CA's: still not trusted.
+    let other = TlsProxy::start(PLAIN_BROKER).await;
+    let wrong = format!("{url}?cacertfile={}", other.ca_file.to_string_lossy());
+    let err = one_clear_line(&warren_cli_async(publish(&wrong), "warn").await);
+    assert!(err.contains("certificate we do not trust"), "{err}");
+    assert_eq!(tls.handshakes(), 0);
 }

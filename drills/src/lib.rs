@@ -15,6 +15,8 @@
 //! - [`servers`]: restarting RabbitMQ and PostgreSQL and waiting for them.
 //! - [`scenarios`]: the `kill`, `outage` and `twins` drills.
 //! - [`badinput`]: 10,000 messages, good and malformed, and the dead-letter check.
+//! - [`tls`]: `warren demo` over `amqps://` against a TLS listener started
+//!   on the running broker for the drill's length.
 
 pub mod badinput;
 pub mod check;
@@ -22,3 +24,4 @@ pub mod cluster;
 pub mod load;
 pub mod scenarios;
 pub mod servers;
+pub mod tls;

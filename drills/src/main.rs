@@ -8,14 +8,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use drills::cluster::Servers;
-use drills::{badinput, scenarios};
+use drills::{badinput, scenarios, tls};
 
 /// Fault drills and bad input at volume (they restart processes; the
-/// `outage` drill restarts the local RabbitMQ and PostgreSQL).
+/// `outage` drill restarts the local RabbitMQ and PostgreSQL; the `tls`
+/// drill gives RabbitMQ a TLS listener on 5671 for its length).
 #[derive(Parser)]
 #[command(
     name = "drills",
-    after_help = "Drills: kill, twins, bad-input, outage (default: all, in that order)"
+    after_help = "Drills: kill, twins, bad-input, outage, tls (default: all, in that order)"
 )]
 struct Args {
     /// Drills to run.
@@ -95,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         log_dir: log_dir.clone(),
     };
     let drills: Vec<String> = if args.drills.is_empty() || args.drills.iter().any(|d| d == "all") {
-        ["kill", "twins", "bad-input", "outage"]
+        ["kill", "twins", "bad-input", "outage", "tls"]
             .map(String::from)
             .to_vec()
     } else {
@@ -145,8 +146,14 @@ async fn main() -> anyhow::Result<()> {
                 .context("drill bad-input")?;
                 (f.passed(), badinput::render(&f), serde_json::to_value(&f)?)
             }
+            "tls" => {
+                let f = tls::run(&servers, args.keep).await.context("drill tls")?;
+                (f.passed(), tls::render(&f), serde_json::to_value(&f)?)
+            }
             other => {
-                anyhow::bail!("unknown drill {other:?}; drills are kill, twins, bad-input, outage")
+                anyhow::bail!(
+                    "unknown drill {other:?}; drills are kill, twins, bad-input, outage, tls"
+                )
             }
         };
         print!("{text}");

@@ -1,20 +1,35 @@
 //! Connecting to RabbitMQ: a timeout on every attempt, tokio as lapin's
-//! executor and reactor, and errors that say what was tried and how to
-//! start a broker, without ever printing the password.
+//! executor and reactor, TLS trust from the URL (`amqps://…?cacertfile=`),
+//! and errors that say what was tried and how to fix it, without ever
+//! printing the password.
 
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
-/// Time allowed for TCP connect plus the AMQP handshake.
+/// Time allowed for reading the URL's `cacertfile`, TCP connect, the TLS
+/// handshake and the AMQP handshake, all together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// RabbitMQ could not be reached or refused us.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The URL does not parse as an AMQP URL.
+    /// The URL does not parse as an AMQP URL, or asks for what we do not do.
     #[error("invalid AMQP URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    /// The URL's `cacertfile` cannot be read or holds no PEM certificate.
+    #[error("cannot use cacertfile {path} of {url}: {reason}")]
+    CaCert {
+        url: String,
+        /// The path as the URL gives it (percent-decoded).
+        path: String,
+        reason: String,
+    },
+    /// The TLS handshake worked up to the server's certificate, which we do
+    /// not trust (unknown CA, wrong host name, expired).
+    #[error("RabbitMQ at {url} presented a certificate we do not trust: {reason}. Give the CA that signed it as ?cacertfile=/path/to/ca.pem in the URL (or add it to the system trust store), and check that the URL's host is a name the certificate holds")]
+    Untrusted { url: String, reason: String },
     /// Connecting failed or timed out.
     #[error("cannot reach RabbitMQ at {url}: {reason}. Start it (`rabbitmq-server -detached`, or `docker compose up rabbitmq`) or set AMQP_URL")]
     Unreachable { url: String, reason: String },
@@ -22,6 +37,29 @@ pub enum ConnectError {
 
 /// Connects to `url` (amqp:// or amqps://) within [`CONNECT_TIMEOUT`].
 /// `name` shows up in the broker's connection list.
+///
+/// TLS takes one query parameter of RabbitMQ's URI spec, `cacertfile`:
+/// `amqps://host:5671/vhost?cacertfile=/path/ca.pem`. The file's PEM
+/// certificates are *added* to the system trust store, not put in its
+/// place: lapin (tcp-stream 0.28, `into_rustls_common`) builds its root
+/// store from the native certificates and then adds the chain with
+/// `add_parsable_certificates`. That differs from the Erlang client, where
+/// `cacertfile` is the whole set of trusted CAs: here a server with a
+/// publicly trusted certificate is accepted whatever the file says. Without
+/// `cacertfile`, only the system trust store counts.
+///
+/// The file is checked before connecting: readable, text, and at least one
+/// well-formed PEM `CERTIFICATE` block (with the parser lapin itself uses),
+/// else a [`ConnectError::CaCert`] naming the path. A block that is PEM but
+/// not a usable X.509 certificate is skipped by lapin and shows up as
+/// [`ConnectError::Untrusted`] at the handshake.
+///
+/// `cacertfile` on an `amqp://` URL is an error, not ignored: it says the
+/// writer expected TLS and would not get it. Client certificates
+/// (`certfile`, `keyfile`) are refused too rather than silently dropped;
+/// other TLS parameters of the Erlang client (`verify`,
+/// `server_name_indication`, …) are ignored: the server is always verified
+/// against the URL's host.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
     let shown = redact(url);
     let parsed = url::Url::parse(url).map_err(|e| ConnectError::BadUrl {
@@ -34,7 +72,12 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
             reason: format!("scheme must be amqp or amqps, not {:?}", parsed.scheme()),
         });
     }
-    // A TLS failure reads like noise ("corrupt message"); say what to check.
+    let cacertfile = tls_parameters(&parsed).map_err(|reason| ConnectError::BadUrl {
+        url: shown.clone(),
+        reason,
+    })?;
+    // A TLS failure other than the certificate reads like noise ("corrupt
+    // message"); say what to check.
     let tls_hint = if parsed.scheme() == "amqps" {
         " (amqps: is TLS enabled on that port? RabbitMQ's TLS listener is usually 5671)"
     } else {
@@ -44,17 +87,102 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
         .with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(ConnectError::Unreachable {
-            url: shown,
-            reason: format!("{e}{tls_hint}"),
-        }),
+    let attempt = async {
+        let tls =
+            match cacertfile {
+                Some(path) => OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(read_ca(&path).await.map_err(|reason| {
+                        ConnectError::CaCert {
+                            url: shown.clone(),
+                            path,
+                            reason,
+                        }
+                    })?),
+                },
+                None => OwnedTLSConfig::default(),
+            };
+        // lapin ignores the query parameters it does not know, cacertfile
+        // among them.
+        Connection::connect_with_config(url, props, tls)
+            .await
+            .map_err(|e| {
+                if rejected_certificate(&e) {
+                    ConnectError::Untrusted {
+                        url: shown.clone(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    ConnectError::Unreachable {
+                        url: shown.clone(),
+                        reason: format!("{e}{tls_hint}"),
+                    }
+                }
+            })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
         Err(_) => Err(ConnectError::Unreachable {
             url: shown,
             reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
         }),
     }
+}
+
+/// The URL's `cacertfile`, if any, after refusing the TLS parameters we
+/// cannot honour.
+fn tls_parameters(url: &url::Url) -> Result<Option<String>, String> {
+    let mut cacertfile = None;
+    for (key, value) in url.query_pairs() {
+        match &*key {
+            // The first one wins, as for lapin's own parameters.
+            "cacertfile" if cacertfile.is_none() => cacertfile = Some(value.into_owned()),
+            "certfile" | "keyfile" => {
+                return Err(format!(
+                    "{key}: client certificates are not supported, only cacertfile"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if cacertfile.is_some() && url.scheme() != "amqps" {
+        return Err("cacertfile needs amqps://: an amqp:// connection is not encrypted".to_owned());
+    }
+    Ok(cacertfile)
+}
+
+/// Reads a CA file and checks it holds PEM certificates; the text is what
+/// lapin takes as `cert_chain`.
+async fn read_ca(path: &str) -> Result<String, String> {
+    if path.is_empty() {
+        return Err("the path is empty".to_owned());
+    }
+    let bytes = tokio::fs::read(path).await.map_err(|e| e.to_string())?;
+    let pem = String::from_utf8(bytes)
+        .map_err(|_| "not a PEM file (not text; DER must be converted to PEM)".to_owned())?;
+    let mut certificates = 0;
+    for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        cert.map_err(|e| format!("not valid PEM: {e}"))?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".to_owned());
+    }
+    Ok(pem)
+}
+
+/// Whether lapin failed because rustls rejected the server's certificate.
+/// rustls reports it as an `io::Error` wrapping its own error, which lapin
+/// keeps; its type, not its text, decides.
+fn rejected_certificate(e: &lapin::Error) -> bool {
+    let lapin::Error::IOError(io) = e else {
+        return false;
+    };
+    matches!(
+        io.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
 }
 
 /// AMQP properties of an event message: what brokers and tools look at,
@@ -150,6 +278,76 @@ mod tests {
         assert!(msg.contains("rabbitmq-server"), "{msg}");
         assert!(!msg.contains("pw@"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    /// Connects to a port where nothing listens: every test below must
+    /// fail on the URL or the CA file, before any connection is tried.
+    async fn refused(query: &str) -> String {
+        let url = format!("amqps://guest:pw-unit@127.0.0.1:1/%2f?{query}");
+        let err = connect(&url, "test").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(!msg.contains("pw-unit"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(
+            !matches!(err, ConnectError::Unreachable { .. }),
+            "must fail before connecting: {msg}"
+        );
+        msg
+    }
+
+    fn temp_file(contents: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("warren-unit-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_missing_cacertfile_is_named_in_the_error() {
+        let path = std::env::temp_dir().join(format!("warren-none-{}.pem", uuid::Uuid::new_v4()));
+        let msg = refused(&format!("cacertfile={}", path.display())).await;
+        assert!(
+            msg.contains(&format!("cacertfile {}", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("No such file"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_cacertfile_without_a_pem_certificate_is_refused() {
+        for (contents, says) in [
+            (&b"just some text\n"[..], "no PEM certificate"),
+            (&b"\x30\x82\x01\xff\xfe"[..], "not text"),
+            (
+                &b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"[..],
+                "not valid PEM",
+            ),
+        ] {
+            let path = temp_file(contents);
+            let msg = refused(&format!("cacertfile={}", path.display())).await;
+            std::fs::remove_file(&path).unwrap();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains(says), "{msg}");
+        }
+        assert!(refused("cacertfile=").await.contains("the path is empty"));
+    }
+
+    #[tokio::test]
+    async fn cacertfile_on_a_plain_url_and_client_certificates_are_refused() {
+        let err = connect("amqp://guest:pw@127.0.0.1:1/%2f?cacertfile=/x.pem", "t")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::BadUrl { .. }), "{err}");
+        assert!(
+            err.to_string().contains("cacertfile needs amqps://"),
+            "{err}"
+        );
+        for param in ["certfile", "keyfile"] {
+            let msg = refused(&format!("{param}=/x.pem")).await;
+            assert!(
+                msg.contains("client certificates are not supported"),
+                "{msg}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -4,8 +4,12 @@
 //! against the real RabbitMQ and PostgreSQL and leave nothing behind:
 //! [`TestBus`] deletes what it declared when dropped, and its queues carry
 //! `x-expires` so even a test killed mid-way is cleaned up by the broker.
+//! [`Proxy`] cuts one test's connections without touching the shared
+//! servers; [`TlsProxy`] gives one test a TLS listener of its own in front
+//! of the plain broker.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -295,4 +299,148 @@ impl Drop for Proxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// A TLS-terminating proxy in front of a plain server: a TLS listener of
+/// the test's own, so `amqps://` can be tested against the shared broker
+/// without reconfiguring or restarting it. It presents a certificate for
+/// `localhost` signed by a CA made for this proxy alone, which no system
+/// trust store knows; the CA is written to [`TlsProxy::ca_file`] for the
+/// client to trust, and removed on drop.
+pub struct TlsProxy {
+    /// Where clients connect (TLS) instead of the server.
+    pub addr: std::net::SocketAddr,
+    /// This proxy's CA certificate, PEM.
+    pub ca_file: PathBuf,
+    /// TLS handshakes completed: a client that rejected the certificate
+    /// does not count.
+    handshakes: Arc<AtomicUsize>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TlsProxy {
+    /// Starts a TLS proxy on a free loopback port forwarding plaintext to
+    /// `target`.
+    pub async fn start(target: &str) -> TlsProxy {
+        use tokio_rustls::rustls;
+
+        let (ca_pem, chain, key) = localhost_certificate();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind TLS proxy");
+        let addr = listener.local_addr().expect("addr");
+        let ca_file = std::env::temp_dir().join(format!(
+            "warren-test-ca-{:016x}.pem",
+            rand::thread_rng().gen::<u64>()
+        ));
+        std::fs::write(&ca_file, ca_pem).expect("write test CA");
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = target.to_owned();
+        let (h, c) = (handshakes.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (acceptor, target, h) = (acceptor.clone(), target.clone(), h.clone());
+                let task = tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(inbound).await else {
+                        return;
+                    };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = copy_bidirectional(&mut tls, &mut outbound).await;
+                    }
+                });
+                c.lock().expect("lock").push(task);
+            }
+        });
+        TlsProxy {
+            addr,
+            ca_file,
+            handshakes,
+            conns,
+            accept,
+        }
+    }
+
+    /// TLS handshakes completed so far.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// `amqps://user:password@localhost:PORT/%2f`: host `localhost`, the
+    /// name in the certificate, and no `cacertfile`.
+    pub fn amqps_url(&self, user: &str, password: &str) -> String {
+        format!(
+            "amqps://{user}:{password}@localhost:{}/%2f",
+            self.addr.port()
+        )
+    }
+
+    /// [`TlsProxy::amqps_url`] with `?cacertfile=` this proxy's CA.
+    pub fn amqps_url_trusting_ca(&self, user: &str, password: &str) -> String {
+        let path = self.ca_file.to_string_lossy();
+        let encoded: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
+        format!("{}?cacertfile={encoded}", self.amqps_url(user, password))
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for task in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.ca_file);
+    }
+}
+
+/// A fresh CA (PEM) and a certificate chain and key for `localhost` that
+/// it signed.
+fn localhost_certificate() -> (
+    String,
+    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "warren test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+
+    let key = KeyPair::generate().expect("server key");
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = server
+        .signed_by(&key, &ca_cert, &ca_key)
+        .expect("server certificate");
+    (
+        ca_cert.pem(),
+        vec![cert.der().clone()],
+        tokio_rustls::rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
 }
