@@ -154,7 +154,9 @@ pub struct RelayStats {
 }
 
 /// Stand-in so fault points compile away without the `testkit` feature.
+/// Its variants mirror the public enum's names, prefix and all.
 #[cfg(not(feature = "testkit"))]
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy)]
 enum CrashPoint {
     AfterClaim,
