@@ -429,13 +429,23 @@ impl Relay {
                 // The outbox rows themselves are written by the callers'
                 // transactions, whose durability is untouched.
                 //
-                // Custom plans: claims and marks run once per batch, so
-                // planning is cheap next to them, while a generic plan
-                // cached when the outbox was small would keep scanning
-                // the whole table once it has grown.
+                // Plans: the claim must walk the partial index of
+                // unpublished rows in position order and stop at its LIMIT.
+                // Left to itself the planner often prefers a bitmap scan
+                // plus sort, which visits every index entry, dead ones too:
+                // each published row leaves one behind until VACUUM, and a
+                // plain index scan is what marks them dead as it passes
+                // (seen: 12,000 dead entries, 4 ms per claim, after a
+                // drain with autovacuum off). A sequential scan would read
+                // the whole outbox. Custom plans: claims and marks run once
+                // per batch, so planning is cheap next to them, and a
+                // generic plan cached while the outbox was small would
+                // outlive its growth.
                 for set in [
                     "SET synchronous_commit = off",
                     "SET plan_cache_mode = force_custom_plan",
+                    "SET enable_bitmapscan = off",
+                    "SET enable_seqscan = off",
                 ] {
                     self.db_timeout(sqlx::query(set).execute(&mut conn)).await?;
                 }
