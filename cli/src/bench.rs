@@ -69,6 +69,9 @@ pub struct BenchReport {
     pub rss_mb: f64,
 }
 
+/// The consuming service (and its schema).
+const SINK: &str = "bench_sink";
+
 /// The benchmark's consumer: one store row per event.
 #[derive(Clone)]
 struct Sink;
@@ -76,7 +79,7 @@ struct Sink;
 #[async_trait::async_trait]
 impl Handle<OrderPlaced> for Sink {
     async fn handle(&self, ctx: &mut Context<'_>, _d: OrderPlaced) -> Result<(), HandleError> {
-        sqlx::query("INSERT INTO bench.items (event_id, subject) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO bench_sink.items (event_id, subject) VALUES ($1, $2)")
             .bind(ctx.event.id)
             .bind(&ctx.event.subject)
             .execute(&mut *ctx.tx)
@@ -124,7 +127,9 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         .context("ceiling run")?;
     tracing::info!(events_per_s = ceiling, "ceiling measured");
 
-    sqlx::query("TRUNCATE bench.outbox, bench.outbox_sequences, bench.inbox, bench.subject_progress, bench.items")
+    sqlx::query(
+        "TRUNCATE bench.outbox, bench.outbox_sequences, bench_sink.inbox, bench_sink.subject_progress, bench_sink.items",
+    )
         .execute(&pool)
         .await?;
     let outbox = Outbox::new("bench")?;
@@ -136,7 +141,8 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         live_feed: false,
         ..Default::default()
     };
-    let router = Router::new("bench").on::<OrderPlaced, _>(Sink);
+    // The consumer is another service, `bench_sink`, as in a real system.
+    let router = Router::new(SINK).on::<OrderPlaced, _>(Sink);
     let sub = Subscription::new(
         router,
         pool.clone(),
@@ -181,7 +187,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let _ = sub_task.await;
     let _ = relay_task.await;
     topology
-        .delete_service(&setup_ch, "bench", &config.retry_delays())
+        .delete_service(&setup_ch, SINK, &config.retry_delays())
         .await?;
     topology.delete_exchange(&setup_ch).await?;
     let _ = setup.close(200, "bench done").await;

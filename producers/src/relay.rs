@@ -366,8 +366,13 @@ impl Relay {
                             .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
                         let Some(batch) = in_flight.pop_front() else { continue };
                         let (_, failed) = self.settle(leader, batch, confirms, &mut held_back).await?;
-                        claim = true;
+                        // No claim just because a batch came back: `claim`
+                        // is still set if the last claim was full, and
+                        // commits since then have notified. Under a trickle
+                        // this halves the claims (each event used to cost
+                        // a second, empty one).
                         if failed > 0 || !held_back.is_empty() {
+                            claim = true;
                             // Settle everything in flight before anything is
                             // claimed again, so a row to retry is never
                             // republished while a later row of its subject
