@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
-use crate::inbox::{Inbox, Stream};
+use crate::inbox::Inbox;
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::{Context, HandleError, Router, SubscriptionConfig};
 
@@ -199,80 +199,75 @@ impl Processor {
         }
     }
 
-    /// The transaction: inbox, order check, handlers, progress, commit.
+    /// The transaction: admission (order check, progress, inbox),
+    /// handlers, commit.
     async fn apply(&self, events: &[&Envelope]) -> Result<Vec<Applied>, HandleError> {
         let mut tx = self.pool.begin().await?;
-        let streams: Vec<Stream> = events
-            .iter()
-            .map(|e| (e.source.clone(), e.subject.clone()))
-            .collect();
-        let mut last = self.inbox.lock_progress(&mut tx, &streams).await?;
+        let admissions = self.inbox.admit(&mut tx, events).await?;
 
-        // Decide each event's fate in delivery order, per stream.
+        // Each event's fate. An admitted event whose id an earlier event of
+        // this batch already took is a duplicate, whatever the inbox said.
         let mut plan: Vec<Option<Applied>> = Vec::with_capacity(events.len());
-        let mut candidates: Vec<&Envelope> = Vec::new();
+        let mut taken: HashSet<uuid::Uuid> = HashSet::new();
+        let mut candidates: Vec<usize> = Vec::new();
         let mut behind: Vec<uuid::Uuid> = Vec::new();
-        let mut advanced: HashMap<Stream, i64> = HashMap::new();
-        for (e, stream) in events.iter().zip(&streams) {
-            let current = last.get(stream).copied().unwrap_or(0);
-            if e.sequence == current + 1 {
-                last.insert(stream.clone(), e.sequence);
-                advanced.insert(stream.clone(), e.sequence);
-                candidates.push(e);
-                plan.push(None);
-            } else if e.sequence <= current {
-                behind.push(e.id);
-                plan.push(Some(Applied::Stale { last: current }));
+        for (i, (e, a)) in events.iter().zip(&admissions).enumerate() {
+            if a.admitted {
+                if a.new && taken.insert(e.id) {
+                    candidates.push(i);
+                    plan.push(None);
+                } else {
+                    plan.push(Some(Applied::Duplicate));
+                }
+            } else if e.sequence <= a.last {
+                if taken.contains(&e.id) {
+                    plan.push(Some(Applied::Duplicate));
+                } else {
+                    behind.push(e.id);
+                    plan.push(Some(Applied::Stale { last: a.last }));
+                }
             } else {
                 plan.push(Some(Applied::Early {
-                    expected: current + 1,
+                    expected: a.last + 1,
                 }));
             }
         }
-        let new = if candidates.is_empty() {
-            HashSet::new()
-        } else {
-            self.inbox.record(&mut tx, &candidates).await?
-        };
-        let seen = if behind.is_empty() {
-            HashSet::new()
-        } else {
-            self.inbox.existing(&mut tx, &behind).await?
-        };
-
-        for (e, slot) in events.iter().zip(plan.iter_mut()) {
-            match slot {
-                Some(Applied::Stale { .. }) if seen.contains(&e.id) => {
-                    *slot = Some(Applied::Duplicate)
-                }
-                Some(_) => {}
-                None if !new.contains(&e.id) => *slot = Some(Applied::Duplicate),
-                None => {
-                    if e.source == self.own_source {
-                        // One of our own events coming back (or one of ours
-                        // replayed from elsewhere): keep our sequence
-                        // counter past it.
-                        self.outbox.observe(&mut tx, &e.subject, e.sequence).await?;
-                    }
-                    *slot = Some(match self.router.handler(&e.event_type) {
-                        Some(h) => {
-                            let mut ctx = Context::new(&mut tx, e, &self.outbox);
-                            tokio::time::timeout(self.config.handler_timeout, h.call(&mut ctx))
-                                .await
-                                .map_err(|_| {
-                                    HandleError::Transient(format!(
-                                        "handler timed out after {:?}",
-                                        self.config.handler_timeout
-                                    ))
-                                })??;
-                            Applied::Handled
-                        }
-                        None => Applied::Skipped,
-                    });
+        // Rare: at or below the applied sequence. Asked in a statement of
+        // its own, whose snapshot is taken with the progress rows locked,
+        // so a copy applied by another consumer just before counts as seen.
+        if !behind.is_empty() {
+            let seen = self.inbox.existing(&mut tx, &behind).await?;
+            for (e, slot) in events.iter().zip(plan.iter_mut()) {
+                if matches!(slot, Some(Applied::Stale { .. })) && seen.contains(&e.id) {
+                    *slot = Some(Applied::Duplicate);
                 }
             }
         }
-        self.inbox.advance(&mut tx, &advanced).await?;
+
+        for i in in_stream_order(events, candidates) {
+            let e = events[i];
+            if e.source == self.own_source {
+                // One of our own events coming back (or one of ours
+                // replayed from elsewhere): keep our sequence counter past
+                // it.
+                self.outbox.observe(&mut tx, &e.subject, e.sequence).await?;
+            }
+            plan[i] = Some(match self.router.handler(&e.event_type) {
+                Some(h) => {
+                    let mut ctx = Context::new(&mut tx, e, &self.outbox);
+                    tokio::time::timeout(self.config.handler_timeout, h.call(&mut ctx))
+                        .await
+                        .map_err(|_| {
+                            HandleError::Transient(format!(
+                                "handler timed out after {:?}",
+                                self.config.handler_timeout
+                            ))
+                        })??;
+                    Applied::Handled
+                }
+                None => Applied::Skipped,
+            });
+        }
         tx.commit().await?;
         #[cfg(feature = "testkit")]
         if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
@@ -446,6 +441,32 @@ impl Processor {
     }
 }
 
+/// The order to run the admitted events (`candidates`, indexes into
+/// `events` in delivery order) in: delivery order, except that within a
+/// stream the sequences go up. A batch may bring 7 before 6; both are
+/// admitted, and 6 must apply first; other streams keep their places.
+fn in_stream_order(events: &[&Envelope], candidates: Vec<usize>) -> Vec<usize> {
+    let mut by_stream: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    for &i in &candidates {
+        by_stream
+            .entry((events[i].source.as_str(), events[i].subject.as_str()))
+            .or_default()
+            .push(i);
+    }
+    let mut order = candidates.clone();
+    for slots in by_stream.values() {
+        let mut sorted = slots.clone();
+        sorted.sort_by_key(|&i| events[i].sequence);
+        // `slots` are in delivery order, so are the places in `order`.
+        for (slot, i) in slots.iter().zip(sorted) {
+            if let Ok(place) = candidates.binary_search(slot) {
+                order[place] = i;
+            }
+        }
+    }
+    order
+}
+
 /// AMQP header values as JSON, for binary-mode attributes.
 fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
     use serde_json::Value;
@@ -468,5 +489,42 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
         }
         AMQPValue::Timestamp(t) => (*t).into(),
         _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(subject: &str, sequence: i64) -> Envelope {
+        let data = events::catalog::CustomerUpdated {
+            customer_id: uuid::Uuid::nil(),
+            name: "n".into(),
+            email: "e@x".into(),
+        };
+        let mut e = Envelope::new("t", subject.to_owned(), &data);
+        e.sequence = sequence;
+        e
+    }
+
+    #[test]
+    fn in_stream_order_sorts_sequences_within_a_stream_and_keeps_other_places() {
+        let evs = [
+            event("a", 7),
+            event("b", 1),
+            event("a", 6),
+            event("c", 3),
+            event("a", 8),
+        ];
+        let refs: Vec<&Envelope> = evs.iter().collect();
+        // Every event admitted: a's slots 0, 2, 4 take 6, 7, 8 (indexes
+        // 2, 0, 4); b and c stay where they were.
+        assert_eq!(
+            in_stream_order(&refs, vec![0, 1, 2, 3, 4]),
+            vec![2, 1, 0, 3, 4]
+        );
+        // Only some admitted.
+        assert_eq!(in_stream_order(&refs, vec![0, 2, 3]), vec![2, 0, 3]);
+        assert!(in_stream_order(&refs, vec![]).is_empty());
     }
 }

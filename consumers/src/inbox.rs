@@ -2,9 +2,9 @@
 //! idempotency record) and how far each (source, subject) has been applied
 //! (the ordering record). Both are written in the handler's transaction,
 //! with one set-based statement per batch of deliveries, so a batch costs
-//! a handful of round trips plus its handlers', and one commit.
+//! BEGIN, that statement, its handlers' statements and COMMIT.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -15,14 +15,24 @@ use uuid::Uuid;
 /// (source, subject): the unit of ordering.
 pub type Stream = (String, String);
 
+/// What [`Inbox::admit`] made of one event of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// The stream's applied sequence once the batch commits.
+    pub last: i64,
+    /// Its sequence is next in line (and it is the first event of the
+    /// batch with that sequence): it applies now.
+    pub admitted: bool,
+    /// Admitted and its id was not in the inbox yet.
+    pub new: bool,
+}
+
 /// SQL of one schema's inbox, built once.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     schema: String,
-    record: String,
+    admit: String,
     existing: String,
-    lock_progress: String,
-    advance: String,
     prune: String,
     count: String,
 }
@@ -33,32 +43,57 @@ impl Inbox {
         let s = schema;
         Inbox {
             schema: s.to_owned(),
-            record: format!(
-                "INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
-                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+            // One statement per batch. `b` is the batch in delivery
+            // order. `adv` locks the progress row of each stream it touches
+            // (in sorted order, so two batches never wait on each other in
+            // a cycle; an upsert that changes nothing still takes the row
+            // lock, which serialises every handler of these subjects,
+            // across processes, until commit) and moves it to the end of
+            // the run of consecutive sequences the batch continues it
+            // with, remembering where it was. A sequence `r.seq` is in that
+            // run exactly when it is the `r.n`-th distinct sequence above
+            // the old position and equals old + n. `acc` is the first
+            // event of each admitted sequence, `ins` records them in the
+            // inbox (an id already there is a duplicate). Every table is
+            // reached through a unique index (upsert arbiters), so no
+            // cached generic plan can turn into a scan as tables grow.
+            admit: format!(
+                "WITH b AS ( \
+                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                   WITH ORDINALITY AS b(id, event_type, src, sub, seq, ord)), \
+                 adv AS ( \
+                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
+                   SELECT k.src, k.sub, \
+                     (SELECT coalesce(max(r.seq), 0) FROM ( \
+                        SELECT d.seq, row_number() OVER (ORDER BY d.seq) AS n FROM ( \
+                          SELECT DISTINCT b.seq FROM b WHERE b.src = k.src AND b.sub = k.sub AND b.seq > 0) AS d) AS r \
+                      WHERE r.seq = r.n), \
+                     0 \
+                   FROM (SELECT DISTINCT src, sub FROM b) AS k ORDER BY k.src, k.sub \
+                   ON CONFLICT (source, subject) DO UPDATE SET \
+                     prev_sequence = p.last_sequence, \
+                     last_sequence = (SELECT coalesce(max(r.seq), p.last_sequence) FROM ( \
+                        SELECT d.seq, row_number() OVER (ORDER BY d.seq) AS n FROM ( \
+                          SELECT DISTINCT b.seq FROM b \
+                          WHERE b.src = p.source AND b.sub = p.subject AND b.seq > p.last_sequence) AS d) AS r \
+                      WHERE r.seq - p.last_sequence = r.n), \
+                     updated_at = now() \
+                   RETURNING source, subject, prev_sequence, last_sequence), \
+                 acc AS ( \
+                   SELECT DISTINCT ON (b.src, b.sub, b.seq) b.* \
+                   FROM b JOIN adv ON adv.source = b.src AND adv.subject = b.sub \
+                   WHERE b.seq > adv.prev_sequence AND b.seq <= adv.last_sequence \
+                   ORDER BY b.src, b.sub, b.seq, b.ord), \
+                 ins AS ( \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
+                   SELECT id, event_type, src, sub, seq FROM acc \
+                   ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
+                 SELECT adv.last_sequence, b.ord IN (SELECT ord FROM acc), \
+                   b.ord IN (SELECT ord FROM acc) AND b.id IN (SELECT event_id FROM ins) \
+                 FROM b JOIN adv ON adv.source = b.src AND adv.subject = b.sub \
+                 ORDER BY b.ord"
             ),
             existing: format!("SELECT event_id FROM {s}.inbox WHERE event_id = ANY($1)"),
-            // An upsert that changes nothing still takes the row lock, so
-            // one statement both creates the rows and serialises every
-            // handler of these subjects, across processes, until commit.
-            lock_progress: format!(
-                "INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence) \
-                 SELECT src, sub, 0 FROM unnest($1::text[], $2::text[]) AS u(src, sub) \
-                 ON CONFLICT (source, subject) DO UPDATE SET last_sequence = p.last_sequence \
-                 RETURNING source, subject, last_sequence"
-            ),
-            // An upsert rather than UPDATE … FROM unnest: the rows exist
-            // (locked above), and an upsert always finds them through the
-            // primary key, whereas the join's cached generic plan, chosen
-            // while the table was small, stays a sequential scan forever
-            // (seen: one per batch, 1.1 M rows read in a bench run).
-            advance: format!(
-                "INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-                 ON CONFLICT (source, subject) DO UPDATE \
-                 SET last_sequence = excluded.last_sequence, updated_at = now()"
-            ),
             prune: format!(
                 "DELETE FROM {s}.inbox WHERE event_id IN ( \
                    SELECT event_id FROM {s}.inbox WHERE handled_at < $1 LIMIT $2)"
@@ -67,18 +102,21 @@ impl Inbox {
         }
     }
 
-    /// Records events as handled; returns the ids that were new.
-    pub async fn record(
+    /// Admits a batch of events (in delivery order) in the caller's
+    /// transaction: locks their streams' progress, moves each stream past
+    /// the run of consecutive sequences the batch brings, and records the
+    /// admitted events in the inbox. One statement, one round trip.
+    pub async fn admit(
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],
-    ) -> Result<HashSet<Uuid>, sqlx::Error> {
+    ) -> Result<Vec<Admission>, sqlx::Error> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
         let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
-        let new: Vec<Uuid> = sqlx::query_scalar(&self.record)
+        let rows: Vec<(i64, bool, bool)> = sqlx::query_as(&self.admit)
             .bind(ids)
             .bind(types)
             .bind(sources)
@@ -86,7 +124,21 @@ impl Inbox {
             .bind(seqs)
             .fetch_all(tx)
             .await?;
-        Ok(new.into_iter().collect())
+        if rows.len() != events.len() {
+            return Err(sqlx::Error::Protocol(format!(
+                "inbox admission returned {} rows for {} events",
+                rows.len(),
+                events.len()
+            )));
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(last, admitted, new)| Admission {
+                last,
+                admitted,
+                new,
+            })
+            .collect())
     }
 
     /// Which of `ids` the inbox already holds.
@@ -100,48 +152,6 @@ impl Inbox {
             .fetch_all(tx)
             .await?;
         Ok(found.into_iter().collect())
-    }
-
-    /// Locks the progress rows of `streams` (in a fixed order, so two
-    /// batches never wait on each other in a cycle) and returns the last
-    /// applied sequence of each.
-    pub async fn lock_progress(
-        &self,
-        tx: &mut PgConnection,
-        streams: &[Stream],
-    ) -> Result<HashMap<Stream, i64>, sqlx::Error> {
-        let mut sorted: Vec<&Stream> = streams.iter().collect();
-        sorted.sort();
-        sorted.dedup();
-        let sources: Vec<&str> = sorted.iter().map(|s| s.0.as_str()).collect();
-        let subjects: Vec<&str> = sorted.iter().map(|s| s.1.as_str()).collect();
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(&self.lock_progress)
-            .bind(sources)
-            .bind(subjects)
-            .fetch_all(tx)
-            .await?;
-        Ok(rows.into_iter().map(|(a, b, n)| ((a, b), n)).collect())
-    }
-
-    /// Moves each stream's progress to the given sequence.
-    pub async fn advance(
-        &self,
-        tx: &mut PgConnection,
-        to: &HashMap<Stream, i64>,
-    ) -> Result<(), sqlx::Error> {
-        if to.is_empty() {
-            return Ok(());
-        }
-        let sources: Vec<&str> = to.keys().map(|s| s.0.as_str()).collect();
-        let subjects: Vec<&str> = to.keys().map(|s| s.1.as_str()).collect();
-        let seqs: Vec<i64> = to.values().copied().collect();
-        sqlx::query(&self.advance)
-            .bind(sources)
-            .bind(subjects)
-            .bind(seqs)
-            .execute(tx)
-            .await?;
-        Ok(())
     }
 
     /// Deletes inbox rows older than `window`, `batch` at a time. The window

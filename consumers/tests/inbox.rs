@@ -1,0 +1,152 @@
+//! The inbox's one-statement admission against the real PostgreSQL: which
+//! events of a batch apply, how far each stream moves, and that admitting
+//! serialises the transactions touching one stream.
+
+use std::time::Duration;
+
+use consumers::inbox::{Admission, Inbox};
+use events::catalog::OrderCancelled;
+use events::Envelope;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+fn event(subject: &str, sequence: i64) -> Envelope {
+    let mut e = Envelope::new(
+        "orders",
+        subject.to_owned(),
+        &OrderCancelled {
+            order_id: Uuid::nil(),
+            reason: "test".into(),
+        },
+    );
+    e.sequence = sequence;
+    e
+}
+
+fn admission(last: i64, admitted: bool, new: bool) -> Admission {
+    Admission {
+        last,
+        admitted,
+        new,
+    }
+}
+
+async fn admit(pool: &PgPool, inbox: &Inbox, events: &[&Envelope]) -> Vec<Admission> {
+    let mut tx = pool.begin().await.unwrap();
+    let got = inbox.admit(&mut tx, events).await.unwrap();
+    tx.commit().await.unwrap();
+    got
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_admits_the_run_that_continues_each_stream(pool: PgPool) {
+    let inbox = Inbox::new("shipping");
+    let (a1, a2) = (event("a", 1), event("a", 2));
+    // b arrives 2 before 1: both continue the stream, so both are admitted.
+    let (b2, b1) = (event("b", 2), event("b", 1));
+    // c starts at 2: a gap, nothing admitted, c stays at 0.
+    let c2 = event("c", 2);
+    // a's 1 again in the same batch, same id: not admitted a second time.
+    let a1_again = a1.clone();
+    // a's 2 under another id: the first one with that sequence wins.
+    let a2_other = event("a", 2);
+    let got = admit(
+        &pool,
+        &inbox,
+        &[&a1, &b2, &c2, &a2, &b1, &a1_again, &a2_other],
+    )
+    .await;
+    assert_eq!(
+        got,
+        vec![
+            admission(2, true, true),
+            admission(2, true, true),
+            admission(0, false, false),
+            admission(2, true, true),
+            admission(2, true, true),
+            admission(2, false, false),
+            admission(2, false, false),
+        ]
+    );
+
+    // Next batch: a redelivered (already in the inbox) and a's 3; c's 1
+    // closes c's gap together with the 2 redelivered with it; b jumps to 4.
+    let (a3, c1, b4) = (event("a", 3), event("c", 1), event("b", 4));
+    let got = admit(&pool, &inbox, &[&a2, &a3, &c2, &c1, &b4]).await;
+    assert_eq!(
+        got,
+        vec![
+            admission(3, false, false),
+            admission(3, true, true),
+            admission(2, true, true),
+            admission(2, true, true),
+            admission(2, false, false),
+        ]
+    );
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping.inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 7, "a1 a2 a3 b1 b2 c1 c2");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_admitted_id_already_in_the_inbox_is_not_new(pool: PgPool) {
+    let inbox = Inbox::new("shipping");
+    let first = event("a", 1);
+    admit(&pool, &inbox, &[&first]).await;
+    // The same id under the next sequence (a replay with a wrong
+    // sequence): admitted by order, but the inbox knows the id.
+    let mut replayed = first.clone();
+    replayed.sequence = 2;
+    assert_eq!(
+        admit(&pool, &inbox, &[&replayed]).await,
+        vec![admission(2, true, false)]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn admission_is_rolled_back_with_its_transaction(pool: PgPool) {
+    let inbox = Inbox::new("shipping");
+    let e = event("a", 1);
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        inbox.admit(&mut tx, &[&e]).await.unwrap(),
+        vec![admission(1, true, true)]
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        admit(&pool, &inbox, &[&e]).await,
+        vec![admission(1, true, true)],
+        "a failed handler leaves the event to apply again"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_second_transaction_on_the_stream_waits_for_the_first(pool: PgPool) {
+    let inbox = Inbox::new("shipping");
+    let (e1, e2) = (event("a", 1), event("a", 2));
+    let mut first = pool.begin().await.unwrap();
+    inbox.admit(&mut first, &[&e1]).await.unwrap();
+
+    let (pool2, inbox2, e2c) = (pool.clone(), inbox.clone(), e2.clone());
+    let second = tokio::spawn(async move {
+        let mut conn = pool2.acquire().await.unwrap();
+        let mut tx = conn.begin().await.unwrap();
+        let got = inbox2.admit(&mut tx, &[&e2c]).await.unwrap();
+        tx.commit().await.unwrap();
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the stream's row lock holds it");
+    first.commit().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![admission(2, true, true)],
+        "it sees the first one's progress once it gets the lock"
+    );
+}
