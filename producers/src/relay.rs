@@ -318,6 +318,13 @@ impl Relay {
         let mut last_prune: Option<Instant> = None;
         let mut failures = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let mut claim = true;
+        // The last claim came back full: more rows are waiting, so claims
+        // go out back to back, pipelined. Otherwise (a trickle) a new claim
+        // waits until nothing is in flight: the rows committed meanwhile
+        // go out together, one claim, one publish burst and one mark for
+        // all of them, instead of one each (it costs them at most one
+        // confirm round trip of waiting).
+        let mut backlog = false;
         loop {
             // A batch in flight always ends with its confirms awaited and
             // its rows marked before the relay stops.
@@ -336,7 +343,7 @@ impl Relay {
             let rows_in_flight: usize = in_flight.iter().map(|b| b.rows.len()).sum();
             let free = self.config.max_in_flight.saturating_sub(rows_in_flight);
             let room = in_flight.len() < depth && free > 0;
-            if claim && room {
+            if claim && room && (backlog || in_flight.is_empty()) {
                 let exclude: Vec<i64> = in_flight
                     .iter()
                     .flat_map(|b| b.rows.iter().map(|r| r.position))
@@ -347,10 +354,14 @@ impl Relay {
                         // A full batch means more is waiting: claim again at
                         // once, while this one's confirms are on their way.
                         claim = batch.full;
+                        backlog = batch.full;
                         in_flight.push_back(batch);
                         continue;
                     }
-                    None => claim = false,
+                    None => {
+                        claim = false;
+                        backlog = false;
+                    }
                 }
             }
             // Time-gated, and checked on busy passes too: under steady
