@@ -35,7 +35,8 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use producers::{Backoff, Outbox};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use crate::deadletter::{
@@ -87,6 +88,11 @@ pub(crate) struct Processor {
     pub own_source: String,
 }
 
+/// A lane's database connection, kept from one batch to the next while
+/// deliveries keep coming: a connection given back to the pool costs a
+/// round trip (sqlx checks it on release), one per batch under a trickle.
+pub(crate) type Held = Option<PoolConnection<Postgres>>;
+
 /// A delivery with what decoding made of it.
 pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
 
@@ -128,6 +134,7 @@ impl Processor {
     pub async fn process(
         &self,
         items: Vec<Item>,
+        conn: &mut Held,
         shutdown: &CancellationToken,
     ) -> Result<(), SettleError> {
         let started = Instant::now();
@@ -149,7 +156,7 @@ impl Processor {
         }
         let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
         let results: Vec<Result<Applied, HandleError>> = match self
-            .apply_waiting(&envelopes, shutdown)
+            .apply_waiting(conn, &envelopes, shutdown)
             .await?
         {
             Ok(applied) => applied.into_iter().map(Ok).collect(),
@@ -158,7 +165,11 @@ impl Processor {
                 tracing::debug!(error = %e, size = envelopes.len(), "batch failed; applying one by one");
                 let mut one_by_one = Vec::with_capacity(envelopes.len());
                 for env in &envelopes {
-                    one_by_one.push(self.apply_waiting(&[env], shutdown).await?.map(|a| a[0]));
+                    one_by_one.push(
+                        self.apply_waiting(conn, &[env], shutdown)
+                            .await?
+                            .map(|a| a[0]),
+                    );
                 }
                 one_by_one
             }
@@ -174,6 +185,7 @@ impl Processor {
     /// unavailable: a lost database must not burn the events' attempts.
     async fn apply_waiting(
         &self,
+        conn: &mut Held,
         events: &[&Envelope],
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
@@ -182,7 +194,7 @@ impl Processor {
             self.config.retry_max.max(Duration::from_millis(200)),
         );
         loop {
-            match self.apply(events).await {
+            match self.apply(conn, events).await {
                 Err(HandleError::Unavailable(e)) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(
@@ -201,8 +213,30 @@ impl Processor {
 
     /// The transaction: admission (order check, progress, inbox),
     /// handlers, commit.
-    async fn apply(&self, events: &[&Envelope]) -> Result<Vec<Applied>, HandleError> {
-        let mut tx = self.pool.begin().await?;
+    async fn apply(
+        &self,
+        conn: &mut Held,
+        events: &[&Envelope],
+    ) -> Result<Vec<Applied>, HandleError> {
+        let held = match conn {
+            Some(c) => c,
+            None => conn.insert(self.pool.acquire().await?),
+        };
+        let result = self.apply_on(held, events).await;
+        if result.is_err() {
+            // Back to the pool, whose check on release flushes whatever a
+            // failed or timed-out statement left behind (or closes it).
+            *conn = None;
+        }
+        result
+    }
+
+    async fn apply_on(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&Envelope],
+    ) -> Result<Vec<Applied>, HandleError> {
+        let mut tx = conn.begin().await?;
         let admissions = self.inbox.admit(&mut tx, events).await?;
 
         // Each event's fate. An admitted event whose id an earlier event of

@@ -28,10 +28,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::deadletter::Forwarder;
-use crate::delivery::{decode, Item, Processor, SettleError};
+use crate::delivery::{decode, Held, Item, Processor, SettleError};
 use crate::inbox::Inbox;
 use crate::outcome::{Feed, Stats};
 use crate::Router;
+
+/// How long a lane keeps its database connection with no delivery to
+/// handle. Long enough to span the gaps of a steady stream, short enough
+/// that lanes of a quiet service leave the pool to others.
+const HOLD_IDLE: Duration = Duration::from_millis(100);
 
 /// Tuning of a subscription.
 #[derive(Debug, Clone)]
@@ -302,7 +307,23 @@ impl Subscription {
             senders.push(tx);
             let (p, stop, abandoned) = (processor.clone(), shutdown.clone(), abandon.clone());
             tasks.spawn(async move {
-                while let Some(first) = rx.recv().await {
+                let mut conn: Held = None;
+                loop {
+                    // The connection stays with the lane while deliveries
+                    // keep coming, and goes back to the pool after
+                    // `HOLD_IDLE` without any, so idle lanes hold none.
+                    let next = if conn.is_some() {
+                        match tokio::time::timeout(HOLD_IDLE, rx.recv()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                conn = None;
+                                continue;
+                            }
+                        }
+                    } else {
+                        rx.recv().await
+                    };
+                    let Some(first) = next else { break };
                     if abandoned.is_cancelled() {
                         continue;
                     }
@@ -316,7 +337,7 @@ impl Subscription {
                             Err(_) => break,
                         }
                     }
-                    p.process(batch, &stop).await?;
+                    p.process(batch, &mut conn, &stop).await?;
                 }
                 Ok::<(), SettleError>(())
             });

@@ -258,7 +258,6 @@ fn split_at_sequence(encoded: &str) -> Option<(&str, &str)> {
     tail.starts_with([',', '}']).then(|| (&encoded[..at], tail))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
