@@ -485,3 +485,49 @@ async fn demo_tells_its_story_and_exits_0_twice() {
         .await
         .unwrap();
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
+    // Small sizes: this checks what the report holds, not how fast.
+    let out = warren_async(
+        "unused".into(),
+        Some(db_url(&pool)),
+        [
+            "bench",
+            "--json",
+            "--events",
+            "300",
+            "--rate",
+            "100",
+            "--seconds",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("ceiling (broker alone)"), "{stdout}");
+    let last = stdout.trim().lines().last().unwrap();
+    let r: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "ceiling_events_per_s",
+        "drain_events_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "latency_max_ms",
+        "rss_mb",
+    ] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {last}");
+    }
+    assert_eq!(r["events"], 300);
+    // Every event committed in the latency run was seen handled.
+    assert_eq!(r["latency_samples"], 100, "{last}");
+    assert!(r["latency_p50_ms"].as_f64() <= r["latency_p99_ms"].as_f64());
+    let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_sink.items")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(handled, 300 + 100 + 20, "drain, latency and wake-up events");
+}
