@@ -453,15 +453,17 @@ impl Relay {
                 // plain index scan is what marks them dead as it passes
                 // (seen: 12,000 dead entries, 4 ms per claim, after a
                 // drain with autovacuum off). A sequential scan would read
-                // the whole outbox. With both off, the generic plan cached
-                // while the outbox is still empty is the index scan too, so
-                // claims and marks are planned once per connection (custom
-                // plans cost ~0.1 ms each, a claim and a mark per event
+                // the whole outbox. With both off, the generic plan is the
+                // index scan whatever the table's size, so claims and marks
+                // are planned once per connection: left to choose, the
+                // planner kept re-planning the mark for its array's size
+                // (~0.1 ms a time, a claim and a mark per burst of events
                 // under a trickle).
                 for set in [
                     "SET synchronous_commit = off",
                     "SET enable_bitmapscan = off",
                     "SET enable_seqscan = off",
+                    "SET plan_cache_mode = force_generic_plan",
                 ] {
                     self.db_timeout(sqlx::query(set).execute(&mut conn)).await?;
                 }
