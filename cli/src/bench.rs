@@ -54,6 +54,8 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub events: usize,
+    /// Consumer lanes of the drain and latency runs.
+    pub lanes: usize,
     pub body_bytes: usize,
     pub ceiling_events_per_s: f64,
     pub drain_events_per_s: f64,
@@ -204,6 +206,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     };
     Ok(BenchReport {
         events: opts.events,
+        lanes: opts.lanes,
         body_bytes: body.len(),
         ceiling_events_per_s: ceiling.round(),
         drain_events_per_s: drain.round(),
@@ -513,7 +516,7 @@ fn peak_rss_mb() -> f64 {
 /// The readable table.
 pub fn render(r: &BenchReport) -> String {
     format!(
-        "warren bench — {events} events of {bytes} bytes\n\
+        "warren bench — {events} events of {bytes} bytes, {lanes} consumer lanes\n\
          \n  ceiling (broker alone)   {ceil:>10.0} events/s\
          \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
          \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s)\
@@ -521,6 +524,7 @@ pub fn render(r: &BenchReport) -> String {
          \n  peak RSS                 {rss:>10.1} MB\n",
         events = r.events,
         bytes = r.body_bytes,
+        lanes = r.lanes,
         ceil = r.ceiling_events_per_s,
         drain = r.drain_events_per_s,
         ratio = r.drain_vs_ceiling,
