@@ -3,13 +3,15 @@
 //!
 //! Each pass claims a bounded batch of unpublished rows in position order,
 //! publishes all of them pipelined with publisher confirms and `mandatory`,
-//! and marks exactly the confirmed ones once their confirms arrive. Up to
-//! `batches_in_flight` batches (`max_in_flight` rows) await their confirms at once: the next claim
-//! skips the rows in flight, so new events go out while the broker is still
-//! syncing the previous ones. No database transaction is open while it
-//! waits on the broker. It claims again at once while batches come back
-//! full, and sleeps on `LISTEN` (with a periodic poll as fallback, so a lost
-//! notification only delays) when the outbox is empty.
+//! and marks exactly the confirmed ones once their confirms arrive. While
+//! claims come back full (a backlog), up to `batches_in_flight` batches
+//! (`max_in_flight` rows) await their confirms at once: the next claim
+//! skips the rows in flight, so new events go out while the broker is
+//! still syncing the previous ones. Under a trickle a notification only
+//! leads to a claim once nothing is in flight, so what was committed
+//! meanwhile goes out as one batch. No database transaction is open while
+//! it waits on the broker. It sleeps on `LISTEN` (with a periodic poll as
+//! fallback, so a lost notification only delays) when the outbox is empty.
 //!
 //! Order: rows of one subject are committed in sequence order and get
 //! increasing positions (the per-subject sequence row lock serialises
