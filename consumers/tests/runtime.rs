@@ -835,3 +835,24 @@ async fn inbox_retention_prunes_old_rows_in_bounded_batches_and_keeps_recent_one
     assert_eq!(f.effects().await.len(), 7, "not applied twice");
     f.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn lanes_give_their_connections_back_once_deliveries_stop(pool: PgPool) {
+    let mut f = start(pool.clone(), Recorder::default(), None).await;
+    // Several subjects, so several lanes take a connection and keep it
+    // from one batch to the next.
+    for _ in 0..8 {
+        f.publish(&placed(Uuid::now_v7(), 1)).await;
+    }
+    f.wait_for(&[Outcome::Handled], 8).await;
+    until(
+        "every connection back in the pool",
+        Duration::from_secs(5),
+        || async { pool.size() > 0 && pool.num_idle() == pool.size() as usize },
+    )
+    .await;
+    // And they are taken again when deliveries come back.
+    f.publish(&placed(Uuid::now_v7(), 1)).await;
+    f.wait_for(&[Outcome::Handled], 9).await;
+    f.stop().await;
+}
