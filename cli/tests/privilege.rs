@@ -12,15 +12,11 @@ use std::time::{Duration, Instant};
 use consumers::SubscriptionConfig;
 use events::catalog::{OrderConfirmed, ShipmentDispatched};
 use events::{Codec, Envelope};
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use producers::access::{principal, Password};
-use producers::testkit::{amqp_url, TestBus, TlsProxy};
+use producers::testkit::{amqp_url, TestBus, TlsProxy, Wiretap};
 use producers::{broker, Outbox, RelayConfig};
 use services::{App, AppConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -630,37 +626,7 @@ async fn amqps_with_cacertfile_carries_events_both_ways_through_a_tls_listener()
 
     // Receiving over TLS: a queue of ours on the namespace's exchange.
     let conn = broker::connect(&url, "tls test").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(
-        q.name().as_str(),
-        &bus.topology.exchange(),
-        "customer.updated",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.name().as_str(),
-            "tls",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut tap = Wiretap::open(&conn, &bus.topology.exchange(), "customer.updated").await;
     assert_eq!(tls.handshakes(), 1);
 
     // Publishing over TLS: the CLI, configured by the URL only.
@@ -685,16 +651,14 @@ async fn amqps_with_cacertfile_carries_events_both_ways_through_a_tls_listener()
         assert_no_secret(&out, leak);
     }
 
-    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+    let event = tap
+        .next(Duration::from_secs(10))
         .await
         .expect("the event within 10 s")
-        .expect("a delivery")
-        .unwrap();
-    delivery.ack(BasicAckOptions::default()).await.unwrap();
-    let event = Codec::default().decode(&delivery.data).unwrap();
+        .event;
     assert_eq!(event.id, id);
     assert_eq!(event.event_type, "customer.updated");
-    let _ = ch.close(200, "bye").await;
+    drop(tap);
     let _ = conn.close(200, "bye").await;
 }
 

@@ -86,44 +86,7 @@ impl TestBus {
     /// An exclusive queue bound to `pattern` that sees everything the
     /// exchange routes there: the test's view of the bus.
     pub async fn wiretap(&self, pattern: &str) -> Wiretap {
-        let ch = self.conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("wiretap queue");
-        ch.queue_bind(
-            q.name().as_str(),
-            &self.topology.exchange(),
-            pattern,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind wiretap");
-        ch.basic_qos(1000, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let consumer = ch
-            .basic_consume(
-                q.name().as_str(),
-                "wiretap",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume wiretap");
-        Wiretap {
-            _channel: ch,
-            consumer,
-        }
+        Wiretap::open(&self.conn, &self.topology.exchange(), pattern).await
     }
 }
 
@@ -175,6 +138,49 @@ pub struct Wiretap {
 }
 
 impl Wiretap {
+    /// A wiretap on `exchange` over a connection of the caller's (one
+    /// made through a TLS proxy, say).
+    pub async fn open(conn: &lapin::Connection, exchange: &str, pattern: &str) -> Wiretap {
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("wiretap queue");
+        ch.queue_bind(
+            q.name().as_str(),
+            exchange,
+            pattern,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind wiretap");
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = ch
+            .basic_consume(
+                q.name().as_str(),
+                "wiretap",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume wiretap");
+        Wiretap {
+            _channel: ch,
+            consumer,
+        }
+    }
+
     /// The next event, or `None` after `timeout` of silence.
     pub async fn next(&mut self, timeout: Duration) -> Option<Tapped> {
         let delivery = tokio::time::timeout(timeout, self.consumer.next())
