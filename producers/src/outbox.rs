@@ -27,6 +27,11 @@ pub enum OutboxError {
     /// The schema name is not a plain identifier.
     #[error("invalid schema name {0:?}: use lower-case letters, digits and _")]
     BadSchema(String),
+    /// The encoded envelope has no top-level `"sequence":0` to number
+    /// (cannot happen with the envelope serde writes; see
+    /// `split_at_sequence`).
+    #[error("event {0}: encoded envelope has no sequence to number")]
+    Encoding(uuid::Uuid),
 }
 
 /// Size and age of what is still to publish.
@@ -51,8 +56,6 @@ pub struct Outbox {
 
 #[derive(Debug, Clone)]
 struct Sql {
-    next_sequence: String,
-    insert: String,
     append: String,
     observe: String,
     backlog: String,
@@ -74,11 +77,6 @@ impl Outbox {
             service: service.to_owned(),
             codec: Codec::default(),
             sql: Sql {
-                next_sequence: format!(
-                    "INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($1, 1) \
-                     ON CONFLICT (aggregate) DO UPDATE SET last_sequence = q.last_sequence + 1 \
-                     RETURNING last_sequence"
-                ),
                 // Numbering and insert in one statement, one round trip:
                 // the payload is sent in two halves around its sequence,
                 // which the upsert hands to the insert.
@@ -90,10 +88,6 @@ impl Outbox {
                      INSERT INTO {s}.outbox (event_id, aggregate, sequence, event_type, version, correlation_id, payload) \
                      SELECT $1, $2, q.last_sequence, $3, $4, $5, ($6 || q.last_sequence || $7)::json FROM q \
                      RETURNING sequence"
-                ),
-                insert: format!(
-                    "INSERT INTO {s}.outbox (event_id, aggregate, sequence, event_type, version, correlation_id, payload) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7::json)"
                 ),
                 observe: format!(
                     "INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($1, $2) \
@@ -133,42 +127,18 @@ impl Outbox {
         event.source = source_of(&self.service);
         event.sequence = 0;
         let encoded = String::from_utf8(self.codec.encode(&event)).unwrap_or_default();
-        let sequence = match split_at_sequence(&encoded) {
-            Some((head, tail)) => sqlx::query_scalar(&self.sql.append)
-                .bind(event.id)
-                .bind(&event.subject)
-                .bind(&event.event_type)
-                .bind(event.dataversion as i32)
-                .bind(event.correlationid.as_deref())
-                .bind(head)
-                .bind(tail)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(|e| self.db(e))?,
-            // Not reached with serde_json's output (see split_at_sequence);
-            // two statements do the same if it ever is.
-            None => {
-                let sequence: i64 = sqlx::query_scalar(&self.sql.next_sequence)
-                    .bind(&event.subject)
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(|e| self.db(e))?;
-                event.sequence = sequence;
-                let payload = String::from_utf8(self.codec.encode(&event)).unwrap_or_default();
-                sqlx::query(&self.sql.insert)
-                    .bind(event.id)
-                    .bind(&event.subject)
-                    .bind(sequence)
-                    .bind(&event.event_type)
-                    .bind(event.dataversion as i32)
-                    .bind(event.correlationid.as_deref())
-                    .bind(payload)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| self.db(e))?;
-                sequence
-            }
-        };
+        let (head, tail) = split_at_sequence(&encoded).ok_or(OutboxError::Encoding(event.id))?;
+        let sequence: i64 = sqlx::query_scalar(&self.sql.append)
+            .bind(event.id)
+            .bind(&event.subject)
+            .bind(&event.event_type)
+            .bind(event.dataversion as i32)
+            .bind(event.correlationid.as_deref())
+            .bind(head)
+            .bind(tail)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| self.db(e))?;
         event.sequence = sequence;
         tracing::debug!(
             event_id = %event.id, event_type = %event.event_type, subject = %event.subject,
