@@ -12,9 +12,6 @@ use events::Envelope;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// (source, subject): the unit of ordering.
-pub type Stream = (String, String);
-
 /// What [`Inbox::admit`] made of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
