@@ -228,9 +228,14 @@ impl Relay {
     ) -> Self {
         let s = outbox.service();
         Relay {
+            // The rows in flight (up to `max_in_flight`) are left out with a
+            // hashed subplan: as `position <> ALL($2)` in a generic plan
+            // the array is searched linearly for every row the scan passes,
+            // which took a fifth of PostgreSQL's time during a drain.
             claim_sql: format!(
                 "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
-                 FROM {s}.outbox WHERE published_at IS NULL AND position <> ALL($2) ORDER BY position LIMIT $1"
+                 FROM {s}.outbox WHERE published_at IS NULL \
+                   AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
             ),
             mark_sql: format!(
                 "UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)"
