@@ -16,7 +16,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
+use consumers::{
+    Batch, HandleBatch, HandleError, Outcome, Router, Subscription, SubscriptionConfig,
+};
 use events::catalog::{OrderLine, OrderPlaced};
 use events::{Codec, Envelope};
 use futures::future::join_all;
@@ -77,18 +79,29 @@ pub struct BenchReport {
 /// The consuming service (and its schema).
 const SINK: &str = "bench_sink";
 
-/// The benchmark's consumer: one store row per event.
+/// The benchmark's consumer: one store row per event, written for a run of
+/// events in one statement (a batch handler, as a projection or a sink
+/// would be written).
 #[derive(Clone)]
 struct Sink;
 
 #[async_trait::async_trait]
-impl Handle<OrderPlaced> for Sink {
-    async fn handle(&self, ctx: &mut Context<'_>, _d: OrderPlaced) -> Result<(), HandleError> {
-        sqlx::query("INSERT INTO bench_sink.items (event_id, subject) VALUES ($1, $2)")
-            .bind(ctx.event.id)
-            .bind(&ctx.event.subject)
-            .execute(&mut *ctx.tx)
-            .await?;
+impl HandleBatch<OrderPlaced> for Sink {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<(&Envelope, OrderPlaced)>,
+    ) -> Result<(), HandleError> {
+        let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.id).collect();
+        let subjects: Vec<&str> = events.iter().map(|(e, _)| e.subject.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO bench_sink.items (event_id, subject) \
+             SELECT * FROM unnest($1::uuid[], $2::text[])",
+        )
+        .bind(ids)
+        .bind(subjects)
+        .execute(&mut *batch.tx)
+        .await?;
         Ok(())
     }
 }
@@ -147,7 +160,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         ..Default::default()
     };
     // The consumer is another service, `bench_sink`, as in a real system.
-    let router = Router::new(SINK).on::<OrderPlaced, _>(Sink);
+    let router = Router::new(SINK).on_batch::<OrderPlaced, _>(Sink);
     let sub = Subscription::new(
         router,
         pool.clone(),

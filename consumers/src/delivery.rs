@@ -30,21 +30,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use events::{Codec, DecodeError, Envelope};
-use futures::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use producers::{Backoff, Outbox};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Acks;
 use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
 use crate::inbox::Inbox;
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
-use crate::{Context, HandleError, Router, SubscriptionConfig};
+use crate::{HandleError, Router, SubscriptionConfig};
 
 /// A delivery could not be settled; the session must restart (the broker
 /// redelivers it, and the inbox absorbs what had already been applied).
@@ -84,6 +83,8 @@ pub(crate) struct Processor {
     pub feed: Option<Feed>,
     /// In-process outcome listeners.
     pub outcomes: tokio::sync::broadcast::Sender<OutcomeRecord>,
+    /// The consumer channel's acknowledgements.
+    pub acks: Arc<Acks>,
     /// `/warren/<service>`: events from here are our own.
     pub own_source: String,
 }
@@ -278,29 +279,49 @@ impl Processor {
             }
         }
 
-        for i in in_stream_order(events, candidates) {
-            let e = events[i];
-            if e.source == self.own_source {
-                // One of our own events coming back (or one of ours
-                // replayed from elsewhere): keep our sequence counter past
-                // it.
-                self.outbox.observe(&mut tx, &e.subject, e.sequence).await?;
+        // Handlers get runs: consecutive events (in stream order) of one
+        // type, so a batch handler writes a run in one statement. Our own
+        // events coming back (or ours replayed from elsewhere) go alone,
+        // after keeping our sequence counter past them.
+        let order = in_stream_order(events, candidates);
+        let mut rest = &order[..];
+        while let Some(&first) = rest.first() {
+            let head = events[first];
+            let own = head.source == self.own_source;
+            let len = if own {
+                1
+            } else {
+                rest.iter()
+                    .take_while(|&&i| {
+                        events[i].event_type == head.event_type
+                            && events[i].source != self.own_source
+                    })
+                    .count()
+            };
+            let (run, tail) = rest.split_at(len);
+            rest = tail;
+            if own {
+                self.outbox
+                    .observe(&mut tx, &head.subject, head.sequence)
+                    .await?;
             }
-            plan[i] = Some(match self.router.handler(&e.event_type) {
+            let outcome = match self.router.handler(&head.event_type) {
                 Some(h) => {
-                    let mut ctx = Context::new(&mut tx, e, &self.outbox);
-                    tokio::time::timeout(self.config.handler_timeout, h.call(&mut ctx))
-                        .await
-                        .map_err(|_| {
-                            HandleError::Transient(format!(
-                                "handler timed out after {:?}",
-                                self.config.handler_timeout
-                            ))
-                        })??;
+                    let run_events: Vec<&Envelope> = run.iter().map(|&i| events[i]).collect();
+                    h.call(
+                        &mut tx,
+                        &self.outbox,
+                        &run_events,
+                        self.config.handler_timeout,
+                    )
+                    .await?;
                     Applied::Handled
                 }
                 None => Applied::Skipped,
-            });
+            };
+            for &i in run {
+                plan[i] = Some(outcome);
+            }
         }
         tx.commit().await?;
         #[cfg(feature = "testkit")]
@@ -442,23 +463,16 @@ impl Processor {
 
     /// Acknowledges a batch's deliveries, all of them after their commit
     /// (or their forward to a retry or dead-letter queue), then reports
-    /// each outcome. The acks go out together: a lapin ack resolves only
-    /// once its frame is written, so one at a time they would cost a round
-    /// trip to lapin's I/O loop each.
+    /// each outcome. One ack with `multiple` covers the batch and whatever
+    /// other lanes settled below it (see [`crate::acks`]).
     async fn finish(
         &self,
         settled: Vec<(Delivery, OutcomeRecord)>,
         started: Instant,
     ) -> Result<(), SettleError> {
-        let acks = join_all(
-            settled
-                .iter()
-                .map(|(d, _)| d.acker.ack(BasicAckOptions::default())),
-        )
-        .await;
-        for ack in acks {
-            ack?;
-        }
+        self.acks
+            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
+            .await?;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         for (_, mut record) in settled {
             record.elapsed_ms = elapsed_ms;

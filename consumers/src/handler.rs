@@ -16,6 +16,54 @@ pub trait Handle<E: EventData>: Send + Sync + 'static {
     async fn handle(&self, ctx: &mut Context<'_>, data: E) -> Result<(), HandleError>;
 }
 
+/// Handles a run of events of type `E` at once: for handlers whose work is
+/// cheaper set-based, one multi-row statement instead of one per event
+/// (a projection, a sink). Registered with [`crate::Router::on_batch`].
+///
+/// The runtime hands it consecutive events of one type from a lane's
+/// batch, in per-subject order, inside the transaction that records them in
+/// the inbox. If it fails, the whole transaction is rolled back and each
+/// event is applied again alone (a run of one), so the error lands on the
+/// event that causes it: a batch handler must apply all of its events or
+/// fail, and must give the same answer for an event alone as in a run.
+#[async_trait::async_trait]
+pub trait HandleBatch<E: EventData>: Send + Sync + 'static {
+    /// Applies `events` (envelope and validated payload of each, in order).
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<(&Envelope, E)>,
+    ) -> Result<(), HandleError>;
+}
+
+/// A batch handler's view of the transaction it runs in.
+pub struct Batch<'a> {
+    /// The open transaction: change the service's store through it.
+    pub tx: &'a mut PgConnection,
+    /// The service's own outbox, for follow-up events.
+    pub(crate) outbox: &'a Outbox,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch context over an open transaction; the runtime builds these,
+    /// tests may too.
+    pub fn new(tx: &'a mut PgConnection, outbox: &'a Outbox) -> Self {
+        Batch { tx, outbox }
+    }
+
+    /// Appends a follow-up event about `subject`, caused by `cause`, to this
+    /// service's outbox in this transaction (see [`Context::emit`]).
+    pub async fn emit<E: EventData>(
+        &mut self,
+        cause: &Envelope,
+        subject: impl Into<String>,
+        data: &E,
+    ) -> Result<Envelope, HandleError> {
+        let envelope = Envelope::new(self.outbox.service(), subject, data).caused_by(cause);
+        Ok(self.outbox.append(self.tx, envelope).await?)
+    }
+}
+
 /// A handler's view of the event and the transaction it runs in.
 pub struct Context<'a> {
     /// The open transaction: change the service's store through it.

@@ -9,16 +9,19 @@
 //! and sends one only after the transaction committed.
 //!
 //! # Layout
-//! - [`handler`]: the [`Handle`] trait, the [`Context`] a handler gets, [`HandleError`].
-//! - [`router`]: registration of typed handlers per event type.
+//! - [`handler`]: the [`Handle`] and [`HandleBatch`] traits, the [`Context`] and [`Batch`]
+//!   a handler gets, [`HandleError`].
+//! - [`router`]: registration of typed handlers (one event or a run of them) per event type.
 //! - [`subscription`]: connection, consumer, lanes by subject, shutdown, reconnects.
 //! - [`delivery`]: what happens to one delivery: decode, inbox, order check, handler, outcome.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
+//! - `acks`: acknowledgements with `multiple`, safe across lanes.
 //! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
 //! - `testkit` (feature): fault injection for the integration tests
 //!   (`subscription::CrashPoint`), inert unless a test sets it.
 
+mod acks;
 pub mod deadletter;
 pub mod delivery;
 pub mod handler;
@@ -27,7 +30,7 @@ pub mod outcome;
 pub mod router;
 pub mod subscription;
 
-pub use handler::{Context, Handle, HandleError};
+pub use handler::{Batch, Context, Handle, HandleBatch, HandleError};
 pub use outcome::{Outcome, OutcomeRecord, Stats};
 pub use router::Router;
 pub use subscription::{Subscription, SubscriptionConfig};

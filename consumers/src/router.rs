@@ -3,15 +3,46 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
-use events::EventData;
+use events::{Envelope, EventData};
+use producers::Outbox;
+use sqlx::PgConnection;
 
+use crate::handler::{Batch, HandleBatch};
 use crate::{Context, Handle, HandleError};
 
 /// A handler with its event type erased, so one map holds them all.
 #[async_trait::async_trait]
 pub(crate) trait ErasedHandler: Send + Sync {
-    async fn call(&self, ctx: &mut Context<'_>) -> Result<(), HandleError>;
+    /// Applies `events` (all of the handler's type, in the order they must
+    /// apply) in the open transaction `tx`; each handler call that takes
+    /// longer than `timeout` (one per event, or one per run for a batch
+    /// handler) fails as transient.
+    async fn call(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &Outbox,
+        events: &[&Envelope],
+        timeout: Duration,
+    ) -> Result<(), HandleError>;
+}
+
+/// `call` within `timeout`, or a transient error.
+async fn bounded<F: std::future::Future<Output = Result<(), HandleError>>>(
+    timeout: Duration,
+    call: F,
+) -> Result<(), HandleError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| HandleError::Transient(format!("handler timed out after {timeout:?}")))?
+}
+
+/// The payload of `event` as `E`. The codec validated it against E's shape
+/// already; a failure here means the catalog and the handler disagree:
+/// permanent.
+fn data_of<E: EventData>(event: &Envelope) -> Result<E, HandleError> {
+    event.data_as::<E>().map_err(HandleError::permanent)
 }
 
 struct Typed<E, H> {
@@ -21,11 +52,42 @@ struct Typed<E, H> {
 
 #[async_trait::async_trait]
 impl<E: EventData, H: Handle<E>> ErasedHandler for Typed<E, H> {
-    async fn call(&self, ctx: &mut Context<'_>) -> Result<(), HandleError> {
-        // The codec validated `data` against E's shape already; a failure
-        // here means the catalog and the handler disagree: permanent.
-        let data = ctx.event.data_as::<E>().map_err(HandleError::permanent)?;
-        self.handler.handle(ctx, data).await
+    async fn call(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &Outbox,
+        events: &[&Envelope],
+        timeout: Duration,
+    ) -> Result<(), HandleError> {
+        for event in events {
+            let data = data_of::<E>(event)?;
+            let mut ctx = Context::new(tx, event, outbox);
+            bounded(timeout, self.handler.handle(&mut ctx, data)).await?;
+        }
+        Ok(())
+    }
+}
+
+struct TypedBatch<E, H> {
+    handler: H,
+    _event: PhantomData<fn() -> E>,
+}
+
+#[async_trait::async_trait]
+impl<E: EventData, H: HandleBatch<E>> ErasedHandler for TypedBatch<E, H> {
+    async fn call(
+        &self,
+        tx: &mut PgConnection,
+        outbox: &Outbox,
+        events: &[&Envelope],
+        timeout: Duration,
+    ) -> Result<(), HandleError> {
+        let items = events
+            .iter()
+            .map(|e| Ok((*e, data_of::<E>(e)?)))
+            .collect::<Result<Vec<_>, HandleError>>()?;
+        let mut batch = Batch::new(tx, outbox);
+        bounded(timeout, self.handler.handle_batch(&mut batch, items)).await
     }
 }
 
@@ -50,6 +112,19 @@ impl Router {
         self.handlers.insert(
             E::TYPE,
             Arc::new(Typed {
+                handler,
+                _event: PhantomData,
+            }),
+        );
+        self
+    }
+
+    /// Registers a batch handler for events of type `E` (see
+    /// [`HandleBatch`]); it replaces any handler of that type.
+    pub fn on_batch<E: EventData, H: HandleBatch<E>>(mut self, handler: H) -> Self {
+        self.handlers.insert(
+            E::TYPE,
+            Arc::new(TypedBatch {
                 handler,
                 _event: PhantomData,
             }),

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Acks;
 use crate::deadletter::Forwarder;
 use crate::delivery::{decode, Held, Item, Processor, SettleError};
 use crate::inbox::Inbox;
@@ -57,7 +58,8 @@ pub struct SubscriptionConfig {
     pub defer_delay: Duration,
     /// Deferrals before an early event is dead-lettered as `sequence_gap`.
     pub max_deferrals: u32,
-    /// Longest a handler may run before it counts as a transient failure.
+    /// Longest a handler may run on one event (a batch handler: on one run)
+    /// before it counts as a transient failure.
     pub handler_timeout: Duration,
     /// Largest body accepted; larger ones are dead-lettered unread.
     pub max_body: usize,
@@ -280,6 +282,7 @@ impl Subscription {
             feed,
             outcomes: self.outcomes.clone(),
             own_source: events::envelope::source_of(service),
+            acks: Arc::new(Acks::new(ch.clone())),
         };
         let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
         let mut consumer = ch

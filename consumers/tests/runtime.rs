@@ -8,7 +8,10 @@ use std::time::Duration;
 use consumers::deadletter::{
     H_ATTEMPT, H_DEAD_LETTERED_AT, H_ERROR, H_REASON, H_ROUTING_KEY, H_SERVICE,
 };
-use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
+use consumers::{
+    Batch, Context, Handle, HandleBatch, HandleError, Outcome, Router, Subscription,
+    SubscriptionConfig,
+};
 use events::catalog::{OrderCancelled, OrderLine, OrderPlaced, ShipmentDispatched};
 use events::{Codec, Envelope};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
@@ -131,13 +134,22 @@ async fn start_with(
     url: Option<String>,
     cfg: SubscriptionConfig,
 ) -> Fixture {
+    start_routed(pool, router(recorder), url, cfg).await
+}
+
+async fn start_routed(
+    pool: PgPool,
+    router: Router,
+    url: Option<String>,
+    cfg: SubscriptionConfig,
+) -> Fixture {
     sqlx::query("CREATE TABLE shipping.effects (n bigserial PRIMARY KEY, event_id uuid NOT NULL, subject text NOT NULL, sequence bigint NOT NULL, total bigint NOT NULL)")
         .execute(&pool)
         .await
         .unwrap();
     let bus = TestBus::new().await;
     let sub = Subscription::new(
-        router(recorder),
+        router,
         pool.clone(),
         url.unwrap_or_else(amqp_url),
         bus.topology.clone(),
@@ -854,5 +866,167 @@ async fn lanes_give_their_connections_back_once_deliveries_stop(pool: PgPool) {
     // And they are taken again when deliveries come back.
     f.publish(&placed(Uuid::now_v7(), 1)).await;
     f.wait_for(&[Outcome::Handled], 9).await;
+    f.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn acks_with_multiple_leave_no_delivery_of_any_lane_unacknowledged(pool: PgPool) {
+    // Four lanes settle their batches out of tag order, and some
+    // deliveries are dead-lettered instead of handled: an ack with
+    // `multiple` sent too early would cover another lane's unsettled
+    // deliveries, one never sent would leave them to be redelivered when
+    // the channel closes. Either way the queue would not be empty after
+    // the stop below.
+    let cfg = SubscriptionConfig {
+        prefetch: 64,
+        ..config()
+    };
+    let mut f = start_with(pool, Recorder::default(), None, cfg).await;
+    let subjects: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    for seq in 1..=10 {
+        for (i, s) in subjects.iter().enumerate() {
+            f.publish(&placed(*s, seq)).await;
+            if i % 13 == 0 {
+                let props = BasicProperties::default()
+                    .with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
+                f.publish_raw("order.placed", b"{not json", props).await;
+            }
+        }
+    }
+    f.wait_for(&[Outcome::Handled], 400).await;
+    f.wait_for(&[Outcome::DeadLettered], 40).await;
+    f.stop().await;
+    let q = f
+        .bus
+        .channel
+        .queue_declare(
+            &f.bus.topology.queue(SERVICE),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0, "every delivery was acknowledged");
+    assert_eq!(f.effects().await.len(), 400);
+    assert_eq!(f.dead_letters().await.len(), 40);
+}
+
+/// Writes a run of `order.placed` in one statement and remembers each run
+/// it was given; rejects any run holding an order of total 13.
+#[derive(Clone, Default)]
+struct BatchRecorder {
+    runs: Arc<Mutex<Vec<Vec<(String, i64)>>>>,
+}
+
+#[async_trait::async_trait]
+impl HandleBatch<OrderPlaced> for BatchRecorder {
+    async fn handle_batch(
+        &self,
+        batch: &mut Batch<'_>,
+        events: Vec<(&Envelope, OrderPlaced)>,
+    ) -> Result<(), HandleError> {
+        self.runs.lock().unwrap().push(
+            events
+                .iter()
+                .map(|(e, _)| (e.subject.clone(), e.sequence))
+                .collect(),
+        );
+        if events.iter().any(|(_, d)| d.total == 13) {
+            return Err(HandleError::permanent("total 13 is refused"));
+        }
+        let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.id).collect();
+        let subjects: Vec<String> = events.iter().map(|(e, _)| e.subject.clone()).collect();
+        let seqs: Vec<i64> = events.iter().map(|(e, _)| e.sequence).collect();
+        let totals: Vec<i64> = events.iter().map(|(_, d)| d.total).collect();
+        sqlx::query(
+            "INSERT INTO shipping.effects (event_id, subject, sequence, total) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(ids)
+        .bind(subjects)
+        .bind(seqs)
+        .bind(totals)
+        .execute(&mut *batch.tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_handler_gets_runs_in_subject_order_and_a_refused_event_fails_alone(pool: PgPool) {
+    let recorder = BatchRecorder::default();
+    let router = Router::new(SERVICE).on_batch::<OrderPlaced, _>(recorder.clone());
+    // One lane, so the whole backlog lands in a few large batches.
+    let cfg = SubscriptionConfig {
+        prefetch: 200,
+        lanes: 1,
+        batch_size: 64,
+        ..config()
+    };
+    let subjects: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    let mut refused = None;
+    let mut events = Vec::new();
+    for seq in 1..=10 {
+        for s in &subjects {
+            events.push(placed(*s, seq));
+        }
+    }
+    // A subject's last event is refused: it is dead-lettered alone, and
+    // everything batched with it still applies.
+    let victim = subjects[3];
+    for e in events.iter_mut() {
+        if e.subject == victim.to_string() && e.sequence == 10 {
+            let mut d: OrderPlaced = e.data_as().unwrap();
+            d.total = 13;
+            *e = {
+                let mut x = Envelope::new("orders", victim.to_string(), &d);
+                x.sequence = 10;
+                x
+            };
+            refused = Some(e.id);
+        }
+    }
+    // Published while the consumer is stopped: a backlog, not a trickle.
+    let mut f = start_routed(pool, router, None, cfg).await;
+    f.stop().await;
+    for e in &events {
+        f.publish(e).await;
+    }
+    f.restart().await;
+    f.wait_for(&[Outcome::Handled], 99).await;
+    f.wait_for(&[Outcome::DeadLettered], 1).await;
+
+    let runs = recorder.runs.lock().unwrap().clone();
+    assert!(
+        runs.iter().any(|r| r.len() > 1),
+        "events arrived in runs, not one by one: {runs:?}"
+    );
+    assert!(
+        runs.iter()
+            .any(|r| r.len() == 1 && r[0] == (victim.to_string(), 10)),
+        "the refused event was tried alone"
+    );
+    // Within every run each subject's sequences go up by one.
+    for run in &runs {
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for (s, q) in run {
+            if let Some(prev) = last.insert(s, *q) {
+                assert_eq!(*q, prev + 1, "subject {s} out of order in {run:?}");
+            }
+        }
+    }
+    let effects = f.effects().await;
+    assert_eq!(
+        effects.len(),
+        99,
+        "each applied event wrote exactly one row"
+    );
+    assert!(!effects.iter().any(|(id, _, _)| Some(*id) == refused));
+    let dead = f.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], H_REASON), "handler_rejected");
     f.stop().await;
 }
