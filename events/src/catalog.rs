@@ -47,6 +47,11 @@ pub fn typed_data<E: DeserializeOwned>(
     event_type: &str,
     data: &serde_json::Value,
 ) -> Result<E, DecodeError> {
+    // A plain pass first; only a failure pays for the path tracking that
+    // names where it went wrong.
+    if let Ok(typed) = E::deserialize(data) {
+        return Ok(typed);
+    }
     serde_path_to_error::deserialize(data).map_err(|e| DecodeError::WrongData {
         event_type: event_type.to_owned(),
         path: match e.path().to_string().as_str() {

@@ -446,3 +446,28 @@ fn shipped_fixtures_are_valid_except_the_deliberately_malformed_line() {
     let bad: Vec<_> = demo.iter().filter(|l| l.event.is_err()).collect();
     assert_eq!(bad.len(), 1, "one malformed message in the story");
 }
+
+#[test]
+fn an_event_decodes_the_same_read_directly_or_through_a_json_tree() {
+    // With every attribute present the codec reads the body straight into
+    // the envelope; without `datacontenttype` (which then defaults) it
+    // takes the JSON-tree path. Same event, same result.
+    let full = valid();
+    let mut bare = full.clone();
+    bare.as_object_mut().unwrap().remove("datacontenttype");
+    let direct = decode(&full).unwrap();
+    let tree = decode(&bare).unwrap();
+    assert_eq!(
+        serde_json::to_value(&direct).unwrap(),
+        serde_json::to_value(&tree).unwrap()
+    );
+    // Both apply the checks after reading: an over-long subject is refused
+    // on either path, with the same error.
+    for mut v in [full, bare] {
+        v["subject"] = json!("s".repeat(300));
+        assert!(
+            matches!(decode(&v).unwrap_err(), DecodeError::InvalidAttribute { name, .. } if name == "subject"),
+            "{v}"
+        );
+    }
+}
