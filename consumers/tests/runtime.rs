@@ -247,6 +247,24 @@ impl Fixture {
         self.task = Some(tokio::spawn(async move { s.run(t).await }));
     }
 
+    /// Messages ready in the service's queue (unacknowledged ones count
+    /// again once their consumer's channel is closed).
+    async fn messages_ready(&self) -> u32 {
+        self.bus
+            .channel
+            .queue_declare(
+                &self.bus.topology.queue(SERVICE),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
     /// Consumers attached to the service's queue.
     async fn consumers_attached(&self) -> u32 {
         self.bus
@@ -634,20 +652,7 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
     .await;
     f.stop().await;
     assert_eq!(f.effects().await.len(), 1, "in-flight handler completed");
-    let q = f
-        .bus
-        .channel
-        .queue_declare(
-            &f.bus.topology.queue(SERVICE),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0, "and was acknowledged");
+    assert_eq!(f.messages_ready().await, 0, "and was acknowledged");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -896,20 +901,11 @@ async fn acks_with_multiple_leave_no_delivery_of_any_lane_unacknowledged(pool: P
     f.wait_for(&[Outcome::Handled], 400).await;
     f.wait_for(&[Outcome::DeadLettered], 40).await;
     f.stop().await;
-    let q = f
-        .bus
-        .channel
-        .queue_declare(
-            &f.bus.topology.queue(SERVICE),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0, "every delivery was acknowledged");
+    assert_eq!(
+        f.messages_ready().await,
+        0,
+        "every delivery was acknowledged"
+    );
     assert_eq!(f.effects().await.len(), 400);
     assert_eq!(f.dead_letters().await.len(), 40);
 }
