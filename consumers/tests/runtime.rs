@@ -247,9 +247,8 @@ impl Fixture {
         self.task = Some(tokio::spawn(async move { s.run(t).await }));
     }
 
-    /// Messages ready in the service's queue (unacknowledged ones count
-    /// again once their consumer's channel is closed).
-    async fn messages_ready(&self) -> u32 {
+    /// The service's queue as the broker reports it (passive declare).
+    async fn queue_state(&self) -> lapin::Queue {
         self.bus
             .channel
             .queue_declare(
@@ -262,24 +261,17 @@ impl Fixture {
             )
             .await
             .unwrap()
-            .message_count()
+    }
+
+    /// Messages ready in the service's queue (unacknowledged ones count
+    /// again once their consumer's channel is closed).
+    async fn messages_ready(&self) -> u32 {
+        self.queue_state().await.message_count()
     }
 
     /// Consumers attached to the service's queue.
     async fn consumers_attached(&self) -> u32 {
-        self.bus
-            .channel
-            .queue_declare(
-                &self.bus.topology.queue(SERVICE),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .consumer_count()
+        self.queue_state().await.consumer_count()
     }
 }
 
