@@ -18,6 +18,9 @@
 //! their transactions), so claiming in position order, with earlier rows
 //! either marked or in flight, publishes each subject in sequence order.
 //!
+//! Confirmed rows are deleted, or marked `published_at` and kept for
+//! `retention` when that is set (see [`RelayConfig::retention`]).
+//!
 //! Crash points and what they cost: a crash after publish and before mark
 //! republishes the batch on restart (duplicates, absorbed by consumers'
 //! inboxes); nothing is ever marked that the broker did not confirm.
@@ -74,9 +77,15 @@ pub struct RelayConfig {
     pub db_timeout: Duration,
     /// How often a standby tries to become the active relay.
     pub standby_interval: Duration,
-    /// Published rows older than this are deleted.
+    /// How long a published row stays in the outbox. Zero (the default):
+    /// a confirmed row is deleted at once, in the statement that would
+    /// otherwise mark it. Above zero it is marked (`published_at`) and
+    /// deleted by retention once older than this, for inspection; the
+    /// mark rewrites the whole row (its payload included) and every
+    /// index entry of it, which cost the drain about a quarter of its
+    /// rate in `warren bench` (see BENCHMARKS.md).
     pub retention: Duration,
-    /// How often retention runs.
+    /// How often retention runs (only when `retention` is above zero).
     pub retention_every: Duration,
     /// Backoff after a failed publish or a lost connection.
     pub retry_initial: Duration,
@@ -110,7 +119,7 @@ impl Default for RelayConfig {
             max_in_flight: 2000,
             db_timeout: Duration::from_secs(10),
             standby_interval: Duration::from_secs(1),
-            retention: Duration::from_secs(3600),
+            retention: Duration::ZERO,
             retention_every: Duration::from_secs(60),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
@@ -237,9 +246,11 @@ impl Relay {
                  FROM {s}.outbox WHERE published_at IS NULL \
                    AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
             ),
-            mark_sql: format!(
-                "UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)"
-            ),
+            mark_sql: if config.retention.is_zero() {
+                format!("DELETE FROM {s}.outbox WHERE position = ANY($1)")
+            } else {
+                format!("UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)")
+            },
             outbox,
             pool,
             amqp_url: amqp_url.into(),
@@ -373,7 +384,9 @@ impl Relay {
             }
             // Time-gated, and checked on busy passes too: under steady
             // traffic the pipeline may never run empty.
-            if last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every) {
+            if !self.config.retention.is_zero()
+                && last_prune.is_none_or(|t| t.elapsed() >= self.config.retention_every)
+            {
                 last_prune = Some(Instant::now());
                 self.prune().await;
             }
@@ -592,7 +605,8 @@ impl Relay {
         self.settle(leader, batch, confirms, held_back).await
     }
 
-    /// Marks exactly the confirmed rows of a batch. A row that was nacked,
+    /// Marks (or deletes, see [`RelayConfig::retention`]) exactly the
+    /// confirmed rows of a batch. A row that was nacked,
     /// returned or not confirmed stays unmarked, and so does every later
     /// row of its subject (`held_back`, shared by the batches settled
     /// together), even if confirmed: they are published again after it.

@@ -486,6 +486,82 @@ async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: 
     assert_eq!(b.oldest_age_s, None);
 }
 
+/// By default a confirmed row leaves the outbox at once; with a retention
+/// it stays, marked, for inspection. Both only after the broker confirmed.
+#[sqlx::test(migrations = "../migrations")]
+async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(RelayConfig::default().retention.is_zero());
+
+    let first = append_events(&pool, &[Uuid::now_v7()], 3).await;
+    let mut leader = pool.acquire().await.unwrap().detach();
+    let conn = producers::broker::connect(&amqp_url(), "relay test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let deleting = relay(&pool, &bus, &amqp_url(), fast_config());
+    let outcome = deleting.publish_batch(&mut leader, &ch).await.unwrap();
+    assert!(matches!(
+        outcome,
+        BatchOutcome::Published {
+            marked: 3,
+            failed: 0,
+            ..
+        }
+    ));
+    assert_eq!(
+        tap.collect(3, Duration::from_secs(5)).await.len(),
+        first.len()
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM customers.outbox").await,
+        0,
+        "deleted once confirmed"
+    );
+
+    let second = append_events(&pool, &[Uuid::now_v7()], 2).await;
+    let keeping = relay(
+        &pool,
+        &bus,
+        &amqp_url(),
+        RelayConfig {
+            retention: Duration::from_secs(3600),
+            ..fast_config()
+        },
+    );
+    let outcome = keeping.publish_batch(&mut leader, &ch).await.unwrap();
+    assert!(matches!(
+        outcome,
+        BatchOutcome::Published {
+            marked: 2,
+            failed: 0,
+            ..
+        }
+    ));
+    assert_eq!(
+        tap.collect(2, Duration::from_secs(5)).await.len(),
+        second.len()
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM customers.outbox WHERE published_at IS NOT NULL").await,
+        2,
+        "kept and marked"
+    );
+    assert_eq!(unpublished(&pool).await, 0);
+    let _ = conn.close(200, "done").await;
+}
+
 /// The running relay, with several small batches in flight at once: while
 /// each subject's first event is unroutable, none of the subject's later
 /// events is marked, even though they are routable and confirmed. Once the

@@ -48,6 +48,9 @@ fn app_config(bus: &TestBus, services: &[&str], http: bool) -> AppConfig {
         subscription: subscription_config(),
         relay: RelayConfig {
             poll_interval: Duration::from_millis(200),
+            // Published rows are kept: the audit looks for an order whose
+            // payment.captured was raised twice in the payments outbox.
+            retention: Duration::from_secs(3600),
             ..Default::default()
         },
         gateway: gateway_config(),

@@ -29,6 +29,10 @@ pub struct RunArgs {
     /// Simulated payment gateway transient-failure rate (0.0–1.0).
     #[arg(long, env = "WARREN_GATEWAY_FAILURE_RATE", default_value_t = 0.0)]
     pub gateway_failure_rate: f64,
+    /// Seconds a published event stays in its outbox (marked) for
+    /// inspection; 0 deletes it once the broker confirmed it.
+    #[arg(long, env = "WARREN_OUTBOX_RETENTION_SECS", default_value_t = 0)]
+    pub outbox_retention_secs: u64,
 }
 
 impl RunArgs {
@@ -66,7 +70,10 @@ impl RunArgs {
                 max_body: settings.max_body,
                 ..Default::default()
             },
-            relay: RelayConfig::default(),
+            relay: RelayConfig {
+                retention: std::time::Duration::from_secs(self.outbox_retention_secs),
+                ..Default::default()
+            },
             gateway: GatewayConfig {
                 latency: std::time::Duration::from_millis(self.gateway_latency_ms),
                 failure_rate: self.gateway_failure_rate.clamp(0.0, 1.0),
