@@ -3,7 +3,8 @@
 //!
 //! A service appends events to its outbox inside the same `sqlx`
 //! transaction that changes its store; the relay, one active per service,
-//! publishes committed rows in order and marks exactly the confirmed ones.
+//! publishes committed rows in order and deletes (or marks) exactly the
+//! confirmed ones.
 //! A crash anywhere between commit and mark re-publishes, never loses;
 //! consumers absorb the duplicates with their inbox.
 //!
@@ -13,6 +14,7 @@
 //! - [`topology`]: names and idempotent declaration of exchanges and queues.
 //! - [`outbox`]: appending events in the caller's transaction; backlog and retention.
 //! - [`relay`]: the worker that publishes the outbox, with leader election.
+//! - [`wake`]: how the relay is woken: `NOTIFY` while idle, none while busy.
 //! - [`backoff`]: capped exponential backoff shared by every reconnect loop.
 //! - `testkit` (feature): the integration-test harness.
 
@@ -24,6 +26,7 @@ pub mod relay;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod topology;
+pub mod wake;
 
 pub use backoff::Backoff;
 pub use outbox::{Outbox, OutboxError};

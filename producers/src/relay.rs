@@ -12,6 +12,9 @@
 //! meanwhile goes out as one batch. No database transaction is open while
 //! it waits on the broker. It sleeps on `LISTEN` (with a periodic poll as
 //! fallback, so a lost notification only delays) when the outbox is empty.
+//! From a claim that finds rows until one that finds none it is busy: it
+//! claims after every batch, and writers skip the `NOTIFY` until a
+//! handshake before its next sleep (see [`crate::wake`]).
 //!
 //! Order: rows of one subject are committed in sequence order and get
 //! increasing positions (the per-subject sequence row lock serialises
@@ -51,6 +54,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, ConnectError};
+use crate::wake::{Idle, Wake};
 use crate::{Backoff, Outbox, Topology};
 
 /// First key of the relay's two-key advisory lock (`'WA'`); the second is
@@ -326,6 +330,9 @@ impl Relay {
         self.topology.declare_exchange(&ch).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(&format!("warren_outbox_{service}")).await?;
+        let mut wake = self
+            .db_timeout(Wake::start(leader, service, self.config.poll_interval))
+            .await?;
         self.stats.active.store(true, Ordering::Relaxed);
         tracing::info!(service, "relay active");
         backoff.reset();
@@ -373,6 +380,9 @@ impl Relay {
                         // once, while this one's confirms are on their way.
                         claim = batch.full;
                         backlog = batch.full;
+                        // Rows to publish: busy until a claim comes back
+                        // empty, so writers need not notify meanwhile.
+                        self.db_timeout(wake.mark_busy(leader)).await?;
                         in_flight.push_back(batch);
                         continue;
                     }
@@ -420,6 +430,9 @@ impl Relay {
                             }
                         } else {
                             failures.reset();
+                            // Busy: writers may not notify, so every batch
+                            // that comes back is followed by a claim.
+                            claim |= wake.busy();
                         }
                     }
                     n = listener.recv(), if room => { n?; claim = true; }
@@ -427,9 +440,19 @@ impl Relay {
                 }
                 continue;
             }
+            // Nothing in flight and nothing claimed: the handshake decides
+            // whether a notification is sure to come.
+            let sleep = match self.db_timeout(wake.idle(leader)).await? {
+                Idle::ClaimAgain => {
+                    claim = true;
+                    continue;
+                }
+                Idle::Listen => self.config.poll_interval,
+                Idle::Poll(delay) => delay,
+            };
             tokio::select! {
                 n = listener.recv() => { n?; }
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.cancelled() => {}
             }
             claim = true;
