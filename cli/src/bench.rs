@@ -70,6 +70,11 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// The latency run's producer transactions (BEGIN, append, COMMIT of
+    /// one event), timed by the producer: what the outbox costs a
+    /// service's request, NOTIFY and commit included.
+    pub producer_txn_p50_ms: f64,
+    pub producer_txn_p99_ms: f64,
     pub wakeup_samples: usize,
     pub wakeup_p50_ms: f64,
     pub wakeup_max_ms: f64,
@@ -199,7 +204,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
-    let (latencies, committed_per_s) =
+    let (latencies, committed_per_s, mut txns) =
         latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
     let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
     stop.cancel();
@@ -211,6 +216,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     topology.delete_exchange(&setup_ch).await?;
     let _ = setup.close(200, "bench done").await;
 
+    txns.sort_by(|a, b| a.total_cmp(b));
     let pct = |v: &[f64], p: f64| -> f64 {
         if v.is_empty() {
             return f64::NAN;
@@ -230,6 +236,8 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         latency_p50_ms: round2(pct(&latencies, 0.50)),
         latency_p99_ms: round2(pct(&latencies, 0.99)),
         latency_max_ms: round2(latencies.last().copied().unwrap_or(f64::NAN)),
+        producer_txn_p50_ms: round2(pct(&txns, 0.50)),
+        producer_txn_p99_ms: round2(pct(&txns, 0.99)),
         wakeup_samples: wakeups.len(),
         wakeup_p50_ms: round2(pct(&wakeups, 0.50)),
         wakeup_max_ms: round2(wakeups.last().copied().unwrap_or(f64::NAN)),
@@ -366,14 +374,15 @@ async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()>
 }
 
 /// Commits one event per tick at `rate`/s for `duration`; returns sorted
-/// commit-to-handled latencies in ms, and the rate really committed.
+/// commit-to-handled latencies in ms, the rate really committed, and the
+/// producer's transaction times in ms (unsorted).
 async fn latency(
     pool: &PgPool,
     outbox: &Outbox,
     sub: &Subscription,
     rate: u32,
     duration: Duration,
-) -> anyhow::Result<(Vec<f64>, f64)> {
+) -> anyhow::Result<(Vec<f64>, f64, Vec<f64>)> {
     let mut outcomes = sub.outcomes();
     let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Instant>>> = Default::default();
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
@@ -424,17 +433,21 @@ async fn latency(
             (pool.clone(), outbox.clone(), committed.clone(), rx.clone());
         producers.spawn(async move {
             let mut conn = pool.acquire().await?;
+            let mut txns = Vec::new();
             while rx.lock().await.recv().await.is_some() {
                 let e = sample(Uuid::now_v7());
                 let id = e.id;
+                let began = Instant::now();
                 let mut tx = conn.begin().await?;
                 outbox.append(&mut tx, e).await?;
                 tx.commit().await?;
+                let done = Instant::now();
+                txns.push(done.duration_since(began).as_secs_f64() * 1000.0);
                 if let Ok(mut c) = committed.lock() {
-                    c.insert(id, Instant::now());
+                    c.insert(id, done);
                 }
             }
-            Ok::<(), anyhow::Error>(())
+            Ok::<Vec<f64>, anyhow::Error>(txns)
         });
     }
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
@@ -447,11 +460,12 @@ async fn latency(
         }
     }
     drop(ticks);
+    let mut txns = Vec::with_capacity(total);
     while let Some(done) = producers.join_next().await {
-        done??;
+        txns.extend(done??);
     }
     let committed_per_s = total as f64 / started.elapsed().as_secs_f64();
-    Ok((collector.await?, committed_per_s))
+    Ok((collector.await?, committed_per_s, txns))
 }
 
 /// With the relay idle (asleep on LISTEN), commits one event at a time and
@@ -533,6 +547,7 @@ pub fn render(r: &BenchReport) -> String {
          \n  ceiling (broker alone)   {ceil:>10.0} events/s\
          \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
          \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s)\
+         \n  producer transaction     p50 {tp50:.2} ms   p99 {tp99:.2} ms   (BEGIN, append, COMMIT of one event, in that run)\
          \n  idle relay wake-up       p50 {wp50:.2} ms   max {wmax:.2} ms   ({wn} samples, commit → on the bus)\
          \n  peak RSS                 {rss:>10.1} MB\n",
         events = r.events,
@@ -546,6 +561,8 @@ pub fn render(r: &BenchReport) -> String {
         p50 = r.latency_p50_ms,
         p99 = r.latency_p99_ms,
         max = r.latency_max_ms,
+        tp50 = r.producer_txn_p50_ms,
+        tp99 = r.producer_txn_p99_ms,
         n = r.latency_samples,
         wp50 = r.wakeup_p50_ms,
         wmax = r.wakeup_max_ms,

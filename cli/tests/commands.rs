@@ -517,6 +517,8 @@ async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
         "latency_p50_ms",
         "latency_p99_ms",
         "latency_max_ms",
+        "producer_txn_p50_ms",
+        "producer_txn_p99_ms",
         "rss_mb",
     ] {
         assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {last}");
