@@ -15,7 +15,10 @@
 //! the flag and then tries the writers lock exclusively (and lets go at
 //! once): once it gets it, every writer that read 1 has ended, so a last
 //! claim sees their rows, and every later writer notifies. While the lock
-//! is taken the relay polls, from 1 ms up to its poll interval.
+//! is taken the relay polls, from 1 ms up to [`MAX_POLL`] (or its poll
+//! interval if shorter), and from 1 ms again after any claim that finds
+//! rows: a row of a writer that skipped waits at most that long, or less
+//! when a later writer's NOTIFY comes first.
 //!
 //! A relay starts a session as if busy: the flag may have been left at 1 by
 //! a relay that died, so it never sleeps before a handshake. A schema
@@ -27,6 +30,12 @@ use std::time::Duration;
 use sqlx::PgConnection;
 
 use crate::Backoff;
+
+/// Longest wait between polls while a writer that may have skipped the
+/// NOTIFY is open. Under steady traffic the writers lock is seldom free,
+/// so this bounds what a skipped row can wait; a poll is a claim and a try
+/// of the lock, so even a writer open for minutes costs little.
+pub const MAX_POLL: Duration = Duration::from_millis(20);
 
 /// First key of the writers lock (`'WW'`); the second is derived from the
 /// schema name, as for the relay's leader lock.
@@ -78,7 +87,7 @@ impl Wake {
             supported,
             busy: supported,
             flag_set: supported,
-            polls: Backoff::new(Duration::from_millis(1), poll_interval),
+            polls: Backoff::new(Duration::from_millis(1), poll_interval.min(MAX_POLL)),
             busy_sql: format!("SELECT setval('{flag}', 1, true)"),
             // One round trip, in this order: the flag is cleared before
             // the lock is tried (CASE evaluates its branches in order, and
@@ -105,6 +114,7 @@ impl Wake {
             return Ok(());
         }
         self.busy = true;
+        self.polls.reset();
         if !self.flag_set {
             sqlx::query(&self.busy_sql).execute(conn).await?;
             self.flag_set = true;
