@@ -201,3 +201,71 @@ async fn writer_that_skipped_the_notify_and_commits_late_is_still_published(pool
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A schema set up without the flag (its trigger always notifies, as
+/// before the handshake existed, or a team's own schema that never ran
+/// `warren_install_outbox_wake`): the relay never marks itself busy and
+/// is woken by every commit.
+#[sqlx::test(migrations = "../migrations")]
+async fn outbox_without_the_flag_is_woken_by_every_commit(pool: PgPool) {
+    sqlx::raw_sql(
+        "DROP TRIGGER outbox_notify ON customers.outbox; \
+         CREATE TRIGGER outbox_notify AFTER INSERT ON customers.outbox \
+           FOR EACH STATEMENT EXECUTE FUNCTION public.warren_outbox_notify(); \
+         DROP FUNCTION customers.outbox_wake(); \
+         DROP SEQUENCE customers.outbox_relay_busy;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    let (stop, task) = spawn_relay(&pool, &bus);
+
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let pool = pool.clone();
+        writers.spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..25 {
+                ids.push(append_one(&pool, event(w * 25 + i)).await);
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(done) = writers.join_next().await {
+        ids.extend(done.unwrap());
+    }
+    let tapped = tap.collect_until_seen(&ids, Duration::from_secs(20)).await;
+    let seen: std::collections::HashSet<Uuid> = tapped.iter().map(|t| t.event.id).collect();
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "every event published"
+    );
+    assert_eq!(
+        notifications_within(&mut listener, Duration::from_millis(300)).await,
+        ids.len(),
+        "every commit notified"
+    );
+    // Confirmed and deleted: the relay did not trip over the missing flag.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM customers.outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} rows never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+}
