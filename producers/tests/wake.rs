@@ -63,6 +63,39 @@ async fn append_one(pool: &PgPool, e: Envelope) -> Uuid {
     stored.id
 }
 
+/// `writers` tasks each commit `each` single-event transactions back to
+/// back; the ids of all of them. Event numbers start at `first`.
+async fn write_concurrently(pool: &PgPool, writers: usize, each: usize, first: usize) -> Vec<Uuid> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let mut ids = Vec::with_capacity(each);
+            for i in 0..each {
+                ids.push(append_one(&pool, event(first + w * each + i)).await);
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done.unwrap());
+    }
+    ids
+}
+
+/// Waits until the tap has seen every id, failing with how many it saw.
+async fn assert_all_published(tap: &mut producers::testkit::Wiretap, ids: &[Uuid]) {
+    let tapped = tap.collect_until_seen(ids, Duration::from_secs(20)).await;
+    let seen: std::collections::HashSet<Uuid> = tapped.iter().map(|t| t.event.id).collect();
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "{} of {} events published",
+        ids.iter().filter(|id| seen.contains(id)).count(),
+        ids.len()
+    );
+}
+
 async fn notifications_within(listener: &mut PgListener, wait: Duration) -> usize {
     let mut n = 0;
     while let Ok(Ok(_)) = tokio::time::timeout(wait, listener.recv()).await {
@@ -91,31 +124,8 @@ async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) 
     assert!(tapped.iter().any(|t| t.event.id == first), "relay up");
     notifications_within(&mut listener, Duration::from_millis(200)).await;
 
-    const WRITERS: usize = 8;
-    const EACH: usize = 100;
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let pool = pool.clone();
-        writers.spawn(async move {
-            let mut ids = Vec::with_capacity(EACH);
-            for i in 0..EACH {
-                ids.push(append_one(&pool, event(1 + w * EACH + i)).await);
-            }
-            ids
-        });
-    }
-    let mut ids = Vec::new();
-    while let Some(done) = writers.join_next().await {
-        ids.extend(done.unwrap());
-    }
-    let tapped = tap.collect_until_seen(&ids, Duration::from_secs(20)).await;
-    let seen: std::collections::HashSet<Uuid> = tapped.iter().map(|t| t.event.id).collect();
-    assert!(
-        ids.iter().all(|id| seen.contains(id)),
-        "{} of {} events published",
-        ids.iter().filter(|id| seen.contains(id)).count(),
-        ids.len()
-    );
+    let ids = write_concurrently(&pool, 8, 100, 1).await;
+    assert_all_published(&mut tap, &ids).await;
     // Every commit would notify without the flag; between bursts (a claim
     // that finds nothing) the relay goes idle and some do.
     let notified = notifications_within(&mut listener, Duration::from_millis(300)).await;
@@ -224,27 +234,8 @@ async fn outbox_without_the_flag_is_woken_by_every_commit(pool: PgPool) {
     listener.listen(CHANNEL).await.unwrap();
     let (stop, task) = spawn_relay(&pool, &bus);
 
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..4 {
-        let pool = pool.clone();
-        writers.spawn(async move {
-            let mut ids = Vec::new();
-            for i in 0..25 {
-                ids.push(append_one(&pool, event(w * 25 + i)).await);
-            }
-            ids
-        });
-    }
-    let mut ids = Vec::new();
-    while let Some(done) = writers.join_next().await {
-        ids.extend(done.unwrap());
-    }
-    let tapped = tap.collect_until_seen(&ids, Duration::from_secs(20)).await;
-    let seen: std::collections::HashSet<Uuid> = tapped.iter().map(|t| t.event.id).collect();
-    assert!(
-        ids.iter().all(|id| seen.contains(id)),
-        "every event published"
-    );
+    let ids = write_concurrently(&pool, 4, 25, 0).await;
+    assert_all_published(&mut tap, &ids).await;
     assert_eq!(
         notifications_within(&mut listener, Duration::from_millis(300)).await,
         ids.len(),
