@@ -204,7 +204,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
-    let (latencies, committed_per_s, mut txns) =
+    let (latencies, committed_per_s, txns) =
         latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
     let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
     stop.cancel();
@@ -216,7 +216,6 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     topology.delete_exchange(&setup_ch).await?;
     let _ = setup.close(200, "bench done").await;
 
-    txns.sort_by(|a, b| a.total_cmp(b));
     let pct = |v: &[f64], p: f64| -> f64 {
         if v.is_empty() {
             return f64::NAN;
@@ -375,7 +374,7 @@ async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()>
 
 /// Commits one event per tick at `rate`/s for `duration`; returns sorted
 /// commit-to-handled latencies in ms, the rate really committed, and the
-/// producer's transaction times in ms (unsorted).
+/// producer's sorted transaction times in ms.
 async fn latency(
     pool: &PgPool,
     outbox: &Outbox,
@@ -465,6 +464,7 @@ async fn latency(
         txns.extend(done??);
     }
     let committed_per_s = total as f64 / started.elapsed().as_secs_f64();
+    txns.sort_by(|a, b| a.total_cmp(b));
     Ok((collector.await?, committed_per_s, txns))
 }
 

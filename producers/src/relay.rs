@@ -227,7 +227,8 @@ pub struct Relay {
     config: RelayConfig,
     stats: Arc<RelayStats>,
     claim_sql: String,
-    mark_sql: String,
+    /// Deletes the confirmed rows, or marks them when they are kept.
+    settle_sql: String,
 }
 
 impl Relay {
@@ -250,7 +251,7 @@ impl Relay {
                  FROM {s}.outbox WHERE published_at IS NULL \
                    AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
             ),
-            mark_sql: if config.retention.is_zero() {
+            settle_sql: if config.retention.is_zero() {
                 format!("DELETE FROM {s}.outbox WHERE position = ANY($1)")
             } else {
                 format!("UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)")
@@ -680,7 +681,7 @@ impl Relay {
         }
         if !marked.is_empty() {
             self.db_timeout(
-                sqlx::query(&self.mark_sql)
+                sqlx::query(&self.settle_sql)
                     .bind(&marked)
                     .execute(&mut *leader),
             )

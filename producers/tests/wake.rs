@@ -96,6 +96,22 @@ async fn assert_all_published(tap: &mut producers::testkit::Wiretap, ids: &[Uuid
     );
 }
 
+/// Waits until the relay has cleared the busy flag.
+async fn wait_until_flag_cleared(pool: &PgPool, why: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while flag(pool).await != Some(0) {
+        assert!(tokio::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection listening on the customers outbox channel.
+async fn listener(pool: &PgPool) -> PgListener {
+    let mut listener = PgListener::connect_with(pool).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    listener
+}
+
 async fn notifications_within(listener: &mut PgListener, wait: Duration) -> usize {
     let mut n = 0;
     while let Ok(Ok(_)) = tokio::time::timeout(wait, listener.recv()).await {
@@ -112,8 +128,7 @@ async fn notifications_within(listener: &mut PgListener, wait: Duration) -> usiz
 async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) {
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(CHANNEL).await.unwrap();
+    let mut listener = listener(&pool).await;
     let (stop, task) = spawn_relay(&pool, &bus);
     // Writers start once the relay is up (it publishes a first event), so
     // its start-up does not count as commits nobody was busy for.
@@ -136,11 +151,7 @@ async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) 
     );
 
     // Idle again: the relay cleared the flag before it went to sleep.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while flag(&pool).await != Some(0) {
-        assert!(tokio::time::Instant::now() < deadline, "flag never cleared");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_flag_cleared(&pool, "flag never cleared").await;
     let lone = append_one(&pool, event(10_000)).await;
     assert_eq!(
         notifications_within(&mut listener, Duration::from_millis(300)).await,
@@ -166,8 +177,7 @@ async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) 
 async fn writer_that_skipped_the_notify_and_commits_late_is_still_published(pool: PgPool) {
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(CHANNEL).await.unwrap();
+    let mut listener = listener(&pool).await;
 
     // As a busy relay (or one that died busy) leaves it.
     sqlx::query("SELECT setval('customers.outbox_relay_busy', 1, true)")
@@ -185,14 +195,7 @@ async fn writer_that_skipped_the_notify_and_commits_late_is_still_published(pool
     // The relay starts, finds nothing committed, clears the flag, and
     // cannot take the writers lock while the transaction is open.
     let (stop, task) = spawn_relay(&pool, &bus);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while flag(&pool).await != Some(0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "relay never cleared the flag"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_flag_cleared(&pool, "relay never cleared the flag").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.commit().await.unwrap();
 
@@ -230,8 +233,7 @@ async fn outbox_without_the_flag_is_woken_by_every_commit(pool: PgPool) {
     .unwrap();
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(CHANNEL).await.unwrap();
+    let mut listener = listener(&pool).await;
     let (stop, task) = spawn_relay(&pool, &bus);
 
     let ids = write_concurrently(&pool, 4, 25, 0).await;
