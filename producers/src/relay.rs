@@ -211,8 +211,10 @@ struct InFlight {
     confirms: Pin<Box<JoinAll<PublisherConfirm>>>,
     /// When waiting for `confirms` becomes a `ConfirmTimeout`.
     deadline: tokio::time::Instant,
-    /// When the batch was claimed, for the batch's log line.
+    /// When the claim was sent, for the batch's log line.
     started: Instant,
+    /// When its publishes were written, for the batch's log line.
+    published: Instant,
     /// Whether the claim came back full (more rows are likely waiting).
     full: bool,
 }
@@ -612,6 +614,7 @@ impl Relay {
             confirms: Box::pin(join_all(pending)),
             deadline: tokio::time::Instant::now() + self.config.confirm_timeout,
             started,
+            published: Instant::now(),
         }))
     }
 
@@ -643,6 +646,7 @@ impl Relay {
         held_back: &mut HashSet<String>,
     ) -> Result<(usize, usize), RelayError> {
         self.maybe_crash(CrashPoint::AfterConfirm)?;
+        let confirmed = Instant::now();
         let service = self.outbox.service();
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
@@ -697,7 +701,10 @@ impl Relay {
             service,
             published = marked.len(),
             failed,
-            elapsed_ms = batch.started.elapsed().as_secs_f64() * 1000.0,
+            elapsed_ms = ms(batch.started.elapsed()),
+            publish_ms = ms(batch.published - batch.started),
+            confirm_ms = ms(confirmed - batch.published),
+            settle_ms = ms(confirmed.elapsed()),
             "relayed batch"
         );
         Ok((marked.len(), failed))
@@ -739,4 +746,9 @@ impl Relay {
             .map_err(|_| RelayError::DatabaseTimeout(self.config.db_timeout))?
             .map_err(RelayError::from)
     }
+}
+
+/// A duration in milliseconds, for log fields.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
