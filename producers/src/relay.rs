@@ -229,6 +229,9 @@ pub struct Relay {
     config: RelayConfig,
     stats: Arc<RelayStats>,
     claim_sql: String,
+    /// The claim, after settling the rows of the batches confirmed since
+    /// the last statement (see [`Relay::claim_and_publish`]).
+    settle_and_claim_sql: String,
     /// Deletes the confirmed rows, or marks them when they are kept.
     settle_sql: String,
 }
@@ -243,21 +246,29 @@ impl Relay {
         config: RelayConfig,
     ) -> Self {
         let s = outbox.service();
-        Relay {
-            // The rows in flight (up to `max_in_flight`) are left out with a
-            // hashed subplan: as `position <> ALL($2)` in a generic plan
-            // the array is searched linearly for every row the scan passes,
-            // which took a fifth of PostgreSQL's time during a drain.
-            claim_sql: format!(
-                "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
-                 FROM {s}.outbox WHERE published_at IS NULL \
-                   AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
-            ),
-            settle_sql: if config.retention.is_zero() {
-                format!("DELETE FROM {s}.outbox WHERE position = ANY($1)")
+        // The rows in flight (up to `max_in_flight`) are left out with a
+        // hashed subplan: as `position <> ALL($2)` in a generic plan the
+        // array is searched linearly for every row the scan passes, which
+        // took a fifth of PostgreSQL's time during a drain.
+        let claim = format!(
+            "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
+             FROM {s}.outbox WHERE published_at IS NULL \
+               AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
+        );
+        let settle = |param: &str| {
+            if config.retention.is_zero() {
+                format!("DELETE FROM {s}.outbox WHERE position = ANY({param})")
             } else {
-                format!("UPDATE {s}.outbox SET published_at = now() WHERE position = ANY($1)")
-            },
+                format!("UPDATE {s}.outbox SET published_at = now() WHERE position = ANY({param})")
+            }
+        };
+        Relay {
+            // A data-modifying WITH always runs to completion, read or not;
+            // the claim's snapshot still sees the rows it settles, so the
+            // caller excludes them as it does the rows in flight.
+            settle_and_claim_sql: format!("WITH settled AS ({}) {claim}", settle("$3")),
+            claim_sql: claim,
+            settle_sql: settle("$1"),
             outbox,
             pool,
             amqp_url: amqp_url.into(),
@@ -353,10 +364,17 @@ impl Relay {
         // all of them, instead of one each (it costs them at most one
         // confirm round trip of waiting).
         let mut backlog = false;
+        // Confirmed rows not deleted (or marked) yet: the next claim does it
+        // in the same statement, which under a trickle (one claim after
+        // every batch) saves a round trip per batch; they are settled on
+        // their own before anything waits. A crash meanwhile republishes
+        // them, as a crash between confirm and settle always has.
+        let mut settled: Vec<i64> = Vec::new();
         loop {
             // A batch in flight always ends with its confirms awaited and
             // its rows marked before the relay stops.
             if shutdown.is_cancelled() {
+                self.flush(leader, &mut settled).await?;
                 while let Some(batch) = in_flight.pop_front() {
                     self.await_and_settle(leader, batch, &mut held_back).await?;
                 }
@@ -377,7 +395,10 @@ impl Relay {
                     .flat_map(|b| b.rows.iter().map(|r| r.position))
                     .collect();
                 let limit = (self.config.batch_size as usize).min(free) as i64;
-                match self.claim_and_publish(leader, &ch, &exclude, limit).await? {
+                match self
+                    .claim_and_publish(leader, &ch, &exclude, limit, &mut settled)
+                    .await?
+                {
                     Some(batch) => {
                         // A full batch means more is waiting: claim again at
                         // once, while this one's confirms are on their way.
@@ -403,13 +424,16 @@ impl Relay {
                 last_prune = Some(Instant::now());
                 self.prune().await;
             }
+            self.flush(leader, &mut settled).await?;
             if let Some(oldest) = in_flight.front_mut() {
                 tokio::select! {
                     confirms = tokio::time::timeout_at(oldest.deadline, &mut oldest.confirms) => {
                         let confirms = confirms
                             .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
                         let Some(batch) = in_flight.pop_front() else { continue };
-                        let (_, failed) = self.settle(leader, batch, confirms, &mut held_back).await?;
+                        let (_, failed) = self
+                            .settle(leader, batch, confirms, &mut held_back, Some(&mut settled))
+                            .await?;
                         // No claim just because a batch came back: `claim`
                         // is still set if the last claim was full, and
                         // commits since then have notified. Under a trickle
@@ -422,6 +446,7 @@ impl Relay {
                             // republished while a later row of its subject
                             // is still on its way: the bus keeps each
                             // subject's order.
+                            self.flush(leader, &mut settled).await?;
                             while let Some(batch) = in_flight.pop_front() {
                                 self.await_and_settle(leader, batch, &mut held_back).await?;
                             }
@@ -536,7 +561,7 @@ impl Relay {
         ch: &Channel,
     ) -> Result<BatchOutcome, RelayError> {
         let Some(batch) = self
-            .claim_and_publish(leader, ch, &[], self.config.batch_size)
+            .claim_and_publish(leader, ch, &[], self.config.batch_size, &mut Vec::new())
             .await?
         else {
             return Ok(BatchOutcome::Empty);
@@ -552,26 +577,44 @@ impl Relay {
         })
     }
 
-    /// Claims up to a batch of unpublished rows, skipping the `exclude`d
-    /// positions (in flight already), and publishes them without waiting
-    /// for their confirms. `None` when there is nothing to publish.
+    /// Settles the `settled` rows (confirmed, see [`Relay::settle`]) and
+    /// claims up to a batch of unpublished rows in one statement, skipping
+    /// the `exclude`d positions (in flight already), and publishes them
+    /// without waiting for their confirms. `None` when there is nothing to
+    /// publish.
     async fn claim_and_publish(
         &self,
         leader: &mut PgConnection,
         ch: &Channel,
         exclude: &[i64],
         limit: i64,
+        settled: &mut Vec<i64>,
     ) -> Result<Option<InFlight>, RelayError> {
         let service = self.outbox.service();
         let started = Instant::now();
-        let rows: Vec<Row> = self
-            .db_timeout(
+        let rows: Vec<Row> = if settled.is_empty() {
+            self.db_timeout(
                 sqlx::query_as(&self.claim_sql)
                     .bind(limit)
                     .bind(exclude)
                     .fetch_all(&mut *leader),
             )
-            .await?;
+            .await?
+        } else {
+            let skip: Vec<i64> = exclude.iter().chain(settled.iter()).copied().collect();
+            let rows = self
+                .db_timeout(
+                    sqlx::query_as(&self.settle_and_claim_sql)
+                        .bind(limit)
+                        .bind(&skip)
+                        .bind(&*settled)
+                        .fetch_all(&mut *leader),
+                )
+                .await?;
+            self.count_settled(settled.len());
+            settled.clear();
+            rows
+        };
         if rows.is_empty() {
             return Ok(None);
         }
@@ -629,7 +672,7 @@ impl Relay {
         let confirms = tokio::time::timeout_at(batch.deadline, &mut batch.confirms)
             .await
             .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
-        self.settle(leader, batch, confirms, held_back).await
+        self.settle(leader, batch, confirms, held_back, None).await
     }
 
     /// Marks (or deletes, see [`RelayConfig::retention`]) exactly the
@@ -637,13 +680,15 @@ impl Relay {
     /// returned or not confirmed stays unmarked, and so does every later
     /// row of its subject (`held_back`, shared by the batches settled
     /// together), even if confirmed: they are published again after it.
-    /// Returns (marked, failed).
+    /// With `defer`, the rows to mark are added to it instead, for the next
+    /// claim or [`Relay::flush`] to settle. Returns (marked, failed).
     async fn settle(
         &self,
         leader: &mut PgConnection,
         batch: InFlight,
         confirms: Vec<Result<Confirmation, lapin::Error>>,
         held_back: &mut HashSet<String>,
+        defer: Option<&mut Vec<i64>>,
     ) -> Result<(usize, usize), RelayError> {
         self.maybe_crash(CrashPoint::AfterConfirm)?;
         let confirmed = Instant::now();
@@ -683,23 +728,17 @@ impl Relay {
                 }
             }
         }
-        if !marked.is_empty() {
-            self.db_timeout(
-                sqlx::query(&self.settle_sql)
-                    .bind(&marked)
-                    .execute(&mut *leader),
-            )
-            .await?;
+        let published = marked.len();
+        match defer {
+            Some(later) => later.extend(marked),
+            None => self.flush(leader, &mut marked).await?,
         }
-        self.stats
-            .published
-            .fetch_add(marked.len() as u64, Ordering::Relaxed);
         self.stats
             .failed
             .fetch_add(failed as u64, Ordering::Relaxed);
         tracing::info!(
             service,
-            published = marked.len(),
+            published,
             failed,
             elapsed_ms = ms(batch.started.elapsed()),
             publish_ms = ms(batch.published - batch.started),
@@ -707,7 +746,33 @@ impl Relay {
             settle_ms = ms(confirmed.elapsed()),
             "relayed batch"
         );
-        Ok((marked.len(), failed))
+        Ok((published, failed))
+    }
+
+    /// Deletes (or marks) the `settled` rows now, if any.
+    async fn flush(
+        &self,
+        leader: &mut PgConnection,
+        settled: &mut Vec<i64>,
+    ) -> Result<(), RelayError> {
+        if settled.is_empty() {
+            return Ok(());
+        }
+        self.db_timeout(
+            sqlx::query(&self.settle_sql)
+                .bind(&*settled)
+                .execute(&mut *leader),
+        )
+        .await?;
+        self.count_settled(settled.len());
+        settled.clear();
+        Ok(())
+    }
+
+    /// Counted once their rows are deleted or marked, so a reader of the
+    /// counter finds them gone from the outbox.
+    fn count_settled(&self, n: usize) {
+        self.stats.published.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     #[cfg(feature = "testkit")]

@@ -624,3 +624,74 @@ async fn pipelined_relay_holds_a_subject_back_behind_its_unroutable_event(pool: 
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Under a trickle the relay claims after every batch, and that claim
+/// settles the batch before it (one statement): each event still reaches
+/// the bus exactly once, and its row ends deleted, or marked when kept,
+/// by the time the relay counts it published.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let outbox = Outbox::new(SERVICE).unwrap();
+    let rows = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for (retention, kept) in [(Duration::ZERO, 0), (Duration::from_secs(3600), 40)] {
+        let r = relay(
+            &pool,
+            &bus,
+            &amqp_url(),
+            RelayConfig {
+                retention,
+                ..fast_config()
+            },
+        );
+        let stats = r.stats();
+        let (stop, task) = spawn(r);
+        let mut ids = Vec::new();
+        for n in 0..40 {
+            let mut tx = pool.begin().await.unwrap();
+            let e = outbox
+                .append(&mut tx, registered(Uuid::now_v7(), n))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            ids.push(e.id);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let mut tapped = tap.collect_until_seen(&ids, Duration::from_secs(10)).await;
+        // Any copy of a settled row would follow within a batch or two.
+        tapped.extend(tap.collect(40, Duration::from_millis(500)).await);
+        let mut times: HashMap<Uuid, usize> = HashMap::new();
+        for t in &tapped {
+            *times.entry(t.event.id).or_default() += 1;
+        }
+        assert!(
+            ids.iter().all(|id| times.get(id) == Some(&1)),
+            "retention {retention:?}: each event once on the bus, got {:?}",
+            ids.iter()
+                .map(|id| times.get(id).copied().unwrap_or(0))
+                .collect::<Vec<_>>()
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while stats.published.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+            assert!(tokio::time::Instant::now() < deadline, "counted published");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            rows("SELECT count(*) FROM customers.outbox").await,
+            kept,
+            "retention {retention:?}: rows left once counted published"
+        );
+        assert_eq!(unpublished(&pool).await, 0, "retention {retention:?}");
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
