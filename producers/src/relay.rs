@@ -364,10 +364,10 @@ impl Relay {
         // all of them, instead of one each (it costs them at most one
         // confirm round trip of waiting).
         let mut backlog = false;
-        // Confirmed rows not deleted (or marked) yet: the next claim does it
-        // in the same statement, which under a trickle (one claim after
-        // every batch) saves a round trip per batch; they are settled on
-        // their own before anything waits. A crash meanwhile republishes
+        // Confirmed rows not deleted (or marked) yet: under a trickle (one
+        // claim after every batch) the next claim does it in the same
+        // statement, which saves a round trip per batch; they are settled
+        // on their own before anything waits. A crash meanwhile republishes
         // them, as a crash between confirm and settle always has.
         let mut settled: Vec<i64> = Vec::new();
         loop {
@@ -431,8 +431,14 @@ impl Relay {
                         let confirms = confirms
                             .map_err(|_| RelayError::ConfirmTimeout(self.config.confirm_timeout))?;
                         let Some(batch) = in_flight.pop_front() else { continue };
+                        // In a backlog the claims run ahead of the
+                        // settles: a claim that settled rows would walk
+                        // past them in the index once more (its snapshot
+                        // still sees them), so they are deleted on their
+                        // own there, and seen dead by the claim after.
+                        let defer = (!backlog).then_some(&mut settled);
                         let (_, failed) = self
-                            .settle(leader, batch, confirms, &mut held_back, Some(&mut settled))
+                            .settle(leader, batch, confirms, &mut held_back, defer)
                             .await?;
                         // No claim just because a batch came back: `claim`
                         // is still set if the last claim was full, and
