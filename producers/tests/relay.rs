@@ -112,6 +112,11 @@ fn assert_complete_and_ordered(tapped: &[Tapped], expected: &[Envelope]) {
     }
 }
 
+/// The one number a `SELECT count(*) …` returns.
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
 async fn unpublished(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM customers.outbox WHERE published_at IS NULL")
         .fetch_one(pool)
@@ -492,15 +497,6 @@ async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: 
 async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(pool: PgPool) {
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
-    let count = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
     assert!(RelayConfig::default().retention.is_zero());
 
     let first = append_events(&pool, &[Uuid::now_v7()], 3).await;
@@ -525,7 +521,7 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
         first.len()
     );
     assert_eq!(
-        count("SELECT count(*) FROM customers.outbox").await,
+        count(&pool, "SELECT count(*) FROM customers.outbox").await,
         0,
         "deleted once confirmed"
     );
@@ -554,7 +550,11 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
         second.len()
     );
     assert_eq!(
-        count("SELECT count(*) FROM customers.outbox WHERE published_at IS NOT NULL").await,
+        count(
+            &pool,
+            "SELECT count(*) FROM customers.outbox WHERE published_at IS NOT NULL"
+        )
+        .await,
         2,
         "kept and marked"
     );
@@ -634,15 +634,6 @@ async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: Pg
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let outbox = Outbox::new(SERVICE).unwrap();
-    let rows = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
     for (retention, kept) in [(Duration::ZERO, 0), (Duration::from_secs(3600), 40)] {
         let r = relay(
             &pool,
@@ -686,7 +677,7 @@ async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: Pg
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
-            rows("SELECT count(*) FROM customers.outbox").await,
+            count(&pool, "SELECT count(*) FROM customers.outbox").await,
             kept,
             "retention {retention:?}: rows left once counted published"
         );
