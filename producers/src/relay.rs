@@ -22,7 +22,9 @@
 //! either marked or in flight, publishes each subject in sequence order.
 //!
 //! Confirmed rows are deleted, or marked `published_at` and kept for
-//! `retention` when that is set (see [`RelayConfig::retention`]).
+//! `retention` when that is set (see [`RelayConfig::retention`]). Under a
+//! trickle that statement rides in the next claim (one round trip a batch
+//! instead of two); in a backlog, or before the relay waits, it runs alone.
 //!
 //! Crash points and what they cost: a crash after publish and before mark
 //! republishes the batch on restart (duplicates, absorbed by consumers'
