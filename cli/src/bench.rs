@@ -207,6 +207,21 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let (latencies, committed_per_s, txns) =
         latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
     let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
+    // The wake-up probe sees its last event on its own classic queue, a
+    // moment before the sink's quorum queue delivers it: wait until the
+    // sink has handled everything committed, or shutting down would leave
+    // that event in a queue about to be deleted.
+    let committed = opts.events + txns.len() + wakeups.len();
+    let settling = Instant::now();
+    while (stats.count(Outcome::Handled) as usize) < committed {
+        if settling.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!(
+                "{} of {committed} committed events handled 30 s after the last",
+                stats.count(Outcome::Handled)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     stop.cancel();
     let _ = sub_task.await;
     let _ = relay_task.await;
