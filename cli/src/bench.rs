@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use consumers::{
-    Batch, HandleBatch, HandleError, Outcome, Router, Subscription, SubscriptionConfig,
+    Batch, HandleBatch, HandleError, Outcome, Router, Stats, Subscription, SubscriptionConfig,
 };
 use events::catalog::{OrderLine, OrderPlaced};
 use events::{Codec, Envelope};
@@ -192,15 +192,9 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let (r, t) = (relay.clone(), stop.clone());
     let relay_task = tokio::spawn(async move { r.run(t).await });
     let stats = sub.stats();
-    while (stats.count(Outcome::Handled) as usize) < opts.events {
-        if started.elapsed() > Duration::from_secs(600) {
-            anyhow::bail!(
-                "drain did not finish in 10 minutes ({} handled)",
-                stats.count(Outcome::Handled)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_handled(&stats, opts.events, Duration::from_secs(600))
+        .await
+        .context("drain")?;
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
@@ -212,16 +206,9 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     // sink has handled everything committed, or shutting down would leave
     // that event in a queue about to be deleted.
     let committed = opts.events + txns.len() + wakeups.len();
-    let settling = Instant::now();
-    while (stats.count(Outcome::Handled) as usize) < committed {
-        if settling.elapsed() > Duration::from_secs(30) {
-            anyhow::bail!(
-                "{} of {committed} committed events handled 30 s after the last",
-                stats.count(Outcome::Handled)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_handled(&stats, committed, Duration::from_secs(30))
+        .await
+        .context("after the last commit")?;
     stop.cancel();
     let _ = sub_task.await;
     let _ = relay_task.await;
@@ -383,6 +370,21 @@ async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()>
             left -= 1;
         }
         tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Waits until the sink has handled `n` events in all, for at most `limit`.
+async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while (stats.count(Outcome::Handled) as usize) < n {
+        if started.elapsed() > limit {
+            anyhow::bail!(
+                "{} of {n} events handled within {limit:?}",
+                stats.count(Outcome::Handled)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
 }
