@@ -29,6 +29,7 @@ pub struct Admission {
 pub struct Inbox {
     schema: String,
     admit: String,
+    admit_one: String,
     existing: String,
     prune: String,
     count: String,
@@ -90,6 +91,34 @@ impl Inbox {
                  FROM b JOIN adv ON adv.source = b.src AND adv.subject = b.sub \
                  ORDER BY b.ord"
             ),
+            // The same admission for a batch of one, the usual batch under
+            // a trickle: without the batch's set logic (the run of
+            // consecutive sequences, first-of-each-sequence) there is
+            // nothing to compute but "is it the next one", and the plan
+            // is a fraction of the general one's to start up, which is
+            // most of its cost at one event per transaction. Results
+            // and writes are the general statement's (tested side by
+            // side in tests/inbox.rs).
+            admit_one: format!(
+                "WITH adv AS ( \
+                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
+                   VALUES ($3::text, $4::text, CASE WHEN $5::bigint = 1 THEN 1 ELSE 0 END, 0) \
+                   ON CONFLICT (source, subject) DO UPDATE SET \
+                     prev_sequence = p.last_sequence, \
+                     last_sequence = CASE WHEN $5::bigint = p.last_sequence + 1 \
+                                     THEN $5::bigint ELSE p.last_sequence END, \
+                     updated_at = now() \
+                   RETURNING prev_sequence, last_sequence), \
+                 ins AS ( \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
+                   SELECT $1::uuid, $2::text, $3::text, $4::text, $5::bigint FROM adv \
+                   WHERE $5::bigint > adv.prev_sequence AND $5::bigint <= adv.last_sequence \
+                   ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
+                 SELECT adv.last_sequence, \
+                   $5::bigint > adv.prev_sequence AND $5::bigint <= adv.last_sequence, \
+                   EXISTS (SELECT 1 FROM ins) \
+                 FROM adv"
+            ),
             existing: format!("SELECT event_id FROM {s}.inbox WHERE event_id = ANY($1)"),
             prune: format!(
                 "DELETE FROM {s}.inbox WHERE event_id IN ( \
@@ -104,6 +133,50 @@ impl Inbox {
     /// the run of consecutive sequences the batch brings, and records the
     /// admitted events in the inbox. One statement, one round trip.
     pub async fn admit(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Envelope],
+    ) -> Result<Vec<Admission>, sqlx::Error> {
+        match events {
+            [one] => self.admit_one(tx, one).await.map(|a| vec![a]),
+            _ => self.admit_batch(tx, events).await,
+        }
+    }
+
+    /// [`Inbox::admit`] of a batch of one.
+    async fn admit_one(
+        &self,
+        tx: &mut PgConnection,
+        e: &Envelope,
+    ) -> Result<Admission, sqlx::Error> {
+        let (last, admitted, new): (i64, bool, bool) = sqlx::query_as(&self.admit_one)
+            .bind(e.id)
+            .bind(e.event_type.as_str())
+            .bind(e.source.as_str())
+            .bind(e.subject.as_str())
+            .bind(e.sequence)
+            .fetch_one(tx)
+            .await?;
+        Ok(Admission {
+            last,
+            admitted,
+            new,
+        })
+    }
+
+    /// [`Inbox::admit`] through the general statement, whatever the batch's
+    /// size: for tests that hold the one-event statement to it.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    pub async fn admit_general(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Envelope],
+    ) -> Result<Vec<Admission>, sqlx::Error> {
+        self.admit_batch(tx, events).await
+    }
+
+    async fn admit_batch(
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],

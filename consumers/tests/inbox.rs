@@ -150,3 +150,90 @@ async fn a_second_transaction_on_the_stream_waits_for_the_first(pool: PgPool) {
         "it sees the first one's progress once it gets the lock"
     );
 }
+
+/// The one-event statement (a batch of one, the usual batch under a
+/// trickle) gives what the general statement gives, and writes the same
+/// rows: the same pseudo-random walk of single events (streams that start
+/// now and then, sequences that continue, repeat, fall behind or leave a
+/// gap, sequence 0, redeliveries and ids reused under another sequence)
+/// goes through each into a schema of its own.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_of_one_is_admitted_as_the_general_statement_admits_it(pool: PgPool) {
+    let (fast, general) = (Inbox::new("shipping"), Inbox::new("payments"));
+    let mut seen: Vec<Envelope> = Vec::new();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut admitted, mut duplicates, mut early, mut behind) = (0, 0, 0, 0);
+    for step in 0..600 {
+        let e = if !seen.is_empty() && next(5) == 0 {
+            let mut again = seen[next(seen.len() as u64) as usize].clone();
+            if next(3) == 0 {
+                // The same id under the stream's next sequence.
+                again.sequence = last.get(&again.subject).copied().unwrap_or(0) + 1;
+            }
+            again
+        } else {
+            let subject = format!("s{}", next(12) + step / 100);
+            let at = last.get(&subject).copied().unwrap_or(0);
+            let sequence = match next(8) {
+                0 => 0,
+                1 => at,
+                2 => at - 1,
+                3 => at + 2,
+                _ => at + 1,
+            };
+            event(&subject, sequence.max(0))
+        };
+        let mut tx = pool.begin().await.unwrap();
+        let one = fast.admit(&mut tx, &[&e]).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let all = general.admit_general(&mut tx, &[&e]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(one, all, "step {step}: {} #{}", e.subject, e.sequence);
+        let a = one[0];
+        last.insert(e.subject.clone(), a.last);
+        match (a.admitted, a.new) {
+            (true, true) => admitted += 1,
+            (true, false) => duplicates += 1,
+            _ if e.sequence > a.last => early += 1,
+            _ => behind += 1,
+        }
+        seen.push(e);
+    }
+    assert!(
+        admitted > 100 && duplicates > 5 && early > 20 && behind > 20,
+        "the walk covers every case: {admitted} new, {duplicates} known ids, \
+         {early} early, {behind} behind"
+    );
+
+    let rows = |schema: &str| {
+        let pool = pool.clone();
+        let progress = format!(
+            "SELECT source, subject, last_sequence, prev_sequence FROM {schema}.subject_progress ORDER BY 1, 2"
+        );
+        let inbox = format!(
+            "SELECT event_id::text, event_type, source, subject, sequence FROM {schema}.inbox ORDER BY 1"
+        );
+        async move {
+            let p: Vec<(String, String, i64, i64)> =
+                sqlx::query_as(&progress).fetch_all(&pool).await.unwrap();
+            let i: Vec<(String, String, String, String, i64)> =
+                sqlx::query_as(&inbox).fetch_all(&pool).await.unwrap();
+            (p, i)
+        }
+    };
+    let (fast_rows, general_rows) = (rows("shipping").await, rows("payments").await);
+    assert_eq!(fast_rows, general_rows);
+    assert_eq!(
+        fast_rows.1.len(),
+        admitted,
+        "one inbox row per new admission"
+    );
+}
