@@ -737,6 +737,7 @@ impl Relay {
             }
         }
         let published = marked.len();
+        let deferred = defer.is_some();
         match defer {
             Some(later) => later.extend(marked),
             None => self.flush(leader, &mut marked).await?,
@@ -751,7 +752,10 @@ impl Relay {
             elapsed_ms = ms(batch.started.elapsed()),
             publish_ms = ms(batch.published - batch.started),
             confirm_ms = ms(confirmed - batch.published),
-            settle_ms = ms(confirmed.elapsed()),
+            // A deferred settle happens in a later statement: no figure
+            // here rather than a misleading zero.
+            settle_ms = (!deferred).then(|| ms(confirmed.elapsed())),
+            deferred,
             "relayed batch"
         );
         Ok((published, failed))
