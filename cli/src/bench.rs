@@ -75,6 +75,16 @@ pub struct BenchReport {
     /// service's request, NOTIFY and commit included.
     pub producer_txn_p50_ms: f64,
     pub producer_txn_p99_ms: f64,
+    /// Where the latency run's time went after the commit, stage by stage:
+    /// events per relay batch, and the relay's mean wait from a batch's
+    /// publishes to its last confirm (the broker's share, its log's fsync
+    /// included)...
+    pub relay_events_per_batch: f64,
+    pub relay_confirm_mean_ms: f64,
+    /// ...and the consumer lane's batch, from taking the deliveries to
+    /// their ack (transaction, handler, commit, ack), per handled event.
+    pub consumer_batch_p50_ms: f64,
+    pub consumer_batch_p99_ms: f64,
     pub wakeup_samples: usize,
     pub wakeup_p50_ms: f64,
     pub wakeup_max_ms: f64,
@@ -198,8 +208,16 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
-    let (latencies, committed_per_s, txns) =
-        latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
+    let relay_stats = relay.stats();
+    let before = relay_stats.confirms();
+    let run = latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
+    let relayed = relay_stats.confirms().since(before);
+    let LatencyRun {
+        latencies,
+        committed_per_s,
+        txns,
+        consumer_batches,
+    } = run;
     let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
     // The wake-up probe sees its last event on its own classic queue, a
     // moment before the sink's quorum queue delivers it: wait until the
@@ -239,6 +257,14 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         latency_max_ms: round2(latencies.last().copied().unwrap_or(f64::NAN)),
         producer_txn_p50_ms: round2(pct(&txns, 0.50)),
         producer_txn_p99_ms: round2(pct(&txns, 0.99)),
+        relay_events_per_batch: round2(relayed.events_per_batch().unwrap_or(f64::NAN)),
+        relay_confirm_mean_ms: round2(
+            relayed
+                .mean_wait()
+                .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),
+        ),
+        consumer_batch_p50_ms: round2(pct(&consumer_batches, 0.50)),
+        consumer_batch_p99_ms: round2(pct(&consumer_batches, 0.99)),
         wakeup_samples: wakeups.len(),
         wakeup_p50_ms: round2(pct(&wakeups, 0.50)),
         wakeup_max_ms: round2(wakeups.last().copied().unwrap_or(f64::NAN)),
@@ -392,13 +418,25 @@ async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Resu
 /// Commits one event per tick at `rate`/s for `duration`; returns sorted
 /// commit-to-handled latencies in ms, the rate really committed, and the
 /// producer's sorted transaction times in ms.
+/// What the latency run measured; every series sorted, in ms.
+struct LatencyRun {
+    /// Commit to handled, per event.
+    latencies: Vec<f64>,
+    /// The rate the producer really committed at.
+    committed_per_s: f64,
+    /// The producer's transactions.
+    txns: Vec<f64>,
+    /// The consumer's batch (taken to acked) of each handled event.
+    consumer_batches: Vec<f64>,
+}
+
 async fn latency(
     pool: &PgPool,
     outbox: &Outbox,
     sub: &Subscription,
     rate: u32,
     duration: Duration,
-) -> anyhow::Result<(Vec<f64>, f64, Vec<f64>)> {
+) -> anyhow::Result<LatencyRun> {
     let mut outcomes = sub.outcomes();
     let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Instant>>> = Default::default();
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
@@ -406,11 +444,13 @@ async fn latency(
         let committed = committed.clone();
         tokio::spawn(async move {
             let mut handled: HashMap<Uuid, Instant> = HashMap::with_capacity(total);
+            let mut batches: Vec<f64> = Vec::with_capacity(total);
             while handled.len() < total {
                 match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
                     Ok(Ok(r)) if r.outcome == Outcome::Handled => {
                         if let Some(id) = r.event_id.and_then(|i| i.parse::<Uuid>().ok()) {
                             handled.insert(id, Instant::now());
+                            batches.push(r.elapsed_ms);
                         }
                     }
                     Ok(Ok(_)) => {}
@@ -430,7 +470,8 @@ async fn latency(
                 })
                 .collect();
             ms.sort_by(|a, b| a.total_cmp(b));
-            ms
+            batches.sort_by(|a, b| a.total_cmp(b));
+            (ms, batches)
         })
     };
     // The producer is a service's request workers: `WORKERS` tasks, each
@@ -482,7 +523,13 @@ async fn latency(
     }
     let committed_per_s = total as f64 / started.elapsed().as_secs_f64();
     txns.sort_by(|a, b| a.total_cmp(b));
-    Ok((collector.await?, committed_per_s, txns))
+    let (latencies, consumer_batches) = collector.await?;
+    Ok(LatencyRun {
+        latencies,
+        committed_per_s,
+        txns,
+        consumer_batches,
+    })
 }
 
 /// With the relay idle (asleep on LISTEN), commits one event at a time and
@@ -565,6 +612,8 @@ pub fn render(r: &BenchReport) -> String {
          \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
          \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s)\
          \n  producer transaction     p50 {tp50:.2} ms   p99 {tp99:.2} ms   (BEGIN, append, COMMIT of one event, in that run)\
+         \n  relay batch              {epb:.1} events, publish → confirms mean {conf:.2} ms   (in that run)\
+         \n  consumer batch           p50 {cp50:.2} ms   p99 {cp99:.2} ms   (deliveries taken → acked, in that run)\
          \n  idle relay wake-up       p50 {wp50:.2} ms   max {wmax:.2} ms   ({wn} samples, commit → on the bus)\
          \n  peak RSS                 {rss:>10.1} MB\n",
         events = r.events,
@@ -580,6 +629,10 @@ pub fn render(r: &BenchReport) -> String {
         max = r.latency_max_ms,
         tp50 = r.producer_txn_p50_ms,
         tp99 = r.producer_txn_p99_ms,
+        epb = r.relay_events_per_batch,
+        conf = r.relay_confirm_mean_ms,
+        cp50 = r.consumer_batch_p50_ms,
+        cp99 = r.consumer_batch_p99_ms,
         n = r.latency_samples,
         wp50 = r.wakeup_p50_ms,
         wmax = r.wakeup_max_ms,

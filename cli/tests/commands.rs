@@ -519,6 +519,10 @@ async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
         "latency_max_ms",
         "producer_txn_p50_ms",
         "producer_txn_p99_ms",
+        "relay_events_per_batch",
+        "relay_confirm_mean_ms",
+        "consumer_batch_p50_ms",
+        "consumer_batch_p99_ms",
         "rss_mb",
     ] {
         assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {last}");
@@ -527,6 +531,13 @@ async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
     // Every event committed in the latency run was seen handled.
     assert_eq!(r["latency_samples"], 100, "{last}");
     assert!(r["latency_p50_ms"].as_f64() <= r["latency_p99_ms"].as_f64());
+    // A stage of an event's trip cannot take longer than the whole trip,
+    // and no batch holds fewer than one event.
+    assert!(
+        r["consumer_batch_p50_ms"].as_f64() <= r["latency_p50_ms"].as_f64(),
+        "{last}"
+    );
+    assert!(r["relay_events_per_batch"].as_f64() >= Some(1.0), "{last}");
     let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_sink.items")
         .fetch_one(&pool)
         .await

@@ -168,6 +168,59 @@ pub struct RelayStats {
     pub failed: AtomicU64,
     /// Whether this relay holds the lock.
     pub active: AtomicBool,
+    /// Batches whose confirms came back (settled or not).
+    pub confirmed_batches: AtomicU64,
+    /// Events in those batches.
+    pub confirmed_events: AtomicU64,
+    /// Their total wait, in microseconds, from their publishes written to
+    /// the relay holding all their confirms: mostly the broker's share of
+    /// an event's trip (for a quorum queue, its log's fsync); in a backlog
+    /// also the claims the relay makes meanwhile.
+    pub confirm_wait_us: AtomicU64,
+}
+
+impl RelayStats {
+    /// The confirm counters now; two readings' difference describes the
+    /// batches in between.
+    pub fn confirms(&self) -> Confirms {
+        Confirms {
+            batches: self.confirmed_batches.load(Ordering::Relaxed),
+            events: self.confirmed_events.load(Ordering::Relaxed),
+            wait_us: self.confirm_wait_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A reading of a relay's confirm counters (see [`RelayStats::confirms`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Confirms {
+    /// Batches confirmed.
+    pub batches: u64,
+    /// Events in them.
+    pub events: u64,
+    /// Total publish-to-confirms wait, microseconds.
+    pub wait_us: u64,
+}
+
+impl Confirms {
+    /// What happened between `earlier` and this reading.
+    pub fn since(self, earlier: Confirms) -> Confirms {
+        Confirms {
+            batches: self.batches.saturating_sub(earlier.batches),
+            events: self.events.saturating_sub(earlier.events),
+            wait_us: self.wait_us.saturating_sub(earlier.wait_us),
+        }
+    }
+
+    /// Mean wait of a batch for its confirms; `None` without batches.
+    pub fn mean_wait(&self) -> Option<Duration> {
+        (self.batches > 0).then(|| Duration::from_micros(self.wait_us / self.batches))
+    }
+
+    /// Mean events per batch; `None` without batches.
+    pub fn events_per_batch(&self) -> Option<f64> {
+        (self.batches > 0).then(|| self.events as f64 / self.batches as f64)
+    }
 }
 
 /// Stand-in so fault points compile away without the `testkit` feature.
@@ -700,6 +753,14 @@ impl Relay {
     ) -> Result<(usize, usize), RelayError> {
         self.maybe_crash(CrashPoint::AfterConfirm)?;
         let confirmed = Instant::now();
+        let waited = confirmed.saturating_duration_since(batch.published);
+        self.stats
+            .confirm_wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .confirmed_events
+            .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
         let service = self.outbox.service();
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
@@ -751,7 +812,7 @@ impl Relay {
             failed,
             elapsed_ms = ms(batch.started.elapsed()),
             publish_ms = ms(batch.published - batch.started),
-            confirm_ms = ms(confirmed - batch.published),
+            confirm_ms = ms(waited),
             // A deferred settle happens in a later statement: no figure
             // here rather than a misleading zero.
             settle_ms = (!deferred).then(|| ms(confirmed.elapsed())),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use events::catalog::{CustomerRegistered, CustomerUpdated};
 use events::Envelope;
-use producers::relay::{BatchOutcome, CrashPoint};
+use producers::relay::{BatchOutcome, Confirms, CrashPoint};
 use producers::testkit::{amqp_url, Proxy, Tapped, TestBus};
 use producers::{Outbox, Relay, RelayConfig};
 use sqlx::{Connection, PgPool};
@@ -685,4 +685,62 @@ async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: Pg
         stop.cancel();
         task.await.unwrap();
     }
+}
+
+/// The relay counts every batch it has the confirms of, the events in it
+/// and the wait for them: `warren bench` and `/metrics` report the broker's
+/// share of an event's trip from these.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_relay_counts_confirmed_batches_their_events_and_their_wait(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let mut tap = bus.wiretap("#").await;
+    let r = relay(&pool, &bus, &amqp_url(), fast_config());
+    let stats = r.stats();
+    assert_eq!(stats.confirms(), Confirms::default());
+    assert_eq!(stats.confirms().mean_wait(), None);
+    assert_eq!(stats.confirms().events_per_batch(), None);
+    let (stop, task) = spawn(r);
+
+    let confirmed_events = |n: u64| {
+        let stats = stats.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while stats.confirms().events < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{n} events confirmed"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let subjects: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let first = append_events(&pool, &subjects, 4).await;
+    let ids: Vec<Uuid> = first.iter().map(|e| e.id).collect();
+    tap.collect_until_seen(&ids, Duration::from_secs(10)).await;
+    confirmed_events(20).await;
+    let after_first = stats.confirms();
+    assert_eq!(after_first.events, 20, "{after_first:?}");
+    assert!((1..=20).contains(&after_first.batches), "{after_first:?}");
+    assert!(
+        after_first.wait_us > 0,
+        "a real broker's confirm takes time"
+    );
+
+    // One more event, alone: one batch of one, and the difference of two
+    // readings describes exactly it.
+    let one = append_events(&pool, &[Uuid::now_v7()], 1).await;
+    tap.collect_until_seen(&[one[0].id], Duration::from_secs(10))
+        .await;
+    confirmed_events(21).await;
+    let it = stats.confirms().since(after_first);
+    assert_eq!((it.batches, it.events), (1, 1), "{it:?}");
+    assert_eq!(it.events_per_batch(), Some(1.0));
+    let wait = it.mean_wait().unwrap();
+    assert!(
+        wait > Duration::ZERO && wait < RelayConfig::default().confirm_timeout,
+        "{wait:?}"
+    );
+    stop.cancel();
+    task.await.unwrap();
 }

@@ -207,6 +207,24 @@ pub async fn metrics(State(shared): State<Shared>) -> Response {
     }
     let _ = writeln!(
         out,
+        "# HELP warren_relay_confirm_seconds Wait for a published batch's publisher confirms."
+    );
+    let _ = writeln!(out, "# TYPE warren_relay_confirm_seconds summary");
+    for (service, stats) in shared.relay_stats.iter() {
+        let c = stats.confirms();
+        let _ = writeln!(
+            out,
+            "warren_relay_confirm_seconds_sum{{service=\"{service}\"}} {}",
+            c.wait_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "warren_relay_confirm_seconds_count{{service=\"{service}\"}} {}",
+            c.batches
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP warren_relay_active Whether this process holds the service's relay lock."
     );
     let _ = writeln!(out, "# TYPE warren_relay_active gauge");

@@ -558,6 +558,14 @@ async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
         metrics.contains("warren_gateway_breaker_state 0"),
         "{metrics}"
     );
+    // The customer registered above was relayed: at least one batch's
+    // confirms came back and were counted, with their wait.
+    let confirm_batches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_relay_confirm_seconds_count{service=\"customers\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("confirm count of customers in {metrics}"));
+    assert!(confirm_batches >= 1, "{metrics}");
     t.stop().await;
 }
 
