@@ -902,11 +902,14 @@ async fn acks_with_multiple_leave_no_delivery_of_any_lane_unacknowledged(pool: P
     assert_eq!(f.dead_letters().await.len(), 40);
 }
 
+/// One run a batch handler was given: (subject, sequence) of each event.
+type Run = Vec<(String, i64)>;
+
 /// Writes a run of `order.placed` in one statement and remembers each run
 /// it was given; rejects any run holding an order of total 13.
 #[derive(Clone, Default)]
 struct BatchRecorder {
-    runs: Arc<Mutex<Vec<Vec<(String, i64)>>>>,
+    runs: Arc<Mutex<Vec<Run>>>,
 }
 
 #[async_trait::async_trait]
