@@ -415,9 +415,6 @@ async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Resu
     Ok(())
 }
 
-/// Commits one event per tick at `rate`/s for `duration`; returns sorted
-/// commit-to-handled latencies in ms, the rate really committed, and the
-/// producer's sorted transaction times in ms.
 /// What the latency run measured; every series sorted, in ms.
 struct LatencyRun {
     /// Commit to handled, per event.
@@ -430,6 +427,8 @@ struct LatencyRun {
     consumer_batches: Vec<f64>,
 }
 
+/// Commits one event per tick at `rate`/s for `duration`, and times each
+/// from its commit to its handling.
 async fn latency(
     pool: &PgPool,
     outbox: &Outbox,
