@@ -57,6 +57,7 @@ pub struct Outbox {
 #[derive(Debug, Clone)]
 struct Sql {
     append: String,
+    append_leased: String,
     observe: String,
     backlog: String,
     prune: String,
@@ -77,18 +78,8 @@ impl Outbox {
             service: service.to_owned(),
             codec: Codec::default(),
             sql: Sql {
-                // Numbering and insert in one statement, one round trip:
-                // the payload is sent in two halves around its sequence,
-                // which the upsert hands to the insert.
-                append: format!(
-                    "WITH q AS ( \
-                       INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($2, 1) \
-                       ON CONFLICT (aggregate) DO UPDATE SET last_sequence = q.last_sequence + 1 \
-                       RETURNING last_sequence) \
-                     INSERT INTO {s}.outbox (event_id, aggregate, sequence, event_type, version, correlation_id, payload) \
-                     SELECT $1, $2, q.last_sequence, $3, $4, $5, ($6 || q.last_sequence || $7)::json FROM q \
-                     RETURNING sequence"
-                ),
+                append: append_sql(s, false),
+                append_leased: append_sql(s, true),
                 observe: format!(
                     "INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($1, $2) \
                      ON CONFLICT (aggregate) DO UPDATE SET last_sequence = GREATEST(q.last_sequence, excluded.last_sequence)"
@@ -122,30 +113,60 @@ impl Outbox {
     pub async fn append(
         &self,
         conn: &mut PgConnection,
-        mut event: Envelope,
+        event: Envelope,
     ) -> Result<Envelope, OutboxError> {
+        self.insert(conn, event, None).await.map(|(e, _)| e)
+    }
+
+    /// Appends `event` as [`Outbox::append`] does, leased for `lease`: the
+    /// relay leaves the row alone until then, and the commit sends no
+    /// NOTIFY. For [`crate::eager`], which publishes it after the commit;
+    /// returns the envelope and its encoded payload as stored.
+    pub async fn append_leased(
+        &self,
+        conn: &mut PgConnection,
+        event: Envelope,
+        lease: Duration,
+    ) -> Result<(Envelope, String), OutboxError> {
+        self.insert(conn, event, Some(lease)).await
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        mut event: Envelope,
+        lease: Option<Duration>,
+    ) -> Result<(Envelope, String), OutboxError> {
         event.source = source_of(&self.service);
         event.sequence = 0;
         let encoded = String::from_utf8(self.codec.encode(&event)).unwrap_or_default();
         let (head, tail) = split_at_sequence(&encoded).ok_or(OutboxError::Encoding(event.id))?;
-        let sequence: i64 = sqlx::query_scalar(&self.sql.append)
+        let sql = match lease {
+            None => &self.sql.append,
+            Some(_) => &self.sql.append_leased,
+        };
+        let mut query = sqlx::query_scalar(sql)
             .bind(event.id)
             .bind(&event.subject)
             .bind(&event.event_type)
             .bind(event.dataversion as i32)
             .bind(event.correlationid.as_deref())
             .bind(head)
-            .bind(tail)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| self.db(e))?;
+            .bind(tail);
+        if let Some(lease) = lease {
+            query = query.bind(lease.as_secs_f64());
+        }
+        let sequence: i64 = query.fetch_one(&mut *conn).await.map_err(|e| self.db(e))?;
+        // What the database stored: the same two halves around the number.
+        let payload = format!("{head}{sequence}{tail}");
         event.sequence = sequence;
         tracing::debug!(
             event_id = %event.id, event_type = %event.event_type, subject = %event.subject,
             sequence, correlation_id = event.correlationid.as_deref().unwrap_or(""),
+            leased = lease.is_some(),
             "appended to outbox"
         );
-        Ok(event)
+        Ok((event, payload))
     }
 
     /// Records that an event of this service's own source with `sequence`
@@ -213,6 +234,30 @@ impl Outbox {
             source,
         }
     }
+}
+
+/// The append statement of schema `s`: numbering and insert in one
+/// statement, one round trip; the payload is sent in two halves around its
+/// sequence, which the upsert hands to the insert. A leased append also
+/// sets `leased_until` from its eighth parameter (seconds).
+fn append_sql(s: &str, leased: bool) -> String {
+    let (column, value) = if leased {
+        (
+            ", leased_until",
+            ", now() + make_interval(secs => $8::float8)",
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        "WITH q AS ( \
+           INSERT INTO {s}.outbox_sequences AS q (aggregate, last_sequence) VALUES ($2, 1) \
+           ON CONFLICT (aggregate) DO UPDATE SET last_sequence = q.last_sequence + 1 \
+           RETURNING last_sequence) \
+         INSERT INTO {s}.outbox (event_id, aggregate, sequence, event_type, version, correlation_id, payload{column}) \
+         SELECT $1, $2, q.last_sequence, $3, $4, $5, ($6 || q.last_sequence || $7)::json{value} FROM q \
+         RETURNING sequence"
+    )
 }
 
 /// Splits an envelope encoded with `sequence` 0 around that 0, so the

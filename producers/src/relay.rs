@@ -301,13 +301,16 @@ impl Relay {
         config: RelayConfig,
     ) -> Self {
         let s = outbox.service();
-        // The rows in flight (up to `max_in_flight`) are left out with a
-        // hashed subplan: as `position <> ALL($2)` in a generic plan the
-        // array is searched linearly for every row the scan passes, which
-        // took a fifth of PostgreSQL's time during a drain.
+        // Rows leased to an eager publisher (see `crate::eager`) wait for
+        // their lease to run out. The rows in flight (up to
+        // `max_in_flight`) are left out with a hashed subplan: as
+        // `position <> ALL($2)` in a generic plan the array is searched
+        // linearly for every row the scan passes, which took a fifth of
+        // PostgreSQL's time during a drain.
         let claim = format!(
             "SELECT position, event_id, aggregate, event_type, correlation_id, created_at, payload::text AS payload \
              FROM {s}.outbox WHERE published_at IS NULL \
+               AND (leased_until IS NULL OR leased_until < now()) \
                AND position NOT IN (SELECT unnest($2::bigint[])) ORDER BY position LIMIT $1"
         );
         let settle = |param: &str| {

@@ -1,0 +1,260 @@
+//! The eager publisher against the real PostgreSQL and RabbitMQ: events
+//! published right after their commit are on the bus once and gone from
+//! the outbox, with the relay running beside it and publishing none of
+//! them; what it never publishes (a producer that died, an unroutable
+//! event) the relay publishes once the lease has run out; leased rows do
+//! not wake the relay.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use events::catalog::CustomerRegistered;
+use events::Envelope;
+use producers::testkit::TestBus;
+use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SERVICE: &str = "customers";
+
+fn registered(n: usize) -> Envelope {
+    let subject = Uuid::now_v7();
+    let data = CustomerRegistered {
+        customer_id: subject,
+        name: format!("customer {n}"),
+        email: format!("c{n}@example.com"),
+    };
+    Envelope::new(SERVICE, subject.to_string(), &data)
+}
+
+fn relay(pool: &PgPool, bus: &TestBus) -> Relay {
+    Relay::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        producers::testkit::amqp_url(),
+        bus.topology.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+    )
+}
+
+fn eager(pool: &PgPool, bus: &TestBus, lease: Duration, token: &CancellationToken) -> Eager {
+    let (eager, worker) = Eager::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        producers::testkit::amqp_url(),
+        bus.topology.clone(),
+        EagerConfig {
+            lease,
+            ..Default::default()
+        },
+    );
+    tokio::spawn(worker.run(token.clone()));
+    eager
+}
+
+async fn outbox_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM customers.outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn until_outbox_empty(pool: &PgPool, within: Duration) {
+    let end = Instant::now() + within;
+    while outbox_rows(pool).await > 0 {
+        assert!(Instant::now() < end, "outbox still holds rows");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Appends `n` events leased, one transaction each, and hands each to the
+/// eager publisher after its commit; returns their ids.
+async fn commit_and_publish(pool: &PgPool, eager: &Eager, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut tx = pool.begin().await.unwrap();
+        let appended = eager.append(&mut tx, registered(i)).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.push(appended.event_id());
+        eager.publish([appended]);
+    }
+    ids
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn eager_events_are_on_the_bus_once_and_the_relay_publishes_none(pool: PgPool) {
+    let bus = TestBus::new().await;
+    bus.declare_service("sink", &["customer.registered"], &[])
+        .await;
+    let mut tap = bus.wiretap("#").await;
+    let token = CancellationToken::new();
+    let relay = relay(&pool, &bus);
+    let relay_stats = relay.stats();
+    let t = token.clone();
+    let relay_task = tokio::spawn(async move { relay.run(t).await });
+    // A lease far longer than the test: only the eager publisher may
+    // publish these rows.
+    let eager = eager(&pool, &bus, Duration::from_secs(60), &token);
+
+    let ids = commit_and_publish(&pool, &eager, 200).await;
+    let tapped = tap.collect_until_seen(&ids, Duration::from_secs(20)).await;
+    // Whatever else would come (a second copy) has time to arrive.
+    let extra = tap.collect(1, Duration::from_millis(500)).await;
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    for t in tapped.iter().chain(&extra) {
+        *seen.entry(t.event.id).or_default() += 1;
+        assert_eq!(t.properties.delivery_mode(), &Some(2));
+        assert_eq!(t.event.sequence, 1, "numbered by the outbox");
+    }
+    assert_eq!(seen.len(), ids.len(), "every event on the bus");
+    assert!(seen.values().all(|&n| n == 1), "each once: {seen:?}");
+    until_outbox_empty(&pool, Duration::from_secs(10)).await;
+    let stats = eager.stats();
+    assert_eq!(
+        stats.published.load(std::sync::atomic::Ordering::Relaxed),
+        200
+    );
+    assert_eq!(
+        relay_stats
+            .published
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the relay left the leased rows alone"
+    );
+    token.cancel();
+    relay_task.await.unwrap();
+}
+
+/// A producer that dies between its commit and its publish: the row stays
+/// leased, the relay leaves it while the lease runs and publishes it after.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_committed_event_never_published_eagerly_is_relayed_after_its_lease(pool: PgPool) {
+    let bus = TestBus::new().await;
+    bus.declare_service("sink", &["customer.registered"], &[])
+        .await;
+    let mut tap = bus.wiretap("#").await;
+    let token = CancellationToken::new();
+    let lease = Duration::from_millis(1500);
+    let eager = eager(&pool, &bus, lease, &token);
+    let mut tx = pool.begin().await.unwrap();
+    let appended = eager.append(&mut tx, registered(0)).await.unwrap();
+    tx.commit().await.unwrap();
+    let committed = Instant::now();
+    // Not handed to the publisher: as if the process had died here.
+    let relay = relay(&pool, &bus);
+    let t = token.clone();
+    let relay_task = tokio::spawn(async move { relay.run(t).await });
+
+    assert!(
+        tap.next(lease / 2).await.is_none(),
+        "published while still leased"
+    );
+    let got = tap
+        .next(Duration::from_secs(10))
+        .await
+        .expect("relayed once the lease ran out");
+    assert_eq!(got.event.id, appended.event_id());
+    assert!(
+        committed.elapsed() >= lease,
+        "relayed before the lease ran out"
+    );
+    until_outbox_empty(&pool, Duration::from_secs(5)).await;
+    token.cancel();
+    relay_task.await.unwrap();
+}
+
+/// Unroutable (no queue bound to the type): the broker returns it, the
+/// eager publisher keeps its row, and the relay has it after the lease.
+#[sqlx::test(migrations = "../migrations")]
+async fn an_event_returned_unroutable_stays_in_the_outbox(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let token = CancellationToken::new();
+    let eager = eager(&pool, &bus, Duration::from_secs(60), &token);
+    commit_and_publish(&pool, &eager, 1).await;
+    let stats = eager.stats();
+    let end = Instant::now() + Duration::from_secs(10);
+    while stats
+        .confirmed_batches
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(Instant::now() < end, "no confirm came back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        outbox_rows(&pool).await,
+        1,
+        "the returned event was deleted"
+    );
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.published.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    token.cancel();
+}
+
+/// Leased rows send no NOTIFY (the relay has nothing to claim for them);
+/// a plain append in the same schema still does.
+#[sqlx::test(migrations = "../migrations")]
+async fn leased_appends_do_not_wake_the_relay(pool: PgPool) {
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen("warren_outbox_customers").await.unwrap();
+    let outbox = Outbox::new(SERVICE).unwrap();
+    for i in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .append_leased(&mut tx, registered(i), Duration::from_secs(60))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), listener.recv())
+            .await
+            .is_err(),
+        "a leased append notified"
+    );
+    let mut tx = pool.begin().await.unwrap();
+    outbox.append(&mut tx, registered(9)).await.unwrap();
+    tx.commit().await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a plain append must notify")
+        .unwrap();
+    assert_eq!(n.channel(), "warren_outbox_customers");
+}
+
+/// On shutdown the worker publishes and settles what was handed to it.
+#[sqlx::test(migrations = "../migrations")]
+async fn shutdown_publishes_what_was_queued_first(pool: PgPool) {
+    let bus = TestBus::new().await;
+    bus.declare_service("sink", &["customer.registered"], &[])
+        .await;
+    let mut tap = bus.wiretap("#").await;
+    let token = CancellationToken::new();
+    let (eager, worker) = Eager::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        producers::testkit::amqp_url(),
+        bus.topology.clone(),
+        EagerConfig {
+            lease: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    // Handed over before the worker runs, and the shutdown asked at once.
+    let ids = commit_and_publish(&pool, &eager, 50).await;
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker.run(token.clone()))
+        .await
+        .expect("worker stops");
+    assert_eq!(outbox_rows(&pool).await, 0, "every event settled");
+    let tapped = tap.collect_until_seen(&ids, Duration::from_secs(10)).await;
+    assert!(tapped.len() >= ids.len());
+}
