@@ -29,7 +29,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use producers::{Outbox, Relay, RelayConfig, Topology};
+use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig, Topology};
 use serde::Serialize;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,9 @@ pub struct BenchOptions {
     pub lanes: usize,
     /// Consumer prefetch.
     pub prefetch: u16,
+    /// How the latency run's events get out: published by the producer
+    /// right after its commit ([`producers::eager`]), or by the relay.
+    pub eager: bool,
 }
 
 /// The figures, as printed and as `--json`.
@@ -63,6 +66,9 @@ pub struct BenchReport {
     pub drain_events_per_s: f64,
     pub drain_vs_ceiling: f64,
     pub latency_rate_per_s: u32,
+    /// Who published the latency run's events: `eager` (the producer,
+    /// right after its commit) or `relay`.
+    pub latency_publisher: &'static str,
     /// The rate the producer really committed at (events / time from the
     /// first tick to the last commit), to check it kept up.
     pub latency_committed_per_s: f64,
@@ -76,9 +82,10 @@ pub struct BenchReport {
     pub producer_txn_p50_ms: f64,
     pub producer_txn_p99_ms: f64,
     /// Where the latency run's time went after the commit, stage by stage:
-    /// events per relay batch, and the relay's mean wait from a batch's
-    /// publishes to its last confirm (the broker's share, its log's fsync
-    /// included)...
+    /// events per published batch, and the publisher's mean wait from a
+    /// batch's publishes to its last confirm (the broker's share, its log's
+    /// fsync included) — the relay's, or with `eager` the eager
+    /// publisher's (the keys kept their names from before it existed)...
     pub relay_events_per_batch: f64,
     pub relay_confirm_mean_ms: f64,
     /// ...and the consumer lane's batch, from taking the deliveries to
@@ -201,6 +208,14 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let sub_task = tokio::spawn(async move { s.run(t).await });
     let (r, t) = (relay.clone(), stop.clone());
     let relay_task = tokio::spawn(async move { r.run(t).await });
+    let (eager, worker) = Eager::new(
+        outbox.clone(),
+        pool.clone(),
+        opts.amqp_url.clone(),
+        topology.clone(),
+        EagerConfig::default(),
+    );
+    let eager_task = tokio::spawn(worker.run(stop.clone()));
     let stats = sub.stats();
     until_handled(&stats, opts.events, Duration::from_secs(600))
         .await
@@ -208,10 +223,18 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
-    let relay_stats = relay.stats();
-    let before = relay_stats.confirms();
-    let run = latency(&pool, &outbox, &sub, opts.rate, opts.duration).await?;
-    let relayed = relay_stats.confirms().since(before);
+    let publisher_stats = if opts.eager {
+        eager.stats()
+    } else {
+        relay.stats()
+    };
+    let before = publisher_stats.confirms();
+    let producer = Producer {
+        outbox: outbox.clone(),
+        eager: opts.eager.then(|| eager.clone()),
+    };
+    let run = latency(&pool, &producer, &sub, opts.rate, opts.duration).await?;
+    let relayed = publisher_stats.confirms().since(before);
     let LatencyRun {
         latencies,
         committed_per_s,
@@ -230,6 +253,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     stop.cancel();
     let _ = sub_task.await;
     let _ = relay_task.await;
+    let _ = eager_task.await;
     topology
         .delete_service(&setup_ch, SINK, &config.retry_delays())
         .await?;
@@ -250,6 +274,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         drain_events_per_s: drain.round(),
         drain_vs_ceiling: (drain / ceiling * 100.0).round() / 100.0,
         latency_rate_per_s: opts.rate,
+        latency_publisher: if opts.eager { "eager" } else { "relay" },
         latency_committed_per_s: committed_per_s.round(),
         latency_samples: latencies.len(),
         latency_p50_ms: round2(pct(&latencies, 0.50)),
@@ -427,11 +452,39 @@ struct LatencyRun {
     consumer_batches: Vec<f64>,
 }
 
+/// How the latency run's producer appends and publishes.
+#[derive(Clone)]
+struct Producer {
+    outbox: Outbox,
+    /// Publish right after the commit instead of leaving it to the relay.
+    eager: Option<Eager>,
+}
+
+impl Producer {
+    /// Commits one event in a transaction of its own (and hands it to the
+    /// eager publisher after the commit).
+    async fn commit_one(&self, conn: &mut sqlx::PgConnection, e: Envelope) -> anyhow::Result<()> {
+        let mut tx = conn.begin().await?;
+        match &self.eager {
+            Some(eager) => {
+                let appended = eager.append(&mut tx, e).await?;
+                tx.commit().await?;
+                eager.publish([appended]);
+            }
+            None => {
+                self.outbox.append(&mut tx, e).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Commits one event per tick at `rate`/s for `duration`, and times each
 /// from its commit to its handling.
 async fn latency(
     pool: &PgPool,
-    outbox: &Outbox,
+    producer: &Producer,
     sub: &Subscription,
     rate: u32,
     duration: Duration,
@@ -485,8 +538,12 @@ async fn latency(
     let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..WORKERS {
-        let (pool, outbox, committed, rx) =
-            (pool.clone(), outbox.clone(), committed.clone(), rx.clone());
+        let (pool, producer, committed, rx) = (
+            pool.clone(),
+            producer.clone(),
+            committed.clone(),
+            rx.clone(),
+        );
         producers.spawn(async move {
             let mut conn = pool.acquire().await?;
             let mut txns = Vec::new();
@@ -494,9 +551,7 @@ async fn latency(
                 let e = sample(Uuid::now_v7());
                 let id = e.id;
                 let began = Instant::now();
-                let mut tx = conn.begin().await?;
-                outbox.append(&mut tx, e).await?;
-                tx.commit().await?;
+                producer.commit_one(&mut conn, e).await?;
                 let done = Instant::now();
                 txns.push(done.duration_since(began).as_secs_f64() * 1000.0);
                 if let Ok(mut c) = committed.lock() {
@@ -609,9 +664,9 @@ pub fn render(r: &BenchReport) -> String {
         "warren bench — {events} events of {bytes} bytes, {lanes} consumer lanes\n\
          \n  ceiling (broker alone)   {ceil:>10.0} events/s\
          \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
-         \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s)\
+         \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s; published by the {publisher})\
          \n  producer transaction     p50 {tp50:.2} ms   p99 {tp99:.2} ms   (BEGIN, append, COMMIT of one event, in that run)\
-         \n  relay batch              {epb:.1} events, publish → confirms mean {conf:.2} ms   (in that run)\
+         \n  published batch          {epb:.1} events, publish → confirms mean {conf:.2} ms   (in that run)\
          \n  consumer batch           p50 {cp50:.2} ms   p99 {cp99:.2} ms   (deliveries taken → acked, in that run)\
          \n  idle relay wake-up       p50 {wp50:.2} ms   max {wmax:.2} ms   ({wn} samples, commit → on the bus)\
          \n  peak RSS                 {rss:>10.1} MB\n",
@@ -622,6 +677,7 @@ pub fn render(r: &BenchReport) -> String {
         drain = r.drain_events_per_s,
         ratio = r.drain_vs_ceiling,
         rate = r.latency_rate_per_s,
+        publisher = r.latency_publisher,
         done = r.latency_committed_per_s,
         p50 = r.latency_p50_ms,
         p99 = r.latency_p99_ms,

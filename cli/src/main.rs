@@ -72,9 +72,21 @@ struct BenchArgs {
     /// Consumer prefetch.
     #[arg(long, default_value_t = 512)]
     prefetch: u16,
+    /// Who publishes the latency run's events: `eager` (the producer,
+    /// right after its commit; the relay only takes what it leaves) or
+    /// `relay` (the producer only commits).
+    #[arg(long, value_enum, default_value = "eager")]
+    publish: Publisher,
     /// Print the figures as one JSON line last.
     #[arg(long)]
     json: bool,
+}
+
+/// `warren bench --publish`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Publisher {
+    Eager,
+    Relay,
 }
 
 async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
@@ -92,6 +104,7 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
             amqp_url: settings.amqp_url.clone(),
             lanes,
             prefetch: args.prefetch,
+            eager: args.publish == Publisher::Eager,
         },
     )
     .await?;
