@@ -207,6 +207,24 @@ pub fn event_properties(
     }
 }
 
+/// Why a publisher confirm does not count as published; `None` when the
+/// broker took the message. A returned message (mandatory, no queue bound)
+/// is acked too, so it is checked here as well.
+pub fn confirm_problem(
+    confirm: Result<lapin::publisher_confirm::Confirmation, lapin::Error>,
+) -> Option<String> {
+    use lapin::publisher_confirm::Confirmation;
+    match confirm {
+        Ok(Confirmation::Ack(None)) => None,
+        Ok(Confirmation::Ack(Some(_))) => {
+            Some("returned unroutable: no queue is bound to its type".to_owned())
+        }
+        Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_owned()),
+        Ok(Confirmation::NotRequested) => Some("confirms not enabled".to_owned()),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 /// The URL with its password replaced by `***`, safe for logs and errors.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {

@@ -127,6 +127,8 @@ pub struct EagerWorker {
     config: EagerConfig,
     queue: mpsc::Receiver<Appended>,
     stats: Arc<RelayStats>,
+    /// Deletes the confirmed rows; built once.
+    delete_sql: String,
 }
 
 impl Eager {
@@ -148,6 +150,10 @@ impl Eager {
                 stats: stats.clone(),
             },
             EagerWorker {
+                delete_sql: format!(
+                    "DELETE FROM {}.outbox WHERE event_id = ANY($1)",
+                    outbox.service()
+                ),
                 outbox,
                 pool,
                 amqp_url: amqp_url.into(),
@@ -412,17 +418,9 @@ impl EagerWorker {
             .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
         let mut ok = Vec::with_capacity(batch.ids.len());
         for (id, confirm) in batch.ids.into_iter().zip(confirms) {
-            let problem = match confirm {
-                Ok(Confirmation::Ack(None)) => {
-                    ok.push(id);
-                    continue;
-                }
-                Ok(Confirmation::Ack(Some(_))) => {
-                    "returned unroutable: no queue is bound to its type".to_owned()
-                }
-                Ok(Confirmation::Nack(_)) => "nacked by the broker".to_owned(),
-                Ok(Confirmation::NotRequested) => "confirms not enabled".to_owned(),
-                Err(e) => e.to_string(),
+            let Some(problem) = broker::confirm_problem(confirm) else {
+                ok.push(id);
+                continue;
             };
             tracing::warn!(event_id = %id, "not published eagerly, left to the relay: {problem}");
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -435,11 +433,7 @@ impl EagerWorker {
         if ids.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "DELETE FROM {}.outbox WHERE event_id = ANY($1)",
-            self.outbox.service()
-        );
-        self.db_timeout(sqlx::query(&sql).bind(&ids).execute(&mut *db))
+        self.db_timeout(sqlx::query(&self.delete_sql).bind(&ids).execute(&mut *db))
             .await?;
         self.stats
             .published

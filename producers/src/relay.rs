@@ -768,15 +768,7 @@ impl Relay {
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
         for (row, confirm) in batch.rows.iter().zip(confirms) {
-            let problem = match confirm {
-                Ok(Confirmation::Ack(None)) => None,
-                Ok(Confirmation::Ack(Some(_))) => {
-                    Some("returned unroutable: no queue is bound to its type".to_owned())
-                }
-                Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_owned()),
-                Ok(Confirmation::NotRequested) => Some("confirms not enabled".to_owned()),
-                Err(e) => Some(e.to_string()),
-            };
+            let problem = broker::confirm_problem(confirm);
             match problem {
                 None if !held_back.contains(&row.aggregate) => {
                     tracing::debug!(
