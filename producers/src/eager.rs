@@ -9,10 +9,13 @@
 //! the commit the caller hands the event to [`Eager::publish`], which
 //! queues it (bounded, never waiting) for the worker ([`EagerWorker`]): it
 //! publishes what is queued together, with `mandatory` and publisher
-//! confirms, and deletes exactly the confirmed rows, several confirmed
-//! batches per statement. Its database connection does not wait for the
-//! WAL flush: a delete lost in a crash republishes, as a crash between the
-//! relay's confirm and its settle always has.
+//! confirms, and deletes exactly the confirmed rows. The deletes are
+//! gathered for up to `delete_every` (or `delete_batch` rows), so under a
+//! trickle one statement settles dozens of events instead of one each,
+//! and the worker is back to publishing at once after a confirm. Its
+//! database connection does not wait for the WAL flush: a delete lost in
+//! a crash republishes, as a crash between the relay's confirm and its
+//! settle always has.
 //!
 //! Whatever goes wrong the row is still in the outbox, and once its lease
 //! has run out the relay publishes it on its periodic poll: the process
@@ -65,6 +68,13 @@ pub struct EagerConfig {
     pub batch_size: usize,
     /// Events published and awaiting confirms at once.
     pub max_in_flight: usize,
+    /// Longest a confirmed row waits for its delete. Far inside `lease`:
+    /// a row still there when its lease runs out is published again by
+    /// the relay (a duplicate, absorbed by consumers' inboxes).
+    pub delete_every: Duration,
+    /// Confirmed rows that are deleted at once, without waiting for
+    /// `delete_every`; also bounds a delete statement.
+    pub delete_batch: usize,
     /// Timeout on each database statement.
     pub db_timeout: Duration,
     /// Backoff after a lost connection.
@@ -80,6 +90,8 @@ impl Default for EagerConfig {
             queue: 4096,
             batch_size: 500,
             max_in_flight: 2000,
+            delete_every: Duration::from_millis(50),
+            delete_batch: 1000,
             db_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
@@ -129,6 +141,11 @@ pub struct EagerWorker {
     stats: Arc<RelayStats>,
     /// Deletes the confirmed rows; built once.
     delete_sql: String,
+    /// Confirmed rows not deleted yet. Kept across sessions, so rows
+    /// confirmed before a lost database connection are deleted after it.
+    confirmed: Vec<Uuid>,
+    /// When `confirmed` must be deleted at the latest.
+    delete_due: Option<tokio::time::Instant>,
 }
 
 impl Eager {
@@ -161,6 +178,8 @@ impl Eager {
                 config,
                 queue: rx,
                 stats,
+                confirmed: Vec::new(),
+                delete_due: None,
             },
         )
     }
@@ -283,6 +302,7 @@ impl EagerWorker {
                 // What was queued before the shutdown goes out first.
                 let rest = self.take_queued(usize::MAX);
                 if rest.is_empty() {
+                    self.delete(db).await?;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
                         ch.close(200, "eager publisher stopping"),
@@ -307,21 +327,27 @@ impl EagerWorker {
                     None => std::future::pending().await,
                 }
             };
+            let due = self.delete_due;
             tokio::select! {
                 biased;
                 confirms = wait, if has_oldest => {
                     let confirms = confirms
                         .map_err(|_| RelayError::ConfirmTimeout(self.config.lease))?;
                     let Some(batch) = in_flight.pop_front() else { continue };
-                    let mut confirmed = self.confirmed(batch, confirms);
-                    // Batches confirmed meanwhile share the delete.
+                    self.confirmed(batch, confirms);
+                    // Batches confirmed meanwhile join it.
                     while let Some(next) = in_flight.front_mut() {
                         let Some(confirms) = (&mut next.confirms).now_or_never() else { break };
                         if let Some(batch) = in_flight.pop_front() {
-                            confirmed.extend(self.confirmed(batch, confirms));
+                            self.confirmed(batch, confirms);
                         }
                     }
-                    self.delete(db, confirmed).await?;
+                    if self.confirmed.len() >= self.config.delete_batch.max(1) {
+                        self.delete(db).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    self.delete(db).await?;
                 }
                 Some(first) = self.queue.recv(), if room => {
                     let room = self.config.max_in_flight - outstanding;
@@ -401,13 +427,9 @@ impl EagerWorker {
         }))
     }
 
-    /// The ids of a batch the broker took; the others stay leased, for
-    /// the relay.
-    fn confirmed(
-        &self,
-        batch: InFlight,
-        confirms: Vec<Result<Confirmation, lapin::Error>>,
-    ) -> Vec<Uuid> {
+    /// Queues the rows of a batch the broker took for their delete; the
+    /// others stay leased, for the relay.
+    fn confirmed(&mut self, batch: InFlight, confirms: Vec<Result<Confirmation, lapin::Error>>) {
         let waited = batch.published.elapsed();
         self.stats
             .confirm_wait_us
@@ -416,28 +438,30 @@ impl EagerWorker {
         self.stats
             .confirmed_events
             .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
-        let mut ok = Vec::with_capacity(batch.ids.len());
         for (id, confirm) in batch.ids.into_iter().zip(confirms) {
             let Some(problem) = broker::confirm_problem(confirm) else {
-                ok.push(id);
+                self.confirmed.push(id);
                 continue;
             };
             tracing::warn!(event_id = %id, "not published eagerly, left to the relay: {problem}");
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
-        ok
+        if !self.confirmed.is_empty() && self.delete_due.is_none() {
+            self.delete_due = Some(tokio::time::Instant::now() + self.config.delete_every);
+        }
     }
 
-    /// Deletes the confirmed rows.
-    async fn delete(&self, db: &mut PgConnection, ids: Vec<Uuid>) -> Result<(), RelayError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// Deletes the confirmed rows, `delete_batch` per statement.
+    async fn delete(&mut self, db: &mut PgConnection) -> Result<(), RelayError> {
+        while !self.confirmed.is_empty() {
+            let n = self.confirmed.len().min(self.config.delete_batch.max(1));
+            let ids = &self.confirmed[..n];
+            self.db_timeout(sqlx::query(&self.delete_sql).bind(ids).execute(&mut *db))
+                .await?;
+            self.stats.published.fetch_add(n as u64, Ordering::Relaxed);
+            self.confirmed.drain(..n);
         }
-        self.db_timeout(sqlx::query(&self.delete_sql).bind(&ids).execute(&mut *db))
-            .await?;
-        self.stats
-            .published
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.delete_due = None;
         Ok(())
     }
 

@@ -258,3 +258,75 @@ async fn shutdown_publishes_what_was_queued_first(pool: PgPool) {
     let tapped = tap.collect_until_seen(&ids, Duration::from_secs(10)).await;
     assert!(tapped.len() >= ids.len());
 }
+
+/// Confirmed rows wait for their delete until `delete_every` or until
+/// `delete_batch` of them are gathered, and shutdown deletes what waits.
+#[sqlx::test(migrations = "../migrations")]
+async fn confirmed_rows_are_deleted_together_and_at_shutdown(pool: PgPool) {
+    let bus = TestBus::new().await;
+    bus.declare_service("sink", &["customer.registered"], &[])
+        .await;
+    let mut tap = bus.wiretap("#").await;
+    let token = CancellationToken::new();
+    let (eager, worker) = Eager::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        producers::testkit::amqp_url(),
+        bus.topology.clone(),
+        EagerConfig {
+            lease: Duration::from_secs(120),
+            // Longer than the test: only the batch size or the shutdown
+            // can delete anything here.
+            delete_every: Duration::from_secs(60),
+            delete_batch: 10,
+            ..Default::default()
+        },
+    );
+    let worker = tokio::spawn(worker.run(token.clone()));
+    let stats = eager.stats();
+    let published = || stats.published.load(std::sync::atomic::Ordering::Relaxed);
+
+    // Fewer than a batch, one at a time: on the bus, confirmed, and still
+    // waiting in the outbox for their delete.
+    let ids = commit_and_publish(&pool, &eager, 4).await;
+    tap.collect_until_seen(&ids, Duration::from_secs(10)).await;
+    let confirmed = || {
+        stats
+            .confirmed_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while confirmed() < 4 {
+        assert!(Instant::now() < end, "confirms did not arrive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(outbox_rows(&pool).await, 4, "deletes wait to be gathered");
+    assert_eq!(published(), 0);
+
+    // A batch's worth handed over together: the batch size is reached, and
+    // everything confirmed goes in one go, long before `delete_every`.
+    let mut more = Vec::new();
+    let mut appended = Vec::new();
+    for i in 0..10 {
+        let mut tx = pool.begin().await.unwrap();
+        let a = eager.append(&mut tx, registered(100 + i)).await.unwrap();
+        tx.commit().await.unwrap();
+        more.push(a.event_id());
+        appended.push(a);
+    }
+    eager.publish(appended);
+    tap.collect_until_seen(&more, Duration::from_secs(10)).await;
+    until_outbox_empty(&pool, Duration::from_secs(10)).await;
+    assert_eq!(published(), 14);
+
+    // Again fewer than a batch; the shutdown deletes them before it ends.
+    let last = commit_and_publish(&pool, &eager, 3).await;
+    tap.collect_until_seen(&last, Duration::from_secs(10)).await;
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("worker stops")
+        .unwrap();
+    assert_eq!(outbox_rows(&pool).await, 0, "shutdown deleted the rest");
+    assert_eq!(published(), 17);
+}
