@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres};
 
 /// How log lines look.
@@ -31,7 +31,8 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub amqp_url: String,
-    /// PostgreSQL URL (add ?sslmode=require for TLS).
+    /// PostgreSQL URL (add ?sslmode=require for TLS; a loopback host
+    /// without an sslmode connects in the clear).
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -117,6 +118,11 @@ pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::
         .database_url
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?;
+    let options = plain_on_loopback(
+        &settings.database_url,
+        std::env::var_os("PGSSLMODE").is_some(),
+        options,
+    );
     if create {
         let exists = tokio::time::timeout(
             Duration::from_secs(5),
@@ -150,6 +156,31 @@ pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::
         .map_err(|e| unreachable(&e))
 }
 
+/// Connects a loopback host in the clear when nothing chose an sslmode.
+///
+/// sqlx, like libpq, defaults to `prefer`: TLS whenever the server offers
+/// it. On 127.0.0.1, ::1 or `localhost` the bytes never leave the kernel,
+/// so TLS there protects nothing and costs both sides a cipher pass per
+/// round trip (a PostgreSQL with `ssl = on` made it a measurable share of
+/// `warren bench`'s CPU: BENCHMARKS.md). An `sslmode` in the URL or in
+/// `PGSSLMODE` is always obeyed, `require` included.
+fn plain_on_loopback(url: &str, env_chose: bool, options: PgConnectOptions) -> PgConnectOptions {
+    let url_chose = url::Url::parse(url).is_ok_and(|u| {
+        u.query_pairs()
+            .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
+    });
+    let host = options.get_host().trim_matches(['[', ']']);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback && !url_chose && !env_chose {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    }
+}
+
 /// Applies the migrations (idempotent).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("../migrations")
@@ -171,5 +202,56 @@ pub async fn migrate_if_permitted(pool: &PgPool) -> anyhow::Result<()> {
             Ok(())
         }
         other => other.context("applying migrations"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str, env_chose: bool) -> PgSslMode {
+        let options: PgConnectOptions = url.parse().unwrap();
+        plain_on_loopback(url, env_chose, options).get_ssl_mode()
+    }
+
+    #[test]
+    fn a_loopback_host_without_an_sslmode_gets_sslmode_disable() {
+        for url in [
+            "postgres://postgres:postgres@127.0.0.1:5432/warren",
+            "postgres://u@localhost/warren",
+            "postgres://u@[::1]:5432/warren",
+            "postgres://u@127.0.0.2/warren",
+        ] {
+            assert!(matches!(mode(url, false), PgSslMode::Disable), "{url}");
+        }
+    }
+
+    #[test]
+    fn an_sslmode_someone_chose_is_kept() {
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/warren?sslmode=require", false),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/warren?sslmode=prefer", false),
+            PgSslMode::Prefer
+        ));
+        // PGSSLMODE set: whatever sqlx read from it stands.
+        assert!(!matches!(
+            mode("postgres://u@127.0.0.1/warren", true),
+            PgSslMode::Disable
+        ));
+    }
+
+    #[test]
+    fn a_remote_host_keeps_the_default_prefer() {
+        assert!(matches!(
+            mode("postgres://u@db.example.com/warren", false),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@10.0.0.5/warren", false),
+            PgSslMode::Prefer
+        ));
     }
 }
