@@ -113,14 +113,26 @@ mod tests {
     use sqlx::postgres::PgPoolOptions;
     use std::time::Duration;
 
-    /// A pool of one connection, so the next acquire shows what the last
-    /// user left behind.
-    async fn single(pool: &PgPool) -> PgPool {
+    /// A table `t` in `pool`'s database, and a pool of one connection to
+    /// it, so the next acquire shows what the last user left behind.
+    async fn single_with_table(pool: &PgPool) -> PgPool {
+        sqlx::query("CREATE TABLE t (x int)")
+            .execute(pool)
+            .await
+            .unwrap();
         PgPoolOptions::new()
             .max_connections(1)
             .connect_with((*pool.connect_options()).clone())
             .await
             .unwrap()
+    }
+
+    async fn insert(conn: &mut PgConnection, x: i32) {
+        sqlx::query("INSERT INTO t VALUES ($1)")
+            .bind(x)
+            .execute(conn)
+            .await
+            .unwrap();
     }
 
     async fn pid(conn: &mut PgConnection) -> i32 {
@@ -130,9 +142,24 @@ mod tests {
             .unwrap()
     }
 
+    /// The pool's one connection, once it is back: its backend, the rows
+    /// of `t`, and the transaction id it is in, if any.
+    async fn next_user_sees(pool: &PgPool) -> (i32, i64, Option<i64>) {
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), pool.acquire())
+            .await
+            .unwrap()
+            .unwrap();
+        sqlx::query_as(
+            "SELECT pg_backend_pid(), (SELECT count(*) FROM t), txid_current_if_assigned()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+
     #[sqlx::test]
     async fn the_batch_runs_in_the_transaction_begun_ahead(pool: PgPool) {
-        let pool = single(&pool).await;
+        let pool = single_with_table(&pool).await;
         let mut held = Held::default();
         held.begin_ahead(&pool).await;
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -157,56 +184,28 @@ mod tests {
 
     #[sqlx::test]
     async fn an_idle_lane_rolls_back_before_the_connection_returns_to_the_pool(pool: PgPool) {
-        sqlx::query("CREATE TABLE t (x int)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let pool = single(&pool).await;
+        let pool = single_with_table(&pool).await;
         let mut held = Held::default();
         let tx = held.begin(&pool).await.unwrap();
         let before = pid(tx).await;
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        insert(tx, 1).await;
         held.release().await;
         assert!(!held.is_some());
-
-        let mut conn = pool.acquire().await.unwrap();
-        assert_eq!(pid(&mut conn).await, before, "the same connection, pooled");
-        let (rows, xid): (i64, Option<i64>) =
-            sqlx::query_as("SELECT (SELECT count(*) FROM t), txid_current_if_assigned()")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-        assert_eq!(rows, 0, "the open transaction was rolled back");
-        assert_eq!(xid, None, "and the connection is outside any transaction");
+        assert_eq!(
+            next_user_sees(&pool).await,
+            (before, 0, None),
+            "the same connection, pooled, rolled back, outside any transaction"
+        );
     }
 
     #[sqlx::test]
     async fn a_lane_dropped_with_a_transaction_open_rolls_it_back(pool: PgPool) {
-        sqlx::query("CREATE TABLE t (x int)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let pool = single(&pool).await;
+        let pool = single_with_table(&pool).await;
         let mut held = Held::default();
         let tx = held.begin(&pool).await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        insert(tx, 1).await;
         drop(held);
-
-        let mut conn = tokio::time::timeout(Duration::from_secs(5), pool.acquire())
-            .await
-            .unwrap()
-            .unwrap();
-        let (rows, xid): (i64, Option<i64>) =
-            sqlx::query_as("SELECT (SELECT count(*) FROM t), txid_current_if_assigned()")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
+        let (_, rows, xid) = next_user_sees(&pool).await;
         assert_eq!(
             (rows, xid),
             (0, None),
@@ -214,33 +213,33 @@ mod tests {
         );
     }
 
+    #[sqlx::test]
+    async fn a_failed_batch_is_rolled_back_behind_the_lane(pool: PgPool) {
+        let pool = single_with_table(&pool).await;
+        let mut held = Held::default();
+        let tx = held.begin(&pool).await.unwrap();
+        let before = pid(tx).await;
+        insert(tx, 1).await;
+        assert!(sqlx::query("SELECT 1/0").execute(&mut *tx).await.is_err());
+        held.abandon();
+        assert!(!held.is_some());
+        assert_eq!(next_user_sees(&pool).await, (before, 0, None));
+    }
+
     /// A handler's own `begin()` is a savepoint inside the batch's
     /// transaction, whether that was begun by sqlx or ahead by the lane.
     #[sqlx::test]
     async fn a_handlers_begin_is_a_savepoint_in_the_batch(pool: PgPool) {
-        sqlx::query("CREATE TABLE t (x int)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let pool = single(&pool).await;
+        let pool = single_with_table(&pool).await;
         let mut held = Held::default();
         for round in 0..2 {
             let tx = held.begin(&pool).await.unwrap();
-            sqlx::query("INSERT INTO t VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            insert(tx, 1).await;
             let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
-            sqlx::query("INSERT INTO t VALUES (2)")
-                .execute(&mut *sp)
-                .await
-                .unwrap();
+            insert(&mut sp, 2).await;
             sp.rollback().await.unwrap();
             let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
-            sqlx::query("INSERT INTO t VALUES (3)")
-                .execute(&mut *sp)
-                .await
-                .unwrap();
+            insert(&mut sp, 3).await;
             sp.commit().await.unwrap();
             // Still inside the batch: a rollback now takes everything.
             let xid: Option<i64> = sqlx::query_scalar("SELECT txid_current_if_assigned()")
@@ -260,37 +259,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows, vec![1, 1, 3, 3]);
-    }
-
-    #[sqlx::test]
-    async fn a_failed_batch_is_rolled_back_behind_the_lane(pool: PgPool) {
-        sqlx::query("CREATE TABLE t (x int)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let pool = single(&pool).await;
-        let mut held = Held::default();
-        let tx = held.begin(&pool).await.unwrap();
-        let before = pid(tx).await;
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        assert!(sqlx::query("SELECT 1/0").execute(&mut *tx).await.is_err());
-        held.abandon();
-        assert!(!held.is_some());
-
-        // The pool's one connection comes back once rolled back.
-        let mut conn = tokio::time::timeout(Duration::from_secs(5), pool.acquire())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(pid(&mut conn).await, before);
-        let (rows, xid): (i64, Option<i64>) =
-            sqlx::query_as("SELECT (SELECT count(*) FROM t), txid_current_if_assigned()")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-        assert_eq!((rows, xid), (0, None));
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use events::catalog::CustomerRegistered;
 use events::Envelope;
 use producers::testkit::TestBus;
-use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig};
+use producers::{Eager, EagerConfig, EagerWorker, Outbox, Relay, RelayConfig};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -43,11 +43,9 @@ fn relay(pool: &PgPool, bus: &TestBus) -> Relay {
 }
 
 fn eager(pool: &PgPool, bus: &TestBus, lease: Duration, token: &CancellationToken) -> Eager {
-    let (eager, worker) = Eager::new(
-        Outbox::new(SERVICE).unwrap(),
-        pool.clone(),
-        producers::testkit::amqp_url(),
-        bus.topology.clone(),
+    let (eager, worker) = eager_with(
+        pool,
+        bus,
         EagerConfig {
             lease,
             ..Default::default()
@@ -55,6 +53,17 @@ fn eager(pool: &PgPool, bus: &TestBus, lease: Duration, token: &CancellationToke
     );
     tokio::spawn(worker.run(token.clone()));
     eager
+}
+
+/// An eager publisher of `config` whose worker the test runs itself.
+fn eager_with(pool: &PgPool, bus: &TestBus, config: EagerConfig) -> (Eager, EagerWorker) {
+    Eager::new(
+        Outbox::new(SERVICE).unwrap(),
+        pool.clone(),
+        producers::testkit::amqp_url(),
+        bus.topology.clone(),
+        config,
+    )
 }
 
 async fn outbox_rows(pool: &PgPool) -> i64 {
@@ -238,11 +247,9 @@ async fn shutdown_publishes_what_was_queued_first(pool: PgPool) {
         .await;
     let mut tap = bus.wiretap("#").await;
     let token = CancellationToken::new();
-    let (eager, worker) = Eager::new(
-        Outbox::new(SERVICE).unwrap(),
-        pool.clone(),
-        producers::testkit::amqp_url(),
-        bus.topology.clone(),
+    let (eager, worker) = eager_with(
+        &pool,
+        &bus,
         EagerConfig {
             lease: Duration::from_secs(60),
             ..Default::default()
@@ -268,11 +275,9 @@ async fn confirmed_rows_are_deleted_together_and_at_shutdown(pool: PgPool) {
         .await;
     let mut tap = bus.wiretap("#").await;
     let token = CancellationToken::new();
-    let (eager, worker) = Eager::new(
-        Outbox::new(SERVICE).unwrap(),
-        pool.clone(),
-        producers::testkit::amqp_url(),
-        bus.topology.clone(),
+    let (eager, worker) = eager_with(
+        &pool,
+        &bus,
         EagerConfig {
             lease: Duration::from_secs(120),
             // Longer than the test: only the batch size or the shutdown
