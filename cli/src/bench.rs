@@ -8,7 +8,8 @@
 //!    relay and a consumer (inbox row + one store row per event) start; the
 //!    time until all N are handled;
 //! 3. latency: events committed at a fixed rate while relay and consumer
-//!    run; commit-to-handled (after the consumer's commit and ack);
+//!    run; commit-to-handled (the consumer stamps "handled" after its
+//!    commit and ack);
 //! 4. idle wake-up: with the relay asleep on LISTEN, commit-to-on-the-bus;
 //! 5. peak RSS of the process.
 
@@ -490,18 +491,23 @@ async fn latency(
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
     let mut outcomes = sub.outcomes();
-    let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Instant>>> = Default::default();
+    // Wall-clock instants on both ends: "handled" is the time the consumer
+    // stamped on its outcome after the ack (`OutcomeRecord::at`), not when
+    // this collector task got round to reading it, which added the
+    // collector's own wake-up to every sample.
+    type Wall = chrono::DateTime<chrono::Utc>;
+    let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Wall>>> = Default::default();
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
     let collector = {
         let committed = committed.clone();
         tokio::spawn(async move {
-            let mut handled: HashMap<Uuid, Instant> = HashMap::with_capacity(total);
+            let mut handled: HashMap<Uuid, Wall> = HashMap::with_capacity(total);
             let mut batches: Vec<f64> = Vec::with_capacity(total);
             while handled.len() < total {
                 match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
                     Ok(Ok(r)) if r.outcome == Outcome::Handled => {
                         if let Some(id) = r.event_id.and_then(|i| i.parse::<Uuid>().ok()) {
-                            handled.insert(id, Instant::now());
+                            handled.insert(id, r.at);
                             batches.push(r.elapsed_ms);
                         }
                     }
@@ -516,9 +522,9 @@ async fn latency(
             let mut ms: Vec<f64> = handled
                 .iter()
                 .filter_map(|(id, at)| {
-                    committed
-                        .get(id)
-                        .map(|c| at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+                    committed.get(id).map(|c| {
+                        (*at - *c).num_microseconds().unwrap_or(i64::MAX).max(0) as f64 / 1000.0
+                    })
                 })
                 .collect();
             ms.sort_by(|a, b| a.total_cmp(b));
@@ -552,10 +558,10 @@ async fn latency(
                 let id = e.id;
                 let began = Instant::now();
                 producer.commit_one(&mut conn, e).await?;
-                let done = Instant::now();
+                let (done, wall) = (Instant::now(), chrono::Utc::now());
                 txns.push(done.duration_since(began).as_secs_f64() * 1000.0);
                 if let Ok(mut c) = committed.lock() {
-                    c.insert(id, done);
+                    c.insert(id, wall);
                 }
             }
             Ok::<Vec<f64>, anyhow::Error>(txns)
