@@ -24,7 +24,15 @@
 //! so it holds nothing back (vacuum included); `pg_stat_activity` shows it
 //! as `idle in transaction` for those moments.
 
+use std::time::Duration;
+
 use sqlx::{Executor, PgConnection, PgPool, Postgres, Transaction};
+
+/// Longest wait for the statements a lane sends while idle (the `BEGIN`
+/// ahead, the `ROLLBACK` before release): past it the connection is given
+/// up to sqlx's cleanup on drop, so a database gone quiet cannot hold up
+/// the lane.
+const IDLE_STATEMENT: Duration = Duration::from_secs(5);
 
 /// A lane's connection, kept from one batch to the next while deliveries
 /// keep coming: a connection given back to the pool costs a round trip
@@ -67,9 +75,16 @@ impl Held {
     /// failure the connection is given up; the batch then gets a new one,
     /// and reports the error if there is one.
     pub(crate) async fn begin_ahead(&mut self, pool: &PgPool) {
-        if let Err(e) = self.begin(pool).await {
-            tracing::debug!(error = %e, "could not begin the next batch's transaction ahead");
-            self.abandon();
+        match tokio::time::timeout(IDLE_STATEMENT, self.begin(pool)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "could not begin the next batch's transaction ahead");
+                self.abandon();
+            }
+            Err(_) => {
+                tracing::debug!("no answer to the next batch's BEGIN within {IDLE_STATEMENT:?}");
+                self.abandon();
+            }
         }
     }
 
@@ -93,17 +108,18 @@ impl Held {
     /// Returns the connection to the pool, rolling back the transaction
     /// begun ahead: the lane has been idle.
     pub(crate) async fn release(&mut self) {
-        if let Some(tx) = self.tx.as_mut() {
+        let open = std::mem::take(&mut self.open);
+        let Some(mut tx) = self.tx.take() else {
+            return;
+        };
+        let _ = tokio::time::timeout(IDLE_STATEMENT, async move {
             // sqlx's rollback needs a transaction to end, or the server
             // logs a warning for each idle lane.
-            if !self.open && tx.execute("BEGIN").await.is_ok() {
-                self.open = true;
+            if open || tx.execute("BEGIN").await.is_ok() {
+                let _ = tx.rollback().await;
             }
-        }
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.rollback().await;
-        }
-        self.open = false;
+        })
+        .await;
     }
 }
 
@@ -111,7 +127,6 @@ impl Held {
 mod tests {
     use super::*;
     use sqlx::postgres::PgPoolOptions;
-    use std::time::Duration;
 
     /// A table `t` in `pool`'s database, and a pool of one connection to
     /// it, so the next acquire shows what the last user left behind.
