@@ -33,14 +33,14 @@ use events::{Codec, DecodeError, Envelope};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use producers::{Backoff, Outbox};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::Acks;
 use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
-use crate::held::Held;
 use crate::inbox::Inbox;
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::{HandleError, Router, SubscriptionConfig};
@@ -88,6 +88,11 @@ pub(crate) struct Processor {
     /// `/warren/<service>`: events from here are our own.
     pub own_source: String,
 }
+
+/// A lane's database connection, kept from one batch to the next while
+/// deliveries keep coming: a connection given back to the pool costs a
+/// round trip (sqlx checks it on release), one per batch under a trickle.
+pub(crate) type Held = Option<PoolConnection<Postgres>>;
 
 /// A delivery with what decoding made of it.
 pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
@@ -211,24 +216,29 @@ impl Processor {
     /// handlers, commit.
     async fn apply(
         &self,
-        held: &mut Held,
+        conn: &mut Held,
         events: &[&Envelope],
     ) -> Result<Vec<Applied>, HandleError> {
+        let held = match conn {
+            Some(c) => c,
+            None => conn.insert(self.pool.acquire().await?),
+        };
         let result = self.apply_on(held, events).await;
         if result.is_err() {
-            held.abandon();
+            // Back to the pool, whose check on release flushes whatever a
+            // failed or timed-out statement left behind (or closes it).
+            *conn = None;
         }
         result
     }
 
     async fn apply_on(
         &self,
-        held: &mut Held,
+        conn: &mut PgConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Applied>, HandleError> {
-        // Usually begun already, while the lane waited (see `crate::held`).
-        let tx = held.begin(&self.pool).await?;
-        let admissions = self.inbox.admit(tx, events).await?;
+        let mut tx = conn.begin().await?;
+        let admissions = self.inbox.admit(&mut tx, events).await?;
 
         // Each event's fate. An admitted event whose id an earlier event of
         // this batch already took is a duplicate, whatever the inbox said.
@@ -261,7 +271,7 @@ impl Processor {
         // its own, whose snapshot is taken with the progress rows locked,
         // so a copy applied by another consumer just before counts as seen.
         if !behind.is_empty() {
-            let seen = self.inbox.existing(tx, &behind).await?;
+            let seen = self.inbox.existing(&mut tx, &behind).await?;
             for (e, slot) in events.iter().zip(plan.iter_mut()) {
                 if matches!(slot, Some(Applied::Stale { .. })) && seen.contains(&e.id) {
                     *slot = Some(Applied::Duplicate);
@@ -292,14 +302,19 @@ impl Processor {
             rest = tail;
             if own {
                 self.outbox
-                    .observe(tx, &head.subject, head.sequence)
+                    .observe(&mut tx, &head.subject, head.sequence)
                     .await?;
             }
             let outcome = match self.router.handler(&head.event_type) {
                 Some(h) => {
                     let run_events: Vec<&Envelope> = run.iter().map(|&i| events[i]).collect();
-                    h.call(tx, &self.outbox, &run_events, self.config.handler_timeout)
-                        .await?;
+                    h.call(
+                        &mut tx,
+                        &self.outbox,
+                        &run_events,
+                        self.config.handler_timeout,
+                    )
+                    .await?;
                     Applied::Handled
                 }
                 None => Applied::Skipped,
@@ -308,7 +323,7 @@ impl Processor {
                 plan[i] = Some(outcome);
             }
         }
-        held.commit().await?;
+        tx.commit().await?;
         #[cfg(feature = "testkit")]
         if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
             tracing::error!(

@@ -55,21 +55,18 @@ impl Inbox {
             // inbox (an id already there is a duplicate). Every table is
             // reached through a unique index (upsert arbiters), so no
             // cached generic plan can turn into a scan as tables grow.
-            // Rows are stamped with `statement_timestamp()`, not `now()`:
-            // a lane begins its transaction ahead of the batch, so the
-            // transaction's start can precede the handling (`crate::held`).
             admit: format!(
                 "WITH b AS ( \
                    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
                    WITH ORDINALITY AS b(id, event_type, src, sub, seq, ord)), \
                  adv AS ( \
-                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence, updated_at) \
+                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
                    SELECT k.src, k.sub, \
                      (SELECT coalesce(max(r.seq), 0) FROM ( \
                         SELECT d.seq, row_number() OVER (ORDER BY d.seq) AS n FROM ( \
                           SELECT DISTINCT b.seq FROM b WHERE b.src = k.src AND b.sub = k.sub AND b.seq > 0) AS d) AS r \
                       WHERE r.seq = r.n), \
-                     0, statement_timestamp() \
+                     0 \
                    FROM (SELECT DISTINCT src, sub FROM b) AS k ORDER BY k.src, k.sub \
                    ON CONFLICT (source, subject) DO UPDATE SET \
                      prev_sequence = p.last_sequence, \
@@ -78,7 +75,7 @@ impl Inbox {
                           SELECT DISTINCT b.seq FROM b \
                           WHERE b.src = p.source AND b.sub = p.subject AND b.seq > p.last_sequence) AS d) AS r \
                       WHERE r.seq - p.last_sequence = r.n), \
-                     updated_at = statement_timestamp() \
+                     updated_at = now() \
                    RETURNING source, subject, prev_sequence, last_sequence), \
                  acc AS ( \
                    SELECT DISTINCT ON (b.src, b.sub, b.seq) b.* \
@@ -86,8 +83,8 @@ impl Inbox {
                    WHERE b.seq > adv.prev_sequence AND b.seq <= adv.last_sequence \
                    ORDER BY b.src, b.sub, b.seq, b.ord), \
                  ins AS ( \
-                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence, handled_at) \
-                   SELECT id, event_type, src, sub, seq, statement_timestamp() FROM acc \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
+                   SELECT id, event_type, src, sub, seq FROM acc \
                    ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
                  SELECT adv.last_sequence, b.ord IN (SELECT ord FROM acc), \
                    b.ord IN (SELECT ord FROM acc) AND b.id IN (SELECT event_id FROM ins) \
@@ -104,17 +101,17 @@ impl Inbox {
             // side in tests/inbox.rs).
             admit_one: format!(
                 "WITH adv AS ( \
-                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence, updated_at) \
-                   VALUES ($3::text, $4::text, CASE WHEN $5::bigint = 1 THEN 1 ELSE 0 END, 0, statement_timestamp()) \
+                   INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
+                   VALUES ($3::text, $4::text, CASE WHEN $5::bigint = 1 THEN 1 ELSE 0 END, 0) \
                    ON CONFLICT (source, subject) DO UPDATE SET \
                      prev_sequence = p.last_sequence, \
                      last_sequence = CASE WHEN $5::bigint = p.last_sequence + 1 \
                                      THEN $5::bigint ELSE p.last_sequence END, \
-                     updated_at = statement_timestamp() \
+                     updated_at = now() \
                    RETURNING prev_sequence, last_sequence), \
                  ins AS ( \
-                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence, handled_at) \
-                   SELECT $1::uuid, $2::text, $3::text, $4::text, $5::bigint, statement_timestamp() FROM adv \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
+                   SELECT $1::uuid, $2::text, $3::text, $4::text, $5::bigint FROM adv \
                    WHERE $5::bigint > adv.prev_sequence AND $5::bigint <= adv.last_sequence \
                    ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
                  SELECT adv.last_sequence, \

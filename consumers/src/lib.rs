@@ -16,7 +16,6 @@
 //! - [`delivery`]: what happens to one delivery: decode, inbox, order check, handler, outcome.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
-//! - `held`: a lane's connection, with its next batch's transaction begun while it waits.
 //! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
 //! - `testkit` (feature): fault injection for the integration tests
@@ -26,7 +25,6 @@ mod acks;
 pub mod deadletter;
 pub mod delivery;
 pub mod handler;
-mod held;
 pub mod inbox;
 pub mod outcome;
 pub mod router;

@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acks::Acks;
 use crate::deadletter::Forwarder;
-use crate::delivery::{decode, Item, Processor, SettleError};
-use crate::held::Held;
+use crate::delivery::{decode, Held, Item, Processor, SettleError};
 use crate::inbox::Inbox;
 use crate::outcome::{Feed, Stats};
 use crate::Router;
@@ -311,16 +310,16 @@ impl Subscription {
             senders.push(tx);
             let (p, stop, abandoned) = (processor.clone(), shutdown.clone(), abandon.clone());
             tasks.spawn(async move {
-                let mut held = Held::default();
+                let mut conn: Held = None;
                 loop {
                     // The connection stays with the lane while deliveries
                     // keep coming, and goes back to the pool after
                     // `HOLD_IDLE` without any, so idle lanes hold none.
-                    let next = if held.is_some() {
+                    let next = if conn.is_some() {
                         match tokio::time::timeout(HOLD_IDLE, rx.recv()).await {
                             Ok(next) => next,
                             Err(_) => {
-                                held.release().await;
+                                conn = None;
                                 continue;
                             }
                         }
@@ -341,14 +340,8 @@ impl Subscription {
                             Err(_) => break,
                         }
                     }
-                    p.process(batch, &mut held, &stop).await?;
-                    // Nothing waiting: the next batch's BEGIN goes now,
-                    // while the lane would only wait (see `crate::held`).
-                    if rx.is_empty() && !stop.is_cancelled() && !abandoned.is_cancelled() {
-                        held.begin_ahead(&p.pool).await;
-                    }
+                    p.process(batch, &mut conn, &stop).await?;
                 }
-                held.release().await;
                 Ok::<(), SettleError>(())
             });
         }
