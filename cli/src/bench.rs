@@ -20,8 +20,7 @@ use anyhow::Context as _;
 use consumers::{
     Batch, HandleBatch, HandleError, Outcome, Router, Stats, Subscription, SubscriptionConfig,
 };
-use events::catalog::{OrderLine, OrderPlaced};
-use events::{Codec, Envelope};
+use events::Envelope;
 use futures::future::join_all;
 use futures::StreamExt;
 use lapin::options::{
@@ -32,6 +31,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig, Topology};
 use serde::Serialize;
+use services::catalog::{OrderLine, OrderPlaced};
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -151,7 +151,7 @@ fn sample(subject: Uuid) -> Envelope {
 pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let topology = Topology::new(namespace.clone());
-    let body = Codec::default().encode(&{
+    let body = events::encode(&{
         let mut e = sample(Uuid::now_v7());
         e.sequence = 1;
         e
@@ -186,6 +186,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let router = Router::new(SINK).on_batch::<OrderPlaced, _>(Sink);
     let sub = Subscription::new(
         router,
+        services::catalog::catalog(),
         pool.clone(),
         opts.amqp_url.clone(),
         topology.clone(),

@@ -89,6 +89,11 @@ impl std::fmt::Debug for Settings {
 }
 
 impl Settings {
+    /// The shop's codec, with the configured body limit.
+    pub fn codec(&self) -> events::Codec {
+        events::Codec::new(services::catalog::catalog()).with_max_body(self.max_body)
+    }
+
     /// The broker topology of the configured namespace.
     pub fn topology(&self) -> producers::Topology {
         producers::Topology::new(self.namespace.clone())

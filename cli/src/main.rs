@@ -3,8 +3,8 @@
 //! (0 ok, 1 failure or unhealthy, 2 bad usage or invalid input).
 
 use clap::{Parser, Subcommand};
-use warren::commands::{demo, dlq, migrate, publish, replay, run, setup, status, tail};
-use warren::config::Settings;
+use warren_cli::commands::{demo, dlq, migrate, publish, replay, run, setup, status, tail};
+use warren_cli::config::Settings;
 
 /// Event-driven services over RabbitMQ with a transactional outbox.
 #[derive(Parser)]
@@ -93,11 +93,11 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     let lanes = args.lanes.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
-    let pool = warren::config::connect_db(settings, true, lanes as u32 + 24).await?;
-    warren::config::migrate(&pool).await?;
-    let report = warren::bench::run(
+    let pool = warren_cli::config::connect_db(settings, true, lanes as u32 + 24).await?;
+    warren_cli::config::migrate(&pool).await?;
+    let report = warren_cli::bench::run(
         pool,
-        &warren::bench::BenchOptions {
+        &warren_cli::bench::BenchOptions {
             events: args.events,
             rate: args.rate,
             duration: std::time::Duration::from_secs(args.seconds),
@@ -108,7 +108,7 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    println!("{}", warren::bench::render(&report));
+    println!("{}", warren_cli::bench::render(&report));
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
@@ -123,9 +123,9 @@ async fn main() {
     // RUST_LOG asks for them (BENCHMARKS.md says so next to the figures).
     let default_filter = match cli.command {
         Command::Bench(_) => "warn",
-        _ => warren::telemetry::DEFAULT_FILTER,
+        _ => warren_cli::telemetry::DEFAULT_FILTER,
     };
-    warren::telemetry::init(cli.settings.log_format, default_filter);
+    warren_cli::telemetry::init(cli.settings.log_format, default_filter);
     let s = &cli.settings;
     let result = match &cli.command {
         Command::Demo(a) => demo::run(s, a).await,
@@ -141,8 +141,8 @@ async fn main() {
     };
     if let Err(e) = result {
         // One line: the error and its causes, no backtrace.
-        let code = warren::error::exit_code(&e);
-        if e.downcast_ref::<warren::error::Unhealthy>().is_none() || code != 1 {
+        let code = warren_cli::error::exit_code(&e);
+        if e.downcast_ref::<warren_cli::error::Unhealthy>().is_none() || code != 1 {
             eprintln!("error: {e:#}");
         } else {
             eprintln!("{e}");

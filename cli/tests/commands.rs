@@ -7,8 +7,8 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use producers::testkit::TestBus;
 use sqlx::PgPool;
+use testkit::TestBus;
 use uuid::Uuid;
 
 fn db_url(pool: &PgPool) -> String {

@@ -10,19 +10,19 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use consumers::SubscriptionConfig;
-use events::catalog::{OrderConfirmed, ShipmentDispatched};
 use events::{Codec, Envelope};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use producers::access::{principal, Password};
-use producers::testkit::{amqp_url, TestBus, TlsProxy, Wiretap};
 use producers::{broker, Outbox, RelayConfig};
+use services::catalog::{OrderConfirmed, ShipmentDispatched};
 use services::{App, AppConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
+use testkit::{amqp_url, TestBus, TlsProxy, Wiretap};
 use uuid::Uuid;
-use warren::commands::setup;
+use warren_cli::commands::setup;
 
 const RABBITMQCTL: &str = "rabbitmqctl";
 
@@ -311,7 +311,11 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         .map(|(s, name)| producers::access::AmqpUser {
             name: name.clone(),
             password: pw.clone(),
-            permissions: producers::access::AmqpPermissions::for_service(&topology, s),
+            permissions: producers::access::AmqpPermissions::for_service(
+                &topology,
+                &services::catalog::catalog(),
+                s,
+            ),
         })
         .collect();
     setup::rabbitmq_users(RABBITMQCTL, &amqp_url(), &topology, &users)
@@ -365,7 +369,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
             &topology.exchange(),
             "order.confirmed",
             BasicPublishOptions::default(),
-            &Codec::default().encode(&confirmed),
+            &Codec::new(services::catalog::catalog()).encode(&confirmed),
             BasicProperties::default().with_content_type(events::CONTENT_TYPE_STRUCTURED.into()),
         )
         .await
@@ -408,7 +412,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
             &topology.exchange(),
             "shipment.dispatched",
             BasicPublishOptions::default(),
-            &Codec::default().encode(&dispatched),
+            &Codec::new(services::catalog::catalog()).encode(&dispatched),
             BasicProperties::default(),
         )
         .await

@@ -545,12 +545,14 @@ mod tests {
     use super::*;
 
     fn event(subject: &str, sequence: i64) -> Envelope {
-        let data = events::catalog::CustomerUpdated {
-            customer_id: uuid::Uuid::nil(),
-            name: "n".into(),
-            email: "e@x".into(),
-        };
-        let mut e = Envelope::new("t", subject.to_owned(), &data);
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Noted {}
+        impl events::EventData for Noted {
+            const TYPE: &'static str = "thing.noted";
+            const VERSION: u32 = 1;
+            const SOURCE: &'static str = "t";
+        }
+        let mut e = Envelope::new("t", subject.to_owned(), &Noted {});
         e.sequence = sequence;
         e
     }

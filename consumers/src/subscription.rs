@@ -16,7 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use events::Codec;
+use events::{Catalog, Codec};
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -144,6 +144,9 @@ pub enum SubscriptionError {
 #[derive(Clone)]
 pub struct Subscription {
     router: Arc<Router>,
+    /// The application's event types: what the queue is bound to and what
+    /// decodes.
+    catalog: Arc<Catalog>,
     pool: PgPool,
     amqp_url: String,
     topology: Topology,
@@ -156,9 +159,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// A subscription of `router`'s service, storing into `pool`.
+    /// A subscription of `router`'s service, decoding with `catalog`,
+    /// storing into `pool`.
     pub fn new(
         router: Router,
+        catalog: impl Into<Arc<Catalog>>,
         pool: PgPool,
         amqp_url: impl Into<String>,
         topology: Topology,
@@ -169,6 +174,7 @@ impl Subscription {
             inbox: Inbox::new(router.service()),
             outbox,
             router: Arc::new(router),
+            catalog: catalog.into(),
             pool,
             amqp_url: amqp_url.into(),
             topology,
@@ -217,7 +223,7 @@ impl Subscription {
             .declare_service(
                 ch,
                 self.router.service(),
-                &self.router.handled_types(),
+                &self.catalog.bindings(&self.router.handled_types()),
                 &self.config.retry_delays(),
             )
             .await
@@ -345,7 +351,7 @@ impl Subscription {
                 Ok::<(), SettleError>(())
             });
         }
-        let codec = Codec::new(self.config.max_body);
+        let codec = Codec::new(self.catalog.clone()).with_max_body(self.config.max_body);
         let mut prune = tokio::time::interval(Duration::from_secs(300));
         let result = loop {
             tokio::select! {

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use consumers::inbox::{Admission, Inbox};
-use events::catalog::OrderCancelled;
 use events::Envelope;
 use sqlx::{Connection, PgPool};
+use testkit::sample::OrderCancelled;
 use uuid::Uuid;
+use warren_consumers::inbox::{Admission, Inbox};
 
 fn event(subject: &str, sequence: i64) -> Envelope {
     let mut e = Envelope::new(

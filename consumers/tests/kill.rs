@@ -13,20 +13,22 @@ use std::os::unix::process::ExitStatusExt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use consumers::subscription::CrashPoint;
-use consumers::{Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig};
-use events::catalog::{OrderLine, OrderPlaced, ShipmentDispatched};
-use events::{Codec, Envelope};
+use events::Envelope;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use producers::testkit::{amqp_url, TestBus};
 use producers::Topology;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use testkit::sample::{OrderLine, OrderPlaced, ShipmentDispatched};
+use testkit::{amqp_url, TestBus};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warren_consumers::subscription::CrashPoint;
+use warren_consumers::{
+    Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig,
+};
 
 const SERVICE: &str = "shipping";
 const CHILD_NAMESPACE: &str = "WARREN_KILL_TEST_NAMESPACE";
@@ -79,7 +81,15 @@ fn topology(namespace: &str) -> Topology {
 
 fn subscription(pool: PgPool, namespace: &str, config: SubscriptionConfig) -> Subscription {
     let router = Router::new(SERVICE).on::<OrderPlaced, _>(Shipper);
-    Subscription::new(router, pool, amqp_url(), topology(namespace), config).unwrap()
+    Subscription::new(
+        router,
+        testkit::sample::catalog(),
+        pool,
+        amqp_url(),
+        topology(namespace),
+        config,
+    )
+    .unwrap()
 }
 
 /// The child: consumes until the crash point halts it; the parent kills it.
@@ -173,7 +183,7 @@ async fn consumer_killed_between_commit_and_ack_does_not_apply_the_event_twice(p
             &bus.topology.exchange(),
             &event.event_type,
             BasicPublishOptions::default(),
-            &Codec::default().encode(&event),
+            &testkit::sample::codec().encode(&event),
             BasicProperties::default()
                 .with_content_type(events::CONTENT_TYPE_STRUCTURED.into())
                 .with_delivery_mode(2),

@@ -5,24 +5,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consumers::deadletter::{
-    H_ATTEMPT, H_DEAD_LETTERED_AT, H_ERROR, H_REASON, H_ROUTING_KEY, H_SERVICE,
-};
-use consumers::{
-    Batch, Context, Handle, HandleBatch, HandleError, Outcome, Router, Subscription,
-    SubscriptionConfig,
-};
-use events::catalog::{OrderCancelled, OrderLine, OrderPlaced, ShipmentDispatched};
-use events::{Codec, Envelope};
+use events::Envelope;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use producers::testkit::{amqp_url, Proxy, TestBus};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
+use testkit::sample::{OrderCancelled, OrderLine, OrderPlaced, ShipmentDispatched};
+use testkit::{amqp_url, Proxy, TestBus};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warren_consumers::deadletter::{
+    H_ATTEMPT, H_DEAD_LETTERED_AT, H_ERROR, H_REASON, H_ROUTING_KEY, H_SERVICE,
+};
+use warren_consumers::{
+    Batch, Context, Handle, HandleBatch, HandleError, Outcome, Router, Subscription,
+    SubscriptionConfig,
+};
 
 const SERVICE: &str = "shipping";
 
@@ -150,6 +150,7 @@ async fn start_routed(
     let bus = TestBus::new().await;
     let sub = Subscription::new(
         router,
+        testkit::sample::catalog(),
         pool.clone(),
         url.unwrap_or_else(amqp_url),
         bus.topology.clone(),
@@ -189,7 +190,7 @@ impl Fixture {
         let props = BasicProperties::default()
             .with_content_type(events::CONTENT_TYPE_STRUCTURED.into())
             .with_delivery_mode(2);
-        self.publish_raw(&e.event_type, &Codec::default().encode(e), props)
+        self.publish_raw(&e.event_type, &testkit::sample::codec().encode(e), props)
             .await;
     }
 
@@ -411,7 +412,7 @@ async fn handler_always_failing_is_dead_lettered_after_the_limit_with_reason_hea
     assert_eq!(header(m, H_SERVICE), SERVICE);
     assert!(chrono::DateTime::parse_from_rfc3339(&header(m, H_DEAD_LETTERED_AT)).is_ok());
     assert_eq!(
-        Codec::default().decode(&m.delivery.data).unwrap(),
+        testkit::sample::codec().decode(&m.delivery.data).unwrap(),
         e,
         "body kept"
     );
@@ -514,7 +515,7 @@ async fn too_many_headers_and_an_overlong_subject_are_dead_lettered(pool: PgPool
     let e = placed(Uuid::now_v7(), 1);
     f.publish_raw(
         "order.placed",
-        &Codec::default().encode(&e),
+        &testkit::sample::codec().encode(&e),
         structured.clone().with_headers(headers),
     )
     .await;
@@ -564,7 +565,7 @@ async fn unhandled_sibling_types_are_skipped_and_keep_the_sequence_moving(pool: 
     let mut confirmed = Envelope::new(
         "orders",
         order.to_string(),
-        &events::catalog::OrderConfirmed {
+        &testkit::sample::OrderConfirmed {
             order_id: order,
             customer_id: Uuid::now_v7(),
         },
@@ -614,7 +615,7 @@ async fn follow_up_events_carry_correlation_and_causation(pool: PgPool) {
         .fetch_one(&f.pool)
         .await
         .unwrap();
-    let out = Codec::default().decode(payload.as_bytes()).unwrap();
+    let out = testkit::sample::codec().decode(payload.as_bytes()).unwrap();
     assert_eq!(out.event_type, "shipment.dispatched");
     assert_eq!(out.causationid, Some(c.id.to_string()));
     assert_eq!(out.correlationid, c.correlationid);
@@ -666,6 +667,7 @@ async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_c
     // be: its own connection, prefetch and lanes, the same store.
     let rival = Subscription::new(
         router(Recorder::default()),
+        testkit::sample::catalog(),
         pool.clone(),
         amqp_url(),
         f.bus.topology.clone(),

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use events::catalog::CustomerRegistered;
 use events::{Codec, Envelope};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
@@ -22,6 +21,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
+use services::catalog::CustomerRegistered;
 use uuid::Uuid;
 
 use crate::check::{self, Audit};
@@ -127,7 +127,7 @@ fn order_doc(customer: Uuid) -> Value {
     let (_, e) = load::order_event(&load::Planned {
         via: load::Via::Bus,
         customer,
-        lines: vec![events::catalog::OrderLine {
+        lines: vec![services::catalog::OrderLine {
             sku: load::PLENTY[1].into(),
             qty: 1,
             unit_price: 100,
@@ -292,7 +292,7 @@ fn reach(pool: &sqlx::PgPool) -> HashMap<&'static str, Vec<&'static str>> {
         let Some(router) = services::app::router_of(s, &gateway) else {
             continue;
         };
-        for key in producers::Topology::bindings(&router.handled_types()) {
+        for key in services::catalog::catalog().bindings(&router.handled_types()) {
             map.entry(key).or_default().push(s);
         }
     }
@@ -315,7 +315,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
     let mut messages = Vec::with_capacity(o.messages);
     let mut good_orders = HashSet::new();
     let mut new_customers = 0usize;
-    let codec = Codec::default();
+    let codec = Codec::new(services::catalog::catalog());
     let plan = load::plan(good_n, &customers, &mut rng);
     for (i, p) in plan.iter().enumerate() {
         let e: Envelope = if i % 5 == 0 {

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use events::catalog::{OrderLine, OrderPlaced};
 use events::{Codec, Envelope};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
@@ -21,6 +20,7 @@ use lapin::{Channel, Connection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use services::catalog::{OrderLine, OrderPlaced};
 use uuid::Uuid;
 
 use crate::cluster::Env;
@@ -248,7 +248,7 @@ impl BusPublisher {
             amqp_url: env.servers.amqp_url.clone(),
             exchange: producers::Topology::new(env.namespace.clone()).exchange(),
             link: None,
-            codec: Codec::default(),
+            codec: Codec::new(services::catalog::catalog()),
         }
     }
 

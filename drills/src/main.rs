@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use drills::cluster::Servers;
-use drills::{badinput, scenarios, tls};
+use warren_drills::cluster::Servers;
+use warren_drills::{badinput, scenarios, tls};
 
 /// Fault drills and bad input at volume (they restart processes; the
 /// `outage` drill restarts the local RabbitMQ and PostgreSQL; the `tls`
@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     };
     anyhow::ensure!(
         warren.exists(),
-        "no warren binary at {} (cargo build --release -p warren)",
+        "no warren binary at {} (cargo build --release -p warren-cli)",
         warren.display()
     );
     let seed = args

@@ -2,9 +2,9 @@
 //! envelope and decoding (with full validation) what comes off the bus.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use events::catalog::{OrderLine, OrderPlaced};
-use events::{Codec, Envelope};
+use testkit::sample::{OrderLine, OrderPlaced};
 use uuid::Uuid;
+use warren_events::Envelope;
 
 fn order_placed() -> Envelope {
     let data = OrderPlaced {
@@ -26,7 +26,7 @@ fn order_placed() -> Envelope {
 }
 
 fn codec(c: &mut Criterion) {
-    let codec = Codec::default();
+    let codec = testkit::sample::codec();
     let e = order_placed();
     let body = codec.encode(&e);
     let mut g = c.benchmark_group("codec");

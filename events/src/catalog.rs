@@ -1,12 +1,44 @@
-//! The event catalog: every domain event, its `data` struct, its current
-//! `dataversion` and the service that raises it.
+//! The catalog: the event types an application knows, built by the
+//! application as a value and handed to the codec, the topology and the
+//! permissions. warren itself knows no event type.
+//!
+//! Each type says its CloudEvents `type` (also the routing key), the current
+//! `dataversion` of its `data` and the service that raises it; older
+//! versions are accepted when the catalog holds upcasters that lift them,
+//! one version at a time, to the current shape (see [`crate::upcast`]).
 //!
 //! Readers are tolerant: unknown fields in `data` are ignored (a producer
 //! may add optional fields without a version bump); a missing field or a
 //! wrong type is an error that names the JSON path.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use warren_events::{Catalog, EventData};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct TicketOpened { ticket_id: String, title: String }
+//!
+//! impl EventData for TicketOpened {
+//!     const TYPE: &'static str = "ticket.opened";
+//!     const VERSION: u32 = 2;
+//!     const SOURCE: &'static str = "helpdesk";
+//! }
+//!
+//! let catalog = Catalog::new()
+//!     .with::<TicketOpened>()
+//!     // v1 called the title `subject`.
+//!     .upcast::<TicketOpened>(1, |mut data| {
+//!         let obj = data.as_object_mut().ok_or("data is not an object")?;
+//!         let title = obj.remove("subject").ok_or("missing field `subject`")?;
+//!         obj.insert("title".into(), title);
+//!         Ok(data)
+//!     });
+//! assert_eq!(catalog.find("ticket.opened").map(|s| s.oldest_version), Some(1));
+//! assert!(catalog.find("ticket.closed").is_none());
+//! ```
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use uuid::Uuid;
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
 
 use crate::DecodeError;
 
@@ -32,21 +64,112 @@ pub struct EventSpec {
     /// Service that raises it.
     pub source: &'static str,
     /// Checks that a (current-version) `data` has this type's shape.
-    pub validate: fn(&serde_json::Value) -> Result<(), DecodeError>,
+    pub validate: fn(&Value) -> Result<(), DecodeError>,
 }
 
-impl EventSpec {
-    /// Looks up a type in the catalog.
-    pub fn find(event_type: &str) -> Option<&'static EventSpec> {
-        CATALOG.iter().find(|s| s.event_type == event_type)
+/// One upcasting step of `data`, from one version to the next; its error
+/// says what in the old shape was wrong.
+pub type Upcaster = fn(Value) -> Result<Value, String>;
+
+/// The event types of an application, with their upcasters.
+///
+/// Built once at start-up and shared (the codec holds it in an `Arc`); two
+/// applications in one process each hold their own.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// In registration order, which is the order tools list them in.
+    specs: Vec<EventSpec>,
+    /// (type, from version, step): `from` → `from + 1`.
+    steps: Vec<(&'static str, u32, Upcaster)>,
+}
+
+impl Catalog {
+    /// An empty catalog: every type is unknown.
+    pub fn new() -> Self {
+        Catalog::default()
+    }
+
+    /// Adds `E`. Registering a type again replaces what was known of it.
+    pub fn with<E: EventData>(mut self) -> Self {
+        let spec = EventSpec {
+            event_type: E::TYPE,
+            version: E::VERSION,
+            oldest_version: E::VERSION,
+            source: E::SOURCE,
+            validate: |v| typed_data::<E>(E::TYPE, v).map(|_| ()),
+        };
+        match self.specs.iter_mut().find(|s| s.event_type == E::TYPE) {
+            Some(known) => *known = spec,
+            None => self.specs.push(spec),
+        }
+        self
+    }
+
+    /// Adds the step that lifts `E`'s `data` from version `from` to
+    /// `from + 1`, so events as old as `from` are accepted (when the steps
+    /// from there to the current version all exist). Register `E` first.
+    pub fn upcast<E: EventData>(mut self, from: u32, step: Upcaster) -> Self {
+        self.steps
+            .retain(|(t, f, _)| !(*t == E::TYPE && *f == from));
+        self.steps.push((E::TYPE, from, step));
+        if let Some(spec) = self.specs.iter_mut().find(|s| s.event_type == E::TYPE) {
+            spec.oldest_version = spec.oldest_version.min(from);
+        }
+        self
+    }
+
+    /// The spec of a type, if the catalog holds it.
+    pub fn find(&self, event_type: &str) -> Option<&EventSpec> {
+        self.specs.iter().find(|s| s.event_type == event_type)
+    }
+
+    /// Every type, in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &EventSpec> {
+        self.specs.iter()
+    }
+
+    /// Whether the catalog holds no type.
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// The types `source` raises.
+    pub fn raised_by<'a>(&'a self, source: &'a str) -> impl Iterator<Item = &'static str> + 'a {
+        self.specs
+            .iter()
+            .filter(move |s| s.source == source)
+            .map(|s| s.event_type)
+    }
+
+    /// The routing keys a queue handling `handled` must be bound to: every
+    /// type raised by the sources of those types. `sequence` counts all
+    /// events of a (source, subject), so a consumer must see them all to
+    /// know that none is missing before applying the next.
+    pub fn bindings(&self, handled: &[&str]) -> Vec<&'static str> {
+        let sources: Vec<&str> = self
+            .specs
+            .iter()
+            .filter(|s| handled.contains(&s.event_type))
+            .map(|s| s.source)
+            .collect();
+        self.specs
+            .iter()
+            .filter(|s| sources.contains(&s.source))
+            .map(|s| s.event_type)
+            .collect()
+    }
+
+    /// The step from `from` to `from + 1` of `event_type`, if registered.
+    pub(crate) fn step(&self, event_type: &str, from: u32) -> Option<Upcaster> {
+        self.steps
+            .iter()
+            .find(|(t, f, _)| *t == event_type && *f == from)
+            .map(|(_, _, s)| *s)
     }
 }
 
 /// Deserialises `data` into `E`, naming the JSON path of the first error.
-pub fn typed_data<E: DeserializeOwned>(
-    event_type: &str,
-    data: &serde_json::Value,
-) -> Result<E, DecodeError> {
+pub fn typed_data<E: DeserializeOwned>(event_type: &str, data: &Value) -> Result<E, DecodeError> {
     // A plain pass first; only a failure pays for the path tracking that
     // names where it went wrong.
     if let Ok(typed) = E::deserialize(data) {
@@ -60,162 +183,4 @@ pub fn typed_data<E: DeserializeOwned>(
         },
         reason: e.inner().to_string(),
     })
-}
-
-macro_rules! catalog {
-    ($( $ty:ident = $name:literal, version $ver:literal, oldest $old:literal, from $src:literal ),+ $(,)?) => {
-        $(
-            impl EventData for $ty {
-                const TYPE: &'static str = $name;
-                const VERSION: u32 = $ver;
-                const SOURCE: &'static str = $src;
-            }
-        )+
-        /// Every event type warren knows, in the order of the domain table.
-        pub static CATALOG: &[EventSpec] = &[
-            $(
-                EventSpec {
-                    event_type: $name,
-                    version: $ver,
-                    oldest_version: $old,
-                    source: $src,
-                    validate: |v| typed_data::<$ty>($name, v).map(|_| ()),
-                },
-            )+
-        ];
-    };
-}
-
-catalog! {
-    CustomerRegistered = "customer.registered", version 2, oldest 1, from "customers",
-    CustomerUpdated = "customer.updated", version 1, oldest 1, from "customers",
-    OrderPlaced = "order.placed", version 1, oldest 1, from "orders",
-    OrderConfirmed = "order.confirmed", version 1, oldest 1, from "orders",
-    OrderCancelled = "order.cancelled", version 1, oldest 1, from "orders",
-    OrderShipped = "order.shipped", version 1, oldest 1, from "orders",
-    StockReserved = "stock.reserved", version 1, oldest 1, from "inventory",
-    StockRejected = "stock.rejected", version 1, oldest 1, from "inventory",
-    StockReleased = "stock.released", version 1, oldest 1, from "inventory",
-    PaymentCaptured = "payment.captured", version 1, oldest 1, from "payments",
-    PaymentFailed = "payment.failed", version 1, oldest 1, from "payments",
-    PaymentRefunded = "payment.refunded", version 1, oldest 1, from "payments",
-    ShipmentDispatched = "shipment.dispatched", version 1, oldest 1, from "shipping",
-}
-
-/// A customer signed up. v1 called `name` `full_name` (see [`crate::upcast`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CustomerRegistered {
-    pub customer_id: Uuid,
-    pub name: String,
-    pub email: String,
-}
-
-/// A customer's details changed; carries the full new state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CustomerUpdated {
-    pub customer_id: Uuid,
-    pub name: String,
-    pub email: String,
-}
-
-/// One line of an order. Amounts are integer cents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderLine {
-    pub sku: String,
-    pub qty: i32,
-    pub unit_price: i64,
-}
-
-/// An order was accepted as `pending`; starts the saga.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderPlaced {
-    pub order_id: Uuid,
-    pub customer_id: Uuid,
-    pub lines: Vec<OrderLine>,
-    /// Sum of qty × unit_price, in cents.
-    pub total: i64,
-    /// Payment gateway token (`tok_ok`, `tok_decline`, …).
-    pub payment_token: String,
-}
-
-/// Stock reserved and payment captured: the order will ship.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderConfirmed {
-    pub order_id: Uuid,
-    pub customer_id: Uuid,
-}
-
-/// The order will not complete; holders of stock or money compensate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderCancelled {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-
-/// The order left the warehouse.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OrderShipped {
-    pub order_id: Uuid,
-    pub shipment_id: Uuid,
-}
-
-/// A reserved quantity of one SKU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StockLine {
-    pub sku: String,
-    pub qty: i32,
-}
-
-/// Every line of an order is held. Carries what payments needs to charge,
-/// so payments does not have to keep a copy of orders.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StockReserved {
-    pub order_id: Uuid,
-    pub lines: Vec<StockLine>,
-    pub total: i64,
-    pub payment_token: String,
-}
-
-/// The order cannot be served from stock; nothing was reserved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StockRejected {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-
-/// A reservation went back to `on_hand` after a cancellation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StockReleased {
-    pub order_id: Uuid,
-    pub lines: Vec<StockLine>,
-}
-
-/// The gateway captured the order's amount.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PaymentCaptured {
-    pub order_id: Uuid,
-    pub payment_id: Uuid,
-    pub amount: i64,
-}
-
-/// The gateway declined the charge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PaymentFailed {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-
-/// A captured payment was given back after a cancellation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PaymentRefunded {
-    pub order_id: Uuid,
-    pub payment_id: Uuid,
-    pub amount: i64,
-}
-
-/// The order's shipment left.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShipmentDispatched {
-    pub order_id: Uuid,
-    pub shipment_id: Uuid,
 }

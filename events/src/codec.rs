@@ -10,7 +10,9 @@
 use serde_json::{Map, Value};
 
 use crate::envelope::SPEC_VERSION;
-use crate::{upcast, DecodeError, Envelope, EventSpec};
+use std::sync::Arc;
+
+use crate::{upcast, Catalog, DecodeError, Envelope, EventSpec};
 
 /// Default maximum body size: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -41,31 +43,42 @@ pub const REQUIRED: &[&str] = &[
 /// AMQP binding's `cloudEvents:`/`cloudEvents_`.
 const BINARY_PREFIXES: &[&str] = &["ce-", "ce_", "cloudEvents:", "cloudEvents_"];
 
-/// Encoder/decoder with a size limit.
-#[derive(Debug, Clone, Copy)]
+/// Encoder/decoder of one application's events, with a size limit.
+///
+/// Decoding needs the application's [`Catalog`] (an unknown type is an
+/// error); encoding does not (see [`encode`]). Cloning is cheap: the
+/// catalog is shared.
+#[derive(Debug, Clone)]
 pub struct Codec {
     /// Largest body accepted, in bytes; larger ones are rejected unread.
     pub max_body: usize,
-}
-
-impl Default for Codec {
-    fn default() -> Self {
-        Codec {
-            max_body: DEFAULT_MAX_BODY,
-        }
-    }
+    /// The types this codec accepts.
+    catalog: Arc<Catalog>,
 }
 
 impl Codec {
-    /// A codec with the given maximum body size.
-    pub fn new(max_body: usize) -> Self {
-        Codec { max_body }
+    /// A codec for `catalog`'s types, with the default body limit.
+    pub fn new(catalog: impl Into<Arc<Catalog>>) -> Self {
+        Codec {
+            max_body: DEFAULT_MAX_BODY,
+            catalog: catalog.into(),
+        }
+    }
+
+    /// The same codec with another maximum body size.
+    pub fn with_max_body(mut self, max_body: usize) -> Self {
+        self.max_body = max_body;
+        self
+    }
+
+    /// The catalog it decodes with.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// Structured mode: the body is the whole CloudEvents JSON document.
     pub fn encode(&self, envelope: &Envelope) -> Vec<u8> {
-        // An Envelope holds only JSON-representable values, so this cannot fail.
-        serde_json::to_vec(envelope).unwrap_or_default()
+        encode(envelope)
     }
 
     /// Decodes a structured-mode body.
@@ -78,7 +91,7 @@ impl Codec {
         // precisely. Both end in the same checks, so the result is the same.
         if let Ok(envelope) = serde_json::from_slice::<Envelope>(body) {
             if envelope.specversion == SPEC_VERSION && is_json(&envelope.datacontenttype) {
-                if let Some(spec) = EventSpec::find(&envelope.event_type) {
+                if let Some(spec) = self.catalog.find(&envelope.event_type) {
                     return self.finish(envelope, spec);
                 }
             }
@@ -176,7 +189,10 @@ impl Codec {
                 })
             }
         };
-        let spec = EventSpec::find(&event_type).ok_or(DecodeError::UnknownType(event_type))?;
+        let spec = *self
+            .catalog
+            .find(&event_type)
+            .ok_or(DecodeError::UnknownType(event_type))?;
         let envelope: Envelope =
             serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
                 DecodeError::InvalidAttribute {
@@ -184,7 +200,7 @@ impl Codec {
                     reason: e.inner().to_string(),
                 }
             })?;
-        self.finish(envelope, spec)
+        self.finish(envelope, &spec)
     }
 
     /// The checks every decoded envelope passes, whichever way it was read:
@@ -218,11 +234,17 @@ impl Codec {
             });
         }
         let data = std::mem::take(&mut envelope.data);
-        envelope.data = upcast::upcast(spec, envelope.dataversion, data)?;
+        envelope.data = upcast::upcast(&self.catalog, spec, envelope.dataversion, data)?;
         envelope.dataversion = spec.version;
         (spec.validate)(&envelope.data)?;
         Ok(envelope)
     }
+}
+
+/// Structured mode: the body is the whole CloudEvents JSON document.
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    // An Envelope holds only JSON-representable values, so this cannot fail.
+    serde_json::to_vec(envelope).unwrap_or_default()
 }
 
 fn is_json(content_type: &str) -> bool {

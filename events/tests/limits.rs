@@ -5,11 +5,11 @@
 
 use std::path::Path;
 
-use events::catalog::CustomerUpdated;
-use events::fixtures::{self, FixtureErrorKind, MAX_LINE};
-use events::{Codec, DecodeError, Envelope, MAX_ATTRIBUTE_LEN, MAX_HEADERS};
 use serde_json::{json, Value};
+use testkit::sample::CustomerUpdated;
 use uuid::Uuid;
+use warren_events::fixtures::{self, FixtureErrorKind, MAX_LINE};
+use warren_events::{DecodeError, Envelope, MAX_ATTRIBUTE_LEN, MAX_HEADERS};
 
 fn event() -> Envelope {
     let id = Uuid::now_v7();
@@ -28,8 +28,11 @@ fn event() -> Envelope {
 
 #[test]
 fn body_over_the_limit_is_too_large() {
-    let body = Codec::default().encode(&event());
-    let err = Codec::new(body.len() - 1).decode(&body).unwrap_err();
+    let body = testkit::sample::codec().encode(&event());
+    let err = testkit::sample::codec()
+        .with_max_body(body.len() - 1)
+        .decode(&body)
+        .unwrap_err();
     assert_eq!(
         err,
         DecodeError::TooLarge {
@@ -38,20 +41,23 @@ fn body_over_the_limit_is_too_large() {
         }
     );
     assert_eq!(err.kind(), "too_large");
-    assert!(Codec::new(body.len()).decode(&body).is_ok());
+    assert!(testkit::sample::codec()
+        .with_max_body(body.len())
+        .decode(&body)
+        .is_ok());
 }
 
 #[test]
 fn more_headers_than_the_limit_are_refused_in_both_modes() {
-    let body = Codec::default().encode(&event());
+    let body = testkit::sample::codec().encode(&event());
     let headers: Vec<(String, Value)> = (0..=MAX_HEADERS)
         .map(|i| (format!("x-junk-{i}"), json!("v")))
         .collect();
     for content_type in [
-        Some(events::CONTENT_TYPE_STRUCTURED),
+        Some(warren_events::CONTENT_TYPE_STRUCTURED),
         Some("application/json"),
     ] {
-        let err = Codec::default()
+        let err = testkit::sample::codec()
             .decode_message(
                 content_type,
                 headers.iter().map(|(k, v)| (k.as_str(), v.clone())),
@@ -66,8 +72,8 @@ fn more_headers_than_the_limit_are_refused_in_both_modes() {
         );
     }
     // Exactly the limit is fine.
-    let ok = Codec::default().decode_message(
-        Some(events::CONTENT_TYPE_STRUCTURED),
+    let ok = testkit::sample::codec().decode_message(
+        Some(warren_events::CONTENT_TYPE_STRUCTURED),
         headers[..MAX_HEADERS]
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone())),
@@ -88,7 +94,7 @@ fn string_attributes_over_the_limit_are_named() {
     ] {
         let mut v = serde_json::to_value(event()).unwrap();
         v[attr] = json!(long);
-        let err = Codec::default()
+        let err = testkit::sample::codec()
             .decode(&serde_json::to_vec(&v).unwrap())
             .unwrap_err();
         assert!(
@@ -99,18 +105,22 @@ fn string_attributes_over_the_limit_are_named() {
     }
     let mut v = serde_json::to_value(event()).unwrap();
     v["subject"] = json!("x".repeat(MAX_ATTRIBUTE_LEN));
-    assert!(Codec::default()
+    assert!(testkit::sample::codec()
         .decode(&serde_json::to_vec(&v).unwrap())
         .is_ok());
 }
 
 #[test]
 fn fixture_line_over_the_limit_is_reported_and_the_next_line_still_read() {
-    let good = String::from_utf8(Codec::default().encode(&event())).unwrap();
+    let good = String::from_utf8(testkit::sample::codec().encode(&event())).unwrap();
     let huge = "y".repeat(MAX_LINE + 10);
     let text = format!("{huge}\n{good}\n{}", "z".repeat(MAX_LINE + 1));
-    let lines =
-        fixtures::parse(Path::new("big.jsonl"), text.as_bytes(), &Codec::default()).unwrap();
+    let lines = fixtures::parse(
+        Path::new("big.jsonl"),
+        text.as_bytes(),
+        &testkit::sample::codec(),
+    )
+    .unwrap();
     assert_eq!(lines.len(), 3);
     let err = lines[0].event.as_ref().unwrap_err();
     assert_eq!(err.kind, FixtureErrorKind::LineTooLong(MAX_LINE + 10));

@@ -4,11 +4,11 @@
 //! end in `Ok` or a `DecodeError`. proptest runs each property 256 times
 //! per `cargo test` (set `PROPTEST_CASES` for a longer run).
 
-use events::catalog::{OrderLine, OrderPlaced};
-use events::{Codec, Envelope};
 use proptest::prelude::*;
 use serde_json::Value;
+use testkit::sample::{OrderLine, OrderPlaced};
 use uuid::Uuid;
+use warren_events::Envelope;
 
 fn valid() -> Envelope {
     let data = OrderPlaced {
@@ -64,15 +64,15 @@ const ATTRIBUTES: &[&str] = &[
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..2048)) {
-        let codec = Codec::new(1024);
+        let codec = testkit::sample::codec().with_max_body(1024);
         let _ = codec.decode(&body);
         let _ = codec.decode_message(None, std::iter::empty(), &body);
-        let _ = events::fixtures::parse(std::path::Path::new("fuzz.jsonl"), &body[..], &codec);
+        let _ = warren_events::fixtures::parse(std::path::Path::new("fuzz.jsonl"), &body[..], &codec);
     }
 
     #[test]
     fn one_attribute_replaced_never_panics(which in 0..ATTRIBUTES.len(), value in json(), remove in any::<bool>()) {
-        let codec = Codec::default();
+        let codec = testkit::sample::codec();
         let mut doc: serde_json::Map<String, Value> =
             serde_json::from_slice(&codec.encode(&valid())).unwrap();
         if remove {
@@ -86,7 +86,7 @@ proptest! {
 
     #[test]
     fn data_fields_replaced_never_panic(field in "(order_id|customer_id|lines|total|payment_token|qty|sku)", value in json()) {
-        let codec = Codec::default();
+        let codec = testkit::sample::codec();
         let mut doc: Value = serde_json::from_slice(&codec.encode(&valid())).unwrap();
         if let Some(line) = doc["data"]["lines"].get_mut(0) {
             line[field.as_str()] = value.clone();
@@ -99,7 +99,7 @@ proptest! {
     fn binary_mode_headers_never_panic(which in 0..ATTRIBUTES.len(), value in json(),
                                        body in prop::collection::vec(any::<u8>(), 0..256),
                                        content_type in proptest::option::of("\\PC{0,30}")) {
-        let codec = Codec::default();
+        let codec = testkit::sample::codec();
         let e = valid();
         let mut headers: Vec<(String, Value)> = vec![
             ("ce-specversion".into(), "1.0".into()),

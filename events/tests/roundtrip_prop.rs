@@ -1,9 +1,9 @@
 //! Property: for any valid event, decode(encode(e)) == e.
 
-use events::catalog::{CustomerRegistered, OrderLine, OrderPlaced};
-use events::{Codec, Envelope};
 use proptest::prelude::*;
+use testkit::sample::{CustomerRegistered, OrderLine, OrderPlaced};
 use uuid::Uuid;
+use warren_events::Envelope;
 
 fn uuid() -> impl Strategy<Value = Uuid> {
     any::<u128>().prop_map(Uuid::from_u128)
@@ -62,7 +62,7 @@ proptest! {
     #[test]
     fn order_placed_round_trips(data in order(), subject in "[a-z0-9-]{1,40}", seq in 1..i64::MAX,
                                 corr in proptest::option::of("[a-z0-9-]{1,36}"), cause in proptest::option::of("[a-z0-9-]{1,36}")) {
-        let codec = Codec::default();
+        let codec = testkit::sample::codec();
         let e = dress(Envelope::new("orders", "x", &data), subject, seq, corr, cause);
         let back = codec.decode(&codec.encode(&e)).unwrap();
         prop_assert_eq!(back.data_as::<OrderPlaced>().unwrap(), data);
@@ -71,7 +71,7 @@ proptest! {
 
     #[test]
     fn customer_registered_round_trips(data in customer(), subject in "\\PC{1,40}", seq in 1..i64::MAX) {
-        let codec = Codec::default();
+        let codec = testkit::sample::codec();
         let e = dress(Envelope::new("customers", "x", &data), subject, seq, None, None);
         prop_assert_eq!(codec.decode(&codec.encode(&e)).unwrap(), e);
     }

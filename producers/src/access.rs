@@ -162,18 +162,14 @@ impl AmqpPermissions {
     /// One gap RabbitMQ leaves: write on `amq.default` allows publishing
     /// to *any* queue by name, since the default exchange's bindings are
     /// implicit; permissions cannot tie it to the service's own queues.
-    pub fn for_service(topology: &Topology, service: &str) -> Self {
+    pub fn for_service(topology: &Topology, catalog: &events::Catalog, service: &str) -> Self {
         let own = format!(
             "{}(\\.dlq|\\.retry\\.[0-9]+)?",
             regex_escape(&topology.queue(service))
         );
         let events = regex_escape(&topology.exchange());
         let outcomes = regex_escape(&topology.outcomes_exchange());
-        let raised: Vec<String> = events::CATALOG
-            .iter()
-            .filter(|s| s.source == service)
-            .map(|s| regex_escape(s.event_type))
-            .collect();
+        let raised: Vec<String> = catalog.raised_by(service).map(regex_escape).collect();
         AmqpPermissions {
             configure: format!("^({own}|{events}|{outcomes})$"),
             write: format!("^({own}|{events}|{outcomes}|amq\\.default)$"),
@@ -260,16 +256,31 @@ mod tests {
 
     #[test]
     fn permissions_cover_own_queues_only() {
-        let p = AmqpPermissions::for_service(&Topology::new("warren"), "inventory");
+        macro_rules! sample {
+            ($ty:ident = $name:literal from $src:literal) => {
+                #[derive(serde::Serialize, serde::Deserialize)]
+                struct $ty {}
+                impl events::EventData for $ty {
+                    const TYPE: &'static str = $name;
+                    const VERSION: u32 = 1;
+                    const SOURCE: &'static str = $src;
+                }
+            };
+        }
+        sample!(Opened = "ticket.opened" from "helpdesk");
+        sample!(Closed = "ticket.closed" from "helpdesk");
+        sample!(Sent = "invoice.sent" from "billing");
+        let catalog = events::Catalog::new()
+            .with::<Opened>()
+            .with::<Sent>()
+            .with::<Closed>();
+        let p = AmqpPermissions::for_service(&Topology::new("warren"), &catalog, "helpdesk");
         assert_eq!(
             p.configure,
-            r"^(warren\.inventory(\.dlq|\.retry\.[0-9]+)?|warren\.events|warren\.outcomes)$"
+            r"^(warren\.helpdesk(\.dlq|\.retry\.[0-9]+)?|warren\.events|warren\.outcomes)$"
         );
         assert!(p.write.ends_with(r"|amq\.default)$"), "{}", p.write);
-        assert_eq!(
-            p.topic_write,
-            r"^(stock\.reserved|stock\.rejected|stock\.released)$"
-        );
+        assert_eq!(p.topic_write, r"^(ticket\.opened|ticket\.closed)$");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! - [`eager`]: a producer publishing its own events right after its commit, the relay as safety net.
 //! - [`wake`]: how the relay is woken: `NOTIFY` while idle, none while busy.
 //! - [`backoff`]: capped exponential backoff shared by every reconnect loop.
-//! - `testkit` (feature): the integration-test harness.
+//! - `testkit` (feature): fault points for the integration tests.
 
 pub mod access;
 pub mod backoff;
@@ -25,8 +25,6 @@ pub mod broker;
 pub mod eager;
 pub mod outbox;
 pub mod relay;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 pub mod topology;
 pub mod wake;
 

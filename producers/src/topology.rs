@@ -18,7 +18,6 @@
 
 use std::time::Duration;
 
-use events::CATALOG;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -89,21 +88,6 @@ impl Topology {
         format!("{}.{service}.retry.{}", self.namespace, delay.as_millis())
     }
 
-    /// The routing keys a service's queue is bound to, for the types it
-    /// handles: every type raised by the sources of those types.
-    pub fn bindings(handled: &[&str]) -> Vec<&'static str> {
-        let sources: Vec<&str> = CATALOG
-            .iter()
-            .filter(|s| handled.contains(&s.event_type))
-            .map(|s| s.source)
-            .collect();
-        CATALOG
-            .iter()
-            .filter(|s| sources.contains(&s.source))
-            .map(|s| s.event_type)
-            .collect()
-    }
-
     /// Declares the events exchange (durable topic).
     pub async fn declare_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
         ch.exchange_declare(
@@ -118,13 +102,14 @@ impl Topology {
         .await
     }
 
-    /// Declares a consuming service's work queue with its bindings, its
-    /// retry queues (one per delay) and its dead-letter queue.
+    /// Declares a consuming service's work queue bound to `bindings`
+    /// (routing keys: see `Catalog::bindings`), its retry queues (one per
+    /// delay) and its dead-letter queue.
     pub async fn declare_service(
         &self,
         ch: &Channel,
         service: &str,
-        handled: &[&str],
+        bindings: &[&str],
         retry_delays: &[Duration],
     ) -> Result<(), lapin::Error> {
         self.declare_exchange(ch).await?;
@@ -140,7 +125,7 @@ impl Topology {
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
         self.declare_quorum(ch, &queue, args).await?;
-        for key in Self::bindings(handled) {
+        for key in bindings {
             ch.queue_bind(
                 &queue,
                 &self.exchange(),
@@ -239,26 +224,11 @@ mod tests {
     fn names_follow_the_contract() {
         let t = Topology::new("warren");
         assert_eq!(t.exchange(), "warren.events");
-        assert_eq!(t.queue("orders"), "warren.orders");
-        assert_eq!(t.dlq("orders"), "warren.orders.dlq");
+        assert_eq!(t.queue("billing"), "warren.billing");
+        assert_eq!(t.dlq("billing"), "warren.billing.dlq");
         assert_eq!(
-            t.retry_queue("orders", Duration::from_millis(1500)),
-            "warren.orders.retry.1500"
+            t.retry_queue("billing", Duration::from_millis(1500)),
+            "warren.billing.retry.1500"
         );
-    }
-
-    #[test]
-    fn bindings_cover_every_type_of_the_handled_sources() {
-        let b = Topology::bindings(&["order.placed", "shipment.dispatched"]);
-        for t in [
-            "order.placed",
-            "order.confirmed",
-            "order.cancelled",
-            "order.shipped",
-            "shipment.dispatched",
-        ] {
-            assert!(b.contains(&t), "{t} missing from {b:?}");
-        }
-        assert!(!b.contains(&"payment.captured"));
     }
 }

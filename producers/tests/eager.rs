@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use events::catalog::CustomerRegistered;
 use events::Envelope;
-use producers::testkit::TestBus;
-use producers::{Eager, EagerConfig, EagerWorker, Outbox, Relay, RelayConfig};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use testkit::sample::CustomerRegistered;
+use testkit::TestBus;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warren_producers::{Eager, EagerConfig, EagerWorker, Outbox, Relay, RelayConfig};
 
 const SERVICE: &str = "customers";
 
@@ -33,7 +33,7 @@ fn relay(pool: &PgPool, bus: &TestBus) -> Relay {
     Relay::new(
         Outbox::new(SERVICE).unwrap(),
         pool.clone(),
-        producers::testkit::amqp_url(),
+        testkit::amqp_url(),
         bus.topology.clone(),
         RelayConfig {
             poll_interval: Duration::from_millis(100),
@@ -60,7 +60,7 @@ fn eager_with(pool: &PgPool, bus: &TestBus, config: EagerConfig) -> (Eager, Eage
     Eager::new(
         Outbox::new(SERVICE).unwrap(),
         pool.clone(),
-        producers::testkit::amqp_url(),
+        testkit::amqp_url(),
         bus.topology.clone(),
         config,
     )

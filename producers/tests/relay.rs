@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use events::catalog::{CustomerRegistered, CustomerUpdated};
 use events::Envelope;
-use producers::relay::{BatchOutcome, Confirms, CrashPoint};
-use producers::testkit::{amqp_url, Proxy, Tapped, TestBus};
-use producers::{Outbox, Relay, RelayConfig};
 use sqlx::{Connection, PgPool};
+use testkit::sample::{CustomerRegistered, CustomerUpdated};
+use testkit::{amqp_url, Proxy, Tapped, TestBus};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warren_producers::relay::{BatchOutcome, Confirms, CrashPoint};
+use warren_producers::{Outbox, Relay, RelayConfig};
 
 const SERVICE: &str = "customers";
 
@@ -243,7 +243,7 @@ async fn relay_crash_at_any_point_loses_nothing_and_keeps_order(pool: PgPool) {
             },
         );
         let mut leader = pool.acquire().await.unwrap().detach();
-        let conn = producers::broker::connect(&amqp_url(), "crashing relay")
+        let conn = warren_producers::broker::connect(&amqp_url(), "crashing relay")
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -432,7 +432,7 @@ async fn unroutable_event_is_not_marked_and_later_events_of_its_subject_wait(poo
     append_events(&pool, &[subject], 2).await;
     let r = relay(&pool, &bus, &amqp_url(), fast_config());
     let mut leader = pool.acquire().await.unwrap().detach();
-    let conn = producers::broker::connect(&amqp_url(), "relay")
+    let conn = warren_producers::broker::connect(&amqp_url(), "relay")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -501,7 +501,7 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
 
     let first = append_events(&pool, &[Uuid::now_v7()], 3).await;
     let mut leader = pool.acquire().await.unwrap().detach();
-    let conn = producers::broker::connect(&amqp_url(), "relay test")
+    let conn = warren_producers::broker::connect(&amqp_url(), "relay test")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();

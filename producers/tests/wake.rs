@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use events::catalog::CustomerRegistered;
 use events::Envelope;
-use producers::testkit::{amqp_url, TestBus};
-use producers::{Outbox, Relay, RelayConfig};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgPool};
+use testkit::sample::CustomerRegistered;
+use testkit::{amqp_url, TestBus};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warren_producers::{Outbox, Relay, RelayConfig};
 
 const SERVICE: &str = "customers";
 const CHANNEL: &str = "warren_outbox_customers";
@@ -85,7 +85,7 @@ async fn write_concurrently(pool: &PgPool, writers: usize, each: usize, first: u
 }
 
 /// Waits until the tap has seen every id, failing with how many it saw.
-async fn assert_all_published(tap: &mut producers::testkit::Wiretap, ids: &[Uuid]) {
+async fn assert_all_published(tap: &mut testkit::Wiretap, ids: &[Uuid]) {
     let tapped = tap.collect_until_seen(ids, Duration::from_secs(20)).await;
     let seen: std::collections::HashSet<Uuid> = tapped.iter().map(|t| t.event.id).collect();
     assert!(

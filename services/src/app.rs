@@ -134,10 +134,12 @@ impl App {
         let ch = conn.create_channel().await?;
         config.topology.declare_exchange(&ch).await?;
         let mut subscriptions = Vec::new();
+        let catalog = std::sync::Arc::new(crate::catalog::catalog());
         for s in &config.services {
             if let Some(router) = router_of(s, &gateway) {
                 let sub = Subscription::new(
                     router,
+                    catalog.clone(),
                     pool.clone(),
                     config.amqp_url.clone(),
                     config.topology.clone(),

@@ -1,11 +1,11 @@
 //! Customers: sign-ups and changes. Raises `customer.registered` and
 //! `customer.updated`; handles nothing.
 
+use crate::catalog::{CustomerRegistered, CustomerUpdated};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
-use events::catalog::{CustomerRegistered, CustomerUpdated};
 use events::Envelope;
 use serde::Deserialize;
 use serde_json::json;

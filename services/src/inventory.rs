@@ -11,11 +11,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::catalog::*;
 use axum::extract::{Path, State};
 use axum::routing::put;
 use axum::Router as HttpRouter;
 use consumers::{Context, Handle, HandleError, Router};
-use events::catalog::*;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::{Acquire, PgConnection};

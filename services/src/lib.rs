@@ -4,6 +4,7 @@
 //! compensate (release stock, refund) when a step fails.
 //!
 //! # Layout
+//! - [`catalog`]: the shop's event types, their versions and upcaster: the [`events::Catalog`] it hands warren.
 //! - [`customers`]: sign-ups and changes (`POST /customers`); raises customer.*.
 //! - [`orders`]: orders and a read model of customers; `POST /orders`, `GET /orders/{id}`.
 //! - [`inventory`]: stock with optimistic locking, reservations; `PUT /stock/{sku}`.
@@ -14,6 +15,7 @@
 //! - [`app`]: starting chosen services (relays, consumers, HTTP) and stopping them cleanly.
 
 pub mod app;
+pub mod catalog;
 pub mod customers;
 pub mod gateway;
 pub mod http;

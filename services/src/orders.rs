@@ -12,12 +12,12 @@
 //! no-ops, and orders placed elsewhere (a replayed fixture, another
 //! storefront) are imported, so the saga's later events find them.
 
+use crate::catalog::*;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router as HttpRouter;
 use consumers::{Context, Handle, HandleError, Router};
-use events::catalog::*;
 use events::Envelope;
 use serde::Deserialize;
 use serde_json::json;

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
+use crate::catalog::*;
 use consumers::{Context, Handle, HandleError, Router};
-use events::catalog::*;
 use uuid::Uuid;
 
 use crate::gateway::{ChargeOutcome, Gateway, GatewayError};

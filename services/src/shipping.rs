@@ -1,7 +1,7 @@
 //! Shipping: one shipment per confirmed order, dispatched at once.
 
+use crate::catalog::{OrderConfirmed, ShipmentDispatched};
 use consumers::{Context, Handle, HandleError, Router};
-use events::catalog::{OrderConfirmed, ShipmentDispatched};
 use uuid::Uuid;
 
 /// The service name: schema, queue and event source.

@@ -3,14 +3,14 @@
 use std::time::Duration;
 
 use consumers::SubscriptionConfig;
-use producers::testkit::{amqp_url, TestBus};
 use producers::RelayConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use services::gateway::GatewayConfig;
-use services::{App, AppConfig, ALL};
 use sqlx::PgPool;
+use testkit::{amqp_url, TestBus};
 use uuid::Uuid;
+use warren_shop::gateway::GatewayConfig;
+use warren_shop::{App, AppConfig, ALL};
 
 struct TestApp {
     app: Option<App>,

@@ -2,7 +2,7 @@
 //! catalog, published with a confirm.
 
 use events::envelope::{source_of, traceparent, DATA_CONTENT_TYPE, SPEC_VERSION};
-use events::{Codec, Envelope, EventSpec, CATALOG};
+use events::{Codec, Envelope};
 use uuid::Uuid;
 
 use crate::bus::{confirmed, Bus, Target};
@@ -36,8 +36,9 @@ pub struct PublishArgs {
 
 /// Builds and validates the event the arguments describe.
 pub fn build(args: &PublishArgs, codec: &Codec) -> Result<Envelope, InvalidInput> {
-    let spec = EventSpec::find(&args.event_type).ok_or_else(|| {
-        let known: Vec<&str> = CATALOG.iter().map(|s| s.event_type).collect();
+    let catalog = codec.catalog();
+    let spec = *catalog.find(&args.event_type).ok_or_else(|| {
+        let known: Vec<&str> = catalog.iter().map(|s| s.event_type).collect();
         InvalidInput(format!(
             "unknown event type {:?}; known types: {}",
             args.event_type,
@@ -84,7 +85,7 @@ pub fn build(args: &PublishArgs, codec: &Codec) -> Result<Envelope, InvalidInput
 
 /// Runs the command: prints the event id once the broker confirmed it.
 pub async fn run(settings: &Settings, args: &PublishArgs) -> anyhow::Result<()> {
-    let codec = Codec::new(settings.max_body);
+    let codec = settings.codec();
     let event = build(args, &codec)?;
     let body = codec.encode(&event);
     let bus = Bus::connect(settings).await?;

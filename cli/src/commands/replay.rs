@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use events::fixtures::{self, FixtureLine};
-use events::Codec;
 use lapin::BasicProperties;
 
 use crate::bus::{confirmed, Bus, Target};
@@ -55,7 +54,7 @@ pub struct ReplaySummary {
 
 /// Reads every file, reports bad lines as `file:line: error` and publishes.
 pub async fn replay(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
-    let codec = Codec::new(settings.max_body);
+    let codec = settings.codec();
     let mut lines: Vec<FixtureLine> = Vec::new();
     for file in &args.files {
         lines.extend(fixtures::read(file, &codec).map_err(|e| InvalidInput(e.to_string()))?);

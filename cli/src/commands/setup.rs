@@ -86,12 +86,13 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
 
     if !args.no_broker {
         let topology = settings.topology();
+        let catalog = services::catalog::catalog();
         let users: Vec<AmqpUser> = passwords
             .iter()
             .map(|(s, name, pw)| AmqpUser {
                 name: name.clone(),
                 password: pw.clone(),
-                permissions: AmqpPermissions::for_service(&topology, s),
+                permissions: AmqpPermissions::for_service(&topology, &catalog, s),
             })
             .collect();
         rabbitmq_users(&args.rabbitmqctl, &settings.amqp_url, &topology, &users).await?;

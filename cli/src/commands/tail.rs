@@ -84,7 +84,7 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
     } else {
         Some(exclusive_queue(&ch, &topology.outcomes_exchange(), "#").await?)
     };
-    let codec = events::Codec::new(settings.max_body);
+    let codec = settings.codec();
     let color = std::io::stdout().is_terminal() && !args.json;
     let shutdown = super::shutdown_on_signal();
     let deadline = args

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use events::catalog::*;
 use events::fixtures::{self, FixtureErrorKind};
-use events::{Codec, DecodeError, Envelope, EventData, CATALOG};
+use events::{Codec, DecodeError, Envelope, EventData};
 use serde_json::{json, Value};
 use uuid::Uuid;
+use warren_shop::catalog::*;
 
 fn u() -> Uuid {
     Uuid::now_v7()
@@ -20,7 +20,7 @@ fn envelope<E: EventData>(data: &E) -> Envelope {
 }
 
 fn round_trip<E: EventData + PartialEq + std::fmt::Debug>(data: E) {
-    let codec = Codec::default();
+    let codec = Codec::new(catalog());
     let e = envelope(&data);
     let decoded = codec.decode(&codec.encode(&e)).unwrap();
     assert_eq!(decoded, e, "{}", E::TYPE);
@@ -105,7 +105,7 @@ fn every_catalog_type_round_trips() {
 
 #[test]
 fn catalog_is_the_domain_table() {
-    let got: Vec<(&str, &str)> = CATALOG.iter().map(|s| (s.event_type, s.source)).collect();
+    let got: Vec<(&str, &str)> = catalog().iter().map(|s| (s.event_type, s.source)).collect();
     let want = [
         ("customer.registered", "customers"),
         ("customer.updated", "customers"),
@@ -130,7 +130,7 @@ fn new_envelopes_carry_the_contract_attributes() {
         order_id: u(),
         reason: "x".into(),
     });
-    let v: Value = serde_json::from_slice(&Codec::default().encode(&e)).unwrap();
+    let v: Value = serde_json::from_slice(&Codec::new(catalog()).encode(&e)).unwrap();
     for attr in [
         "specversion",
         "id",
@@ -185,15 +185,15 @@ fn valid() -> Value {
 }
 
 fn decode(v: &Value) -> Result<Envelope, DecodeError> {
-    Codec::default().decode(&serde_json::to_vec(v).unwrap())
+    Codec::new(catalog()).decode(&serde_json::to_vec(v).unwrap())
 }
 
 #[test]
 fn bad_json_is_rejected() {
-    let err = Codec::default().decode(b"{\"id\": ").unwrap_err();
+    let err = Codec::new(catalog()).decode(b"{\"id\": ").unwrap_err();
     assert!(matches!(err, DecodeError::MalformedJson(_)), "{err}");
     assert_eq!(err.kind(), "malformed_json");
-    let err = Codec::default().decode(b"[1,2]").unwrap_err();
+    let err = Codec::new(catalog()).decode(b"[1,2]").unwrap_err();
     assert_eq!(err, DecodeError::NotAnObject("an array"));
 }
 
@@ -266,7 +266,10 @@ fn unsupported_dataversion_is_rejected() {
 #[test]
 fn oversized_body_is_rejected_unread() {
     let body = serde_json::to_vec(&valid()).unwrap();
-    let err = Codec::new(100).decode(&body).unwrap_err();
+    let err = Codec::new(catalog())
+        .with_max_body(100)
+        .decode(&body)
+        .unwrap_err();
     assert_eq!(
         err,
         DecodeError::TooLarge {
@@ -332,7 +335,7 @@ fn binary_mode_reads_ce_headers_as_strings() {
         ("x-other", s("ignored".into())),
     ];
     let body = serde_json::to_vec(&structured.data).unwrap();
-    let binary = Codec::default()
+    let binary = Codec::new(catalog())
         .decode_message(Some("application/json"), headers.clone(), &body)
         .unwrap();
     assert_eq!(binary, structured);
@@ -346,7 +349,7 @@ fn binary_mode_reads_ce_headers_as_strings() {
         })
         .collect();
     assert_eq!(
-        Codec::default()
+        Codec::new(catalog())
             .decode_message(Some("application/json"), numeric, &body)
             .unwrap(),
         structured
@@ -354,7 +357,7 @@ fn binary_mode_reads_ce_headers_as_strings() {
 
     // Structured content type wins over stray headers.
     let whole = serde_json::to_vec(&valid()).unwrap();
-    let e = Codec::default()
+    let e = Codec::new(catalog())
         .decode_message(Some(events::CONTENT_TYPE_STRUCTURED), headers, &whole)
         .unwrap();
     assert_eq!(e.event_type, "order.placed");
@@ -384,7 +387,7 @@ fn customer_registered_v1_is_upcast_to_v2() {
 
 #[test]
 fn fixtures_report_file_and_line_and_round_trip() {
-    let codec = Codec::default();
+    let codec = Codec::new(catalog());
     let good = serde_json::to_string(&valid()).unwrap();
     let mut unknown = valid();
     unknown["type"] = json!("nope.nope");
@@ -432,7 +435,7 @@ fn fixtures_report_file_and_line_and_round_trip() {
 
 #[test]
 fn shipped_fixtures_are_valid_except_the_deliberately_malformed_line() {
-    let codec = Codec::default();
+    let codec = Codec::new(catalog());
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
     for name in [
         "saga-happy.jsonl",
