@@ -24,16 +24,16 @@ use events::Envelope;
 use futures::future::join_all;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig, Topology};
+use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig};
 use serde::Serialize;
 use services::catalog::{OrderLine, OrderPlaced};
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
+use transport::{Outgoing, Publisher, Topology};
 use uuid::Uuid;
 
 /// What to run.
@@ -193,7 +193,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         config.clone(),
     )?
     .with_outcome_capacity(1 << 16);
-    let setup = producers::broker::connect(&opts.amqp_url, "warren bench setup").await?;
+    let setup = transport::connect(&opts.amqp_url, "warren bench setup").await?;
     let setup_ch = setup.create_channel().await?;
     sub.declare(&setup_ch).await?;
     let relay = Relay::new(
@@ -306,9 +306,8 @@ fn round2(x: f64) -> f64 {
 /// The broker alone: confirmed persistent publishes into a quorum queue,
 /// consumed with manual acks.
 async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyhow::Result<f64> {
-    let conn = producers::broker::connect(url, "warren bench ceiling").await?;
-    let publisher = conn.create_channel().await?;
-    publisher.confirm_select(Default::default()).await?;
+    let conn = transport::connect(url, "warren bench ceiling").await?;
+    let publisher = Publisher::open(&conn).await?;
     let consumer_ch = conn.create_channel().await?;
     consumer_ch
         .basic_qos(1000, BasicQosOptions::default())
@@ -320,6 +319,7 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
         AMQPValue::LongString("quorum".into()),
     );
     publisher
+        .channel()
         .queue_declare(
             &queue,
             QueueDeclareOptions {
@@ -362,9 +362,9 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
-    // Published the way the relay publishes: chunks of 500 written
-    // together (each publish polled once, in order, then all awaited),
-    // with up to 2,000 confirms outstanding.
+    // Published the way the relay publishes, through the same publisher
+    // (mandatory, confirms): chunks of 500 written together, with up to
+    // 2,000 confirms outstanding.
     let mut window = VecDeque::new();
     let mut left = n;
     while left > 0 {
@@ -375,16 +375,13 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
                 c.await?;
             }
         }
-        let publishes = (0..chunk).map(|_| {
-            publisher.basic_publish(
-                "",
-                &queue,
-                BasicPublishOptions::default(),
-                body,
-                props.clone(),
-            )
+        let messages = (0..chunk).map(|_| Outgoing {
+            exchange: "",
+            routing_key: &queue,
+            body,
+            properties: props.clone(),
         });
-        for sent in producers::broker::publish_in_order(publishes).await {
+        for sent in publisher.send(messages).await {
             window.push_back(sent?);
         }
     }
@@ -401,6 +398,7 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
     // connection-killing UNEXPECTED-FRAME on cancel-ok).
     consumer_ch.close(200, "ceiling done").await?;
     publisher
+        .channel()
         .queue_delete(&queue, QueueDeleteOptions::default())
         .await?;
     let _ = conn.close(200, "ceiling done").await;

@@ -4,9 +4,9 @@
 
 use anyhow::Context as _;
 use events::Envelope;
-use lapin::options::BasicPublishOptions;
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::publisher_confirm::PublisherConfirm;
+use lapin::{BasicProperties, Connection};
+use transport::{confirm_problem, Outgoing, Publisher};
 
 use crate::config::Settings;
 
@@ -22,22 +22,21 @@ pub enum Target {
 /// A confirm-mode channel to the namespace's exchange.
 pub struct Bus {
     conn: Connection,
-    channel: Channel,
+    publisher: Publisher,
     exchange: String,
-    topology: producers::Topology,
+    topology: transport::Topology,
 }
 
 impl Bus {
     /// Connects and enables confirms; declares the exchange (idempotent).
     pub async fn connect(settings: &Settings) -> anyhow::Result<Bus> {
-        let conn = producers::broker::connect(&settings.amqp_url, "warren cli").await?;
-        let channel = conn.create_channel().await?;
-        channel.confirm_select(Default::default()).await?;
+        let conn = transport::connect(&settings.amqp_url, "warren cli").await?;
+        let publisher = Publisher::open(&conn).await?;
         let topology = settings.topology();
-        topology.declare_exchange(&channel).await?;
+        topology.declare_exchange(publisher.channel()).await?;
         Ok(Bus {
             conn,
-            channel,
+            publisher,
             exchange: topology.exchange(),
             topology,
         })
@@ -55,14 +54,14 @@ impl Bus {
             Target::Exchange => (self.exchange.as_str(), routing_key.to_owned()),
             Target::Queue(service) => ("", self.topology.queue(service)),
         };
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
+        let message = Outgoing {
+            exchange,
+            routing_key: &key,
+            body,
+            properties: props,
         };
-        Ok(self
-            .channel
-            .basic_publish(exchange, &key, opts, body, props)
-            .await?)
+        let sent = self.publisher.send([message]).await.pop();
+        Ok(sent.context("the publisher sent nothing")??)
     }
 
     /// Sends an event with the properties the relay would give it.
@@ -72,7 +71,7 @@ impl Bus {
         e: &Envelope,
         body: &[u8],
     ) -> anyhow::Result<PublisherConfirm> {
-        let props = producers::broker::event_properties(
+        let props = transport::event_properties(
             &e.id.to_string(),
             &e.event_type,
             e.correlationid.as_deref(),
@@ -93,10 +92,9 @@ pub async fn confirmed(confirm: PublisherConfirm, what: &str) -> anyhow::Result<
     let c = tokio::time::timeout(std::time::Duration::from_secs(15), confirm)
         .await
         .with_context(|| format!("{what}: no confirm from the broker within 15s"))??;
-    match c {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => anyhow::bail!("{what}: unroutable, no queue is bound to it (are the services' queues declared in this namespace?)"),
-        Confirmation::Nack(_) => anyhow::bail!("{what}: the broker refused it (nack)"),
-        Confirmation::NotRequested => anyhow::bail!("{what}: confirms were not enabled"),
+    match confirm_problem(Ok(c)) {
+        None => Ok(()),
+        Some(problem) if problem.starts_with("returned") => anyhow::bail!("{what}: unroutable, no queue is bound to it (are the services' queues declared in this namespace?)"),
+        Some(problem) => anyhow::bail!("{what}: {problem}"),
     }
 }

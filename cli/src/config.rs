@@ -75,11 +75,8 @@ pub struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("amqp_url", &producers::broker::redact(&self.amqp_url))
-            .field(
-                "database_url",
-                &producers::broker::redact(&self.database_url),
-            )
+            .field("amqp_url", &transport::redact(&self.amqp_url))
+            .field("database_url", &transport::redact(&self.database_url))
             .field("namespace", &self.namespace)
             .field("http", &self.http)
             .field("log_format", &self.log_format)
@@ -95,8 +92,8 @@ impl Settings {
     }
 
     /// The broker topology of the configured namespace.
-    pub fn topology(&self) -> producers::Topology {
-        producers::Topology::new(self.namespace.clone())
+    pub fn topology(&self) -> transport::Topology {
+        transport::Topology::new(self.namespace.clone())
     }
 
     /// The same settings pointing at another database.
@@ -113,7 +110,7 @@ impl Settings {
 /// Opens a pool of `max` connections; with `create`, creates the database
 /// first when it does not exist. Errors are one line naming what was tried.
 pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::Result<PgPool> {
-    let shown = producers::broker::redact(&settings.database_url);
+    let shown = transport::redact(&settings.database_url);
     let unreachable = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "cannot reach PostgreSQL at {shown}: {e}. Start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or `docker compose up -d postgres`) or set DATABASE_URL"

@@ -15,12 +15,13 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use producers::access::{principal, Password};
-use producers::{broker, Outbox, RelayConfig};
+use producers::{Outbox, RelayConfig};
 use services::catalog::{OrderConfirmed, ShipmentDispatched};
 use services::{App, AppConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use testkit::{amqp_url, TestBus, TlsProxy, Wiretap};
+use transport as broker;
 use uuid::Uuid;
 use warren_cli::commands::setup;
 

@@ -10,11 +10,9 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel};
-use producers::Topology;
+use lapin::BasicProperties;
+use transport::{Outgoing, PublishError, Publisher, Topology};
 
 /// 1-based delivery attempt, incremented on each retry.
 pub const H_ATTEMPT: &str = "x-warren-attempt";
@@ -36,33 +34,32 @@ const MAX_ERROR_LEN: usize = 2000;
 
 /// Forwarding failed: the original must not be acknowledged.
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    /// The channel failed.
-    #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
-    /// The broker refused the copy.
-    #[error("broker refused the copy for {0}")]
-    Refused(String),
-    /// No confirm in time.
-    #[error("no confirm within {0:?}")]
-    Timeout(Duration),
+#[error("the copy for {queue} was not taken: {source}")]
+pub struct ForwardError {
+    /// The retry or dead-letter queue.
+    pub queue: String,
+    /// What the publisher saw (a channel error, a nack, a return, no
+    /// confirm in time).
+    #[source]
+    pub source: PublishError,
 }
 
 /// Publishes retry and dead-letter copies for one service.
 #[derive(Clone)]
 pub struct Forwarder {
-    /// A channel in confirm mode, used only for these copies.
-    channel: Channel,
+    /// A publisher of its own, used only for these copies.
+    publisher: Publisher,
     topology: Topology,
     service: String,
     timeout: Duration,
 }
 
 impl Forwarder {
-    /// `channel` must be in confirm mode.
-    pub fn new(channel: Channel, topology: Topology, service: &str, timeout: Duration) -> Self {
+    /// Copies go out through `publisher`, each waiting up to `timeout`
+    /// for its confirm.
+    pub fn new(publisher: Publisher, topology: Topology, service: &str, timeout: Duration) -> Self {
         Forwarder {
-            channel,
+            publisher,
             topology,
             service: service.to_owned(),
             timeout,
@@ -116,25 +113,19 @@ impl Forwarder {
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
-        let confirm = self
-            .channel
-            .basic_publish(
-                "",
-                queue,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &delivery.data,
-                props,
-            )
-            .await?;
-        match tokio::time::timeout(self.timeout, confirm).await {
-            Err(_) => Err(ForwardError::Timeout(self.timeout)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(_)) => Err(ForwardError::Refused(queue.to_owned())),
-            Ok(Err(e)) => Err(e.into()),
-        }
+        let copy = Outgoing {
+            exchange: "",
+            routing_key: queue,
+            body: &delivery.data,
+            properties: props,
+        };
+        self.publisher
+            .publish(copy, self.timeout)
+            .await
+            .map_err(|source| ForwardError {
+                queue: queue.to_owned(),
+                source,
+            })
     }
 }
 

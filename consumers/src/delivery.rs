@@ -32,10 +32,11 @@ use std::time::{Duration, Instant};
 use events::{Codec, DecodeError, Envelope};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use producers::{Backoff, Outbox};
+use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use transport::Backoff;
 
 use crate::acks::Acks;
 use crate::deadletter::{

@@ -20,12 +20,13 @@ use events::{Catalog, Codec};
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use producers::broker::{self, ConnectError};
-use producers::{Backoff, Outbox, OutboxError, Topology};
+use producers::{Outbox, OutboxError};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use transport::{self, ConnectError};
+use transport::{Backoff, Publisher, Reconnect, Topology};
 
 use crate::acks::Acks;
 use crate::deadletter::Forwarder;
@@ -232,18 +233,16 @@ impl Subscription {
     /// Consumes until `shutdown`, reconnecting with backoff.
     pub async fn run(&self, shutdown: CancellationToken) {
         let service = self.router.service();
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        while !shutdown.is_cancelled() {
-            match self.session(&shutdown, &mut backoff).await {
-                Ok(()) => break,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(service, error = %e, retry_in = ?delay, "consumer interrupted; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
+        let mut reconnect = Reconnect::new(
+            "consumer",
+            service,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+        );
+        while reconnect.should_start(&shutdown) {
+            let result = self.session(&shutdown, reconnect.backoff()).await;
+            if !reconnect.ended(result, &shutdown).await {
+                break;
             }
         }
         tracing::info!(service, "consumer stopped");
@@ -255,13 +254,13 @@ impl Subscription {
         backoff: &mut Backoff,
     ) -> Result<(), SubscriptionError> {
         let service = self.router.service();
-        let conn = broker::connect(&self.amqp_url, &format!("warren consumer {service}")).await?;
+        let conn =
+            transport::connect(&self.amqp_url, &format!("warren consumer {service}")).await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.declare(&ch).await?;
-        let fwd_ch = conn.create_channel().await?;
-        fwd_ch.confirm_select(Default::default()).await?;
+        let forwards = Publisher::open(&conn).await?;
         let feed = if self.config.live_feed {
             let feed_ch = conn.create_channel().await?;
             self.topology.declare_outcomes_exchange(&feed_ch).await?;
@@ -278,7 +277,7 @@ impl Subscription {
             outbox: self.outbox.clone(),
             inbox: self.inbox.clone(),
             forwarder: Forwarder::new(
-                fwd_ch,
+                forwards,
                 self.topology.clone(),
                 service,
                 Duration::from_secs(15),

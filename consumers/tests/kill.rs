@@ -17,13 +17,13 @@ use events::Envelope;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use producers::Topology;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use testkit::sample::{OrderLine, OrderPlaced, ShipmentDispatched};
 use testkit::{amqp_url, TestBus};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use transport::Topology;
 use uuid::Uuid;
 use warren_consumers::subscription::CrashPoint;
 use warren_consumers::{

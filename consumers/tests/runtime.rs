@@ -547,7 +547,10 @@ async fn sequence_two_before_one_is_applied_as_one_then_two(pool: PgPool) {
     let mut f = start(pool, Recorder::default(), None).await;
     let order = Uuid::now_v7();
     f.publish(&cancelled(order, 2)).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // 2 must be seen (and deferred) on its own before 1 comes: sent
+    // together they could share a batch, which orders them without a
+    // deferral.
+    f.wait_for(&[Outcome::Deferred], 1).await;
     f.publish(&placed(order, 1)).await;
     f.wait_for(&[Outcome::Handled], 2).await;
     let seqs: Vec<i64> = f.effects().await.into_iter().map(|(_, _, s)| s).collect();

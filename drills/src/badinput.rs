@@ -340,7 +340,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
         messages.push(Message {
             key: e.event_type.clone(),
             body: codec.encode(&e),
-            props: producers::broker::event_properties(
+            props: transport::event_properties(
                 &e.id.to_string(),
                 &e.event_type,
                 None,
@@ -398,10 +398,10 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
     };
 
     let t0 = Instant::now();
-    let conn = producers::broker::connect(&servers.amqp_url, "warren drills bad input").await?;
+    let conn = transport::connect(&servers.amqp_url, "warren drills bad input").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let exchange = producers::Topology::new(env.namespace.clone()).exchange();
+    let exchange = transport::Topology::new(env.namespace.clone()).exchange();
     for chunk in messages.chunks(WINDOW) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for m in chunk {
@@ -470,7 +470,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
     }
 
     // Read every dead letter back.
-    let topo = producers::Topology::new(env.namespace.clone());
+    let topo = transport::Topology::new(env.namespace.clone());
     let (mut ok, mut wrong, mut unexpected) = (0usize, 0usize, 0usize);
     let mut seen = HashSet::new();
     for s in CONSUMING {

@@ -117,9 +117,9 @@ impl Env {
     /// Ready-message counts of (work + retry queues, dead-letter queues)
     /// per consuming service.
     pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u32, u32)>> {
-        let conn = producers::broker::connect(&self.servers.amqp_url, "warren drills").await?;
+        let conn = transport::connect(&self.servers.amqp_url, "warren drills").await?;
         let ch = conn.create_channel().await?;
-        let topo = producers::Topology::new(self.namespace.clone());
+        let topo = transport::Topology::new(self.namespace.clone());
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -149,9 +149,9 @@ impl Env {
     /// Deletes the namespace's queues and exchanges and the database.
     /// Called only after a drill passed: a failed one is left for a look.
     pub async fn destroy(self) -> anyhow::Result<()> {
-        let conn = producers::broker::connect(&self.servers.amqp_url, "warren drills").await?;
+        let conn = transport::connect(&self.servers.amqp_url, "warren drills").await?;
         let ch = conn.create_channel().await?;
-        let topo = producers::Topology::new(self.namespace.clone());
+        let topo = transport::Topology::new(self.namespace.clone());
         for s in CONSUMING {
             topo.delete_service(&ch, s, &Self::retry_delays()).await?;
         }

@@ -246,7 +246,7 @@ impl BusPublisher {
     pub fn new(env: &Env) -> Self {
         BusPublisher {
             amqp_url: env.servers.amqp_url.clone(),
-            exchange: producers::Topology::new(env.namespace.clone()).exchange(),
+            exchange: transport::Topology::new(env.namespace.clone()).exchange(),
             link: None,
             codec: Codec::new(services::catalog::catalog()),
         }
@@ -258,7 +258,7 @@ impl BusPublisher {
                 return Ok(ch.clone());
             }
         }
-        let conn = producers::broker::connect(&self.amqp_url, "warren drills publisher").await?;
+        let conn = transport::connect(&self.amqp_url, "warren drills publisher").await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         self.link = Some((conn, ch.clone()));
@@ -303,7 +303,7 @@ impl BusPublisher {
     ) -> anyhow::Result<()> {
         let body = self.codec.encode(envelope);
         loop {
-            let props = producers::broker::event_properties(
+            let props = transport::event_properties(
                 &envelope.id.to_string(),
                 &envelope.event_type,
                 envelope.correlationid.as_deref(),

@@ -17,9 +17,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use producers::broker::{self, ConnectError};
 use serde::Serialize;
 use tokio::process::Command as AsyncCommand;
+use transport::{self, ConnectError};
 
 use crate::cluster::Servers;
 
@@ -117,7 +117,7 @@ pub async fn run(servers: &Servers, keep: bool) -> anyhow::Result<Figures> {
     }
     .await;
     let mut f = result?;
-    let plain_ok = match broker::connect(&servers.amqp_url, "warren tls drill after").await {
+    let plain_ok = match transport::connect(&servers.amqp_url, "warren tls drill after").await {
         Ok(conn) => {
             let _ = conn.close(200, "bye").await;
             true
@@ -266,7 +266,7 @@ async fn exercise(servers: &Servers, pki: &Pki) -> anyhow::Result<Figures> {
         .append_pair("cacertfile", &pki.ca.to_string_lossy());
 
     // The private CA is in no trust store: refused, and said so.
-    match broker::connect(untrusted.as_str(), "warren tls drill").await {
+    match transport::connect(untrusted.as_str(), "warren tls drill").await {
         Err(e @ ConnectError::Untrusted { .. }) => f.untrusted_error = Some(e.to_string()),
         Err(e) => f.failures.push(format!(
             "without cacertfile: expected an untrusted certificate, got: {e}"
@@ -279,7 +279,7 @@ async fn exercise(servers: &Servers, pki: &Pki) -> anyhow::Result<Figures> {
     }
 
     // With it: connected, and the broker lists the connection as TLS.
-    match broker::connect(trusted.as_str(), "warren tls drill").await {
+    match transport::connect(trusted.as_str(), "warren tls drill").await {
         Ok(conn) => {
             let listed = run_in(
                 Path::new("."),

@@ -18,7 +18,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 
-use crate::Topology;
+use transport::Topology;
 
 /// A password that never prints: `Debug` shows `***`.
 #[derive(Clone, PartialEq, Eq)]

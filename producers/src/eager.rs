@@ -42,17 +42,17 @@ use std::time::{Duration, Instant};
 use events::Envelope;
 use futures::future::{join_all, JoinAll};
 use futures::FutureExt as _;
-use lapin::options::BasicPublishOptions;
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use lapin::Channel;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker;
 use crate::relay::{RelayError, RelayStats};
-use crate::{Backoff, Outbox, OutboxError, Topology};
+use crate::{Outbox, OutboxError};
+use transport::{
+    confirm_problem, event_properties, Backoff, Outgoing, Publisher, Reconnect, Topology,
+};
 
 /// Tuning of an eager publisher.
 #[derive(Debug, Clone)]
@@ -236,26 +236,21 @@ impl EagerWorker {
     /// is queued is published and settled first (bounded by the lease).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let service = self.outbox.service().to_owned();
-        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         // A session even when shut down already, so what was handed over
-        // goes out; after a failure, none once shut down.
-        loop {
-            let result = self.session(&shutdown, &mut backoff).await;
+        // goes out; after a failure, none once shut down (the relay takes
+        // what it left).
+        let mut reconnect = Reconnect::new(
+            "eager publisher",
+            service.clone(),
+            self.config.retry_initial,
+            self.config.retry_max,
+        )
+        .first_even_if_stopped();
+        while reconnect.should_start(&shutdown) {
+            let result = self.session(&shutdown, reconnect.backoff()).await;
             self.stats.active.store(false, Ordering::Relaxed);
-            match result {
-                Ok(()) => break,
-                Err(e) if shutdown.is_cancelled() => {
-                    tracing::warn!(service, error = %e, "eager publisher stopped on an error; the relay takes what it left");
-                    break;
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(service, error = %e, retry_in = ?delay, "eager publisher interrupted; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
+            if !reconnect.ended(result, &shutdown).await {
+                break;
             }
         }
         tracing::info!(service, "eager publisher stopped");
@@ -271,7 +266,7 @@ impl EagerWorker {
         // Deletes need not wait for the WAL flush (see the module docs).
         self.db_timeout(sqlx::query("SET synchronous_commit = off").execute(&mut db))
             .await?;
-        let conn = broker::connect(&self.amqp_url, &format!("warren eager {service}")).await?;
+        let conn = transport::connect(&self.amqp_url, &format!("warren eager {service}")).await?;
         let result = self.publish_loop(shutdown, backoff, &mut db, &conn).await;
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
@@ -289,9 +284,8 @@ impl EagerWorker {
         db: &mut PgConnection,
         conn: &lapin::Connection,
     ) -> Result<(), RelayError> {
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(Default::default()).await?;
-        self.topology.declare_exchange(&ch).await?;
+        let publisher = Publisher::open(conn).await?;
+        self.topology.declare_exchange(publisher.channel()).await?;
         self.stats.active.store(true, Ordering::Relaxed);
         tracing::info!(service = self.outbox.service(), "eager publisher active");
         backoff.reset();
@@ -305,12 +299,12 @@ impl EagerWorker {
                     self.delete(db).await?;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
-                        ch.close(200, "eager publisher stopping"),
+                        publisher.channel().close(200, "eager publisher stopping"),
                     )
                     .await;
                     return Ok(());
                 }
-                in_flight.extend(self.publish(&ch, rest).await?);
+                in_flight.extend(self.publish(&publisher, rest).await?);
                 continue;
             }
             let outstanding: usize = in_flight.iter().map(|b| b.ids.len()).sum();
@@ -353,7 +347,7 @@ impl EagerWorker {
                     let room = self.config.max_in_flight - outstanding;
                     let mut events = vec![first];
                     events.extend(self.take_queued(self.config.batch_size.min(room).saturating_sub(1)));
-                    in_flight.extend(self.publish(&ch, events).await?);
+                    in_flight.extend(self.publish(&publisher, events).await?);
                 }
                 _ = shutdown.cancelled(), if !stopping => stopping = true,
             }
@@ -380,7 +374,7 @@ impl EagerWorker {
     /// them had run out of lease.
     async fn publish(
         &mut self,
-        ch: &Channel,
+        publisher: &Publisher,
         events: Vec<Appended>,
     ) -> Result<Option<InFlight>, RelayError> {
         let now = Instant::now();
@@ -394,30 +388,20 @@ impl EagerWorker {
         }
         let exchange = self.topology.exchange();
         let service = self.outbox.service();
-        let publishes: Vec<_> = events
-            .iter()
-            .map(|a| {
-                let props = broker::event_properties(
-                    &a.event_id.to_string(),
-                    &a.event_type,
-                    a.correlation_id.as_deref(),
-                    a.timestamp,
-                    service,
-                );
-                ch.basic_publish(
-                    &exchange,
-                    &a.event_type,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    a.payload.as_bytes(),
-                    props,
-                )
-            })
-            .collect();
+        let messages = events.iter().map(|a| Outgoing {
+            exchange: &exchange,
+            routing_key: &a.event_type,
+            body: a.payload.as_bytes(),
+            properties: event_properties(
+                &a.event_id.to_string(),
+                &a.event_type,
+                a.correlation_id.as_deref(),
+                a.timestamp,
+                service,
+            ),
+        });
         let mut pending = Vec::with_capacity(events.len());
-        for sent in broker::publish_in_order(publishes).await {
+        for sent in publisher.send(messages).await {
             pending.push(sent?);
         }
         Ok(Some(InFlight {
@@ -439,7 +423,7 @@ impl EagerWorker {
             .confirmed_events
             .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
         for (id, confirm) in batch.ids.into_iter().zip(confirms) {
-            let Some(problem) = broker::confirm_problem(confirm) else {
+            let Some(problem) = confirm_problem(confirm) else {
                 self.confirmed.push(id);
                 continue;
             };

@@ -10,26 +10,18 @@
 //!
 //! # Layout
 //! - [`access`]: least privilege: per-service PostgreSQL roles and RabbitMQ permissions.
-//! - [`broker`]: connecting to RabbitMQ with a timeout and a clear error.
-//! - [`topology`]: names and idempotent declaration of exchanges and queues.
 //! - [`outbox`]: appending events in the caller's transaction; backlog and retention.
 //! - [`relay`]: the worker that publishes the outbox, with leader election.
 //! - [`eager`]: a producer publishing its own events right after its commit, the relay as safety net.
 //! - [`wake`]: how the relay is woken: `NOTIFY` while idle, none while busy.
-//! - [`backoff`]: capped exponential backoff shared by every reconnect loop.
 //! - `testkit` (feature): fault points for the integration tests.
 
 pub mod access;
-pub mod backoff;
-pub mod broker;
 pub mod eager;
 pub mod outbox;
 pub mod relay;
-pub mod topology;
 pub mod wake;
 
-pub use backoff::Backoff;
 pub use eager::{Appended, Eager, EagerConfig, EagerWorker};
 pub use outbox::{Outbox, OutboxError};
 pub use relay::{Relay, RelayConfig, RelayError};
-pub use topology::Topology;

@@ -48,16 +48,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{join_all, JoinAll};
-use lapin::options::BasicPublishOptions;
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use lapin::Channel;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, ConnectError};
 use crate::wake::{Idle, Wake};
-use crate::{Backoff, Outbox, Topology};
+use crate::Outbox;
+use transport::{self, ConnectError};
+use transport::{
+    confirm_problem, event_properties, Backoff, Outgoing, Publisher, Reconnect, Topology,
+};
 
 /// First key of the relay's two-key advisory lock (`'WA'`); the second is
 /// derived from the schema name. `warren status` reads it from `pg_locks`.
@@ -346,20 +347,17 @@ impl Relay {
     /// away. On shutdown the batch in flight is confirmed and marked first.
     pub async fn run(&self, shutdown: CancellationToken) {
         let service = self.outbox.service();
-        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
-        while !shutdown.is_cancelled() {
-            let result = self.session(&shutdown, &mut backoff).await;
+        let mut reconnect = Reconnect::new(
+            "relay",
+            service,
+            self.config.retry_initial,
+            self.config.retry_max,
+        );
+        while reconnect.should_start(&shutdown) {
+            let result = self.session(&shutdown, reconnect.backoff()).await;
             self.stats.active.store(false, Ordering::Relaxed);
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(service, error = %e, retry_in = ?delay, "relay interrupted; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
+            if !reconnect.ended(result, &shutdown).await {
+                break;
             }
         }
         tracing::info!(service, "relay stopped");
@@ -374,7 +372,7 @@ impl Relay {
         let Some(mut leader) = self.become_leader(shutdown).await? else {
             return Ok(());
         };
-        let conn = broker::connect(&self.amqp_url, &format!("warren relay {service}")).await?;
+        let conn = transport::connect(&self.amqp_url, &format!("warren relay {service}")).await?;
         let result = self
             .publish_loop(shutdown, backoff, &mut leader, &conn)
             .await;
@@ -397,9 +395,8 @@ impl Relay {
         conn: &lapin::Connection,
     ) -> Result<(), RelayError> {
         let service = self.outbox.service();
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(Default::default()).await?;
-        self.topology.declare_exchange(&ch).await?;
+        let publisher = Publisher::open(conn).await?;
+        self.topology.declare_exchange(publisher.channel()).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(&format!("warren_outbox_{service}")).await?;
         let mut wake = self
@@ -439,9 +436,11 @@ impl Relay {
                 // Closed here, before the connection: a channel dropped
                 // while its connection closes makes lapin log a spurious
                 // "invalid channel state: Closing" error.
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), ch.close(200, "relay stopping"))
-                        .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    publisher.channel().close(200, "relay stopping"),
+                )
+                .await;
                 return Ok(());
             }
             let rows_in_flight: usize = in_flight.iter().map(|b| b.rows.len()).sum();
@@ -454,7 +453,7 @@ impl Relay {
                     .collect();
                 let limit = (self.config.batch_size as usize).min(free) as i64;
                 match self
-                    .claim_and_publish(leader, &ch, &exclude, limit, &mut settled)
+                    .claim_and_publish(leader, &publisher, &exclude, limit, &mut settled)
                     .await?
                 {
                     Some(batch) => {
@@ -622,10 +621,16 @@ impl Relay {
     pub async fn publish_batch(
         &self,
         leader: &mut PgConnection,
-        ch: &Channel,
+        publisher: &Publisher,
     ) -> Result<BatchOutcome, RelayError> {
         let Some(batch) = self
-            .claim_and_publish(leader, ch, &[], self.config.batch_size, &mut Vec::new())
+            .claim_and_publish(
+                leader,
+                publisher,
+                &[],
+                self.config.batch_size,
+                &mut Vec::new(),
+            )
             .await?
         else {
             return Ok(BatchOutcome::Empty);
@@ -649,7 +654,7 @@ impl Relay {
     async fn claim_and_publish(
         &self,
         leader: &mut PgConnection,
-        ch: &Channel,
+        publisher: &Publisher,
         exclude: &[i64],
         limit: i64,
         settled: &mut Vec<i64>,
@@ -684,34 +689,21 @@ impl Relay {
         }
         self.maybe_crash(CrashPoint::AfterClaim)?;
         let exchange = self.topology.exchange();
-        // Written together, in row order (see `broker::publish_in_order`);
-        // collected first, as a lazy iterator's closure held across the
-        // await would make the relay's future not `Send`. Nothing is sent
-        // until polled.
-        let publishes: Vec<_> = rows
-            .iter()
-            .map(|row| {
-                let props = broker::event_properties(
-                    &row.event_id.to_string(),
-                    &row.event_type,
-                    row.correlation_id.as_deref(),
-                    row.created_at.timestamp(),
-                    service,
-                );
-                ch.basic_publish(
-                    &exchange,
-                    &row.event_type,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    row.payload.as_bytes(),
-                    props,
-                )
-            })
-            .collect();
+        // Written together, in row order (see `Publisher::send`).
+        let messages = rows.iter().map(|row| Outgoing {
+            exchange: &exchange,
+            routing_key: &row.event_type,
+            body: row.payload.as_bytes(),
+            properties: event_properties(
+                &row.event_id.to_string(),
+                &row.event_type,
+                row.correlation_id.as_deref(),
+                row.created_at.timestamp(),
+                service,
+            ),
+        });
         let mut pending = Vec::with_capacity(rows.len());
-        for sent in broker::publish_in_order(publishes).await {
+        for sent in publisher.send(messages).await {
             pending.push(sent?);
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
@@ -768,7 +760,7 @@ impl Relay {
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
         for (row, confirm) in batch.rows.iter().zip(confirms) {
-            let problem = broker::confirm_problem(confirm);
+            let problem = confirm_problem(confirm);
             match problem {
                 None if !held_back.contains(&row.aggregate) => {
                     tracing::debug!(

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
-use crate::Backoff;
+use transport::Backoff;
 
 /// Longest wait between polls while a writer that may have skipped the
 /// NOTIFY is open. Under steady traffic the writers lock is seldom free,

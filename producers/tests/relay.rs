@@ -243,11 +243,10 @@ async fn relay_crash_at_any_point_loses_nothing_and_keeps_order(pool: PgPool) {
             },
         );
         let mut leader = pool.acquire().await.unwrap().detach();
-        let conn = warren_producers::broker::connect(&amqp_url(), "crashing relay")
+        let conn = transport::connect(&amqp_url(), "crashing relay")
             .await
             .unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(Default::default()).await.unwrap();
+        let ch = transport::Publisher::open(&conn).await.unwrap();
         let err = crashing.publish_batch(&mut leader, &ch).await.unwrap_err();
         assert!(err.to_string().contains("injected crash"), "{err}");
         // The process "dies": its connections go away without a goodbye.
@@ -432,11 +431,8 @@ async fn unroutable_event_is_not_marked_and_later_events_of_its_subject_wait(poo
     append_events(&pool, &[subject], 2).await;
     let r = relay(&pool, &bus, &amqp_url(), fast_config());
     let mut leader = pool.acquire().await.unwrap().detach();
-    let conn = warren_producers::broker::connect(&amqp_url(), "relay")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
+    let conn = transport::connect(&amqp_url(), "relay").await.unwrap();
+    let ch = transport::Publisher::open(&conn).await.unwrap();
     let outcome = r.publish_batch(&mut leader, &ch).await.unwrap();
     assert_eq!(
         outcome,
@@ -501,11 +497,8 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
 
     let first = append_events(&pool, &[Uuid::now_v7()], 3).await;
     let mut leader = pool.acquire().await.unwrap().detach();
-    let conn = warren_producers::broker::connect(&amqp_url(), "relay test")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
+    let conn = transport::connect(&amqp_url(), "relay test").await.unwrap();
+    let ch = transport::Publisher::open(&conn).await.unwrap();
     let deleting = relay(&pool, &bus, &amqp_url(), fast_config());
     let outcome = deleting.publish_batch(&mut leader, &ch).await.unwrap();
     assert!(matches!(

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use consumers::{Router, Stats, Subscription, SubscriptionConfig};
 use producers::relay::RelayStats;
-use producers::{Outbox, Relay, RelayConfig, Topology};
+use producers::{Outbox, Relay, RelayConfig};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use transport::Topology;
 
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::{customers, http, inventory, orders, payments, shipping, ALL};
@@ -46,7 +47,7 @@ pub enum AppError {
     UnknownService(String),
     /// The broker could not be reached or refused the topology.
     #[error(transparent)]
-    Connect(#[from] producers::broker::ConnectError),
+    Connect(#[from] transport::ConnectError),
     /// Declaring the topology failed.
     #[error("declaring the broker topology failed: {0}")]
     Topology(#[from] lapin::Error),
@@ -130,7 +131,7 @@ impl App {
 
         // Queues first, so nothing the relays publish before a consumer
         // connects is unroutable.
-        let conn = producers::broker::connect(&config.amqp_url, "warren setup").await?;
+        let conn = transport::connect(&config.amqp_url, "warren setup").await?;
         let ch = conn.create_channel().await?;
         config.topology.declare_exchange(&ch).await?;
         let mut subscriptions = Vec::new();

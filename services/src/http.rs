@@ -127,7 +127,7 @@ pub async fn ready(State(shared): State<Shared>) -> Response {
     .await
     .map(|r| r.is_ok())
     .unwrap_or(false);
-    let broker = match producers::broker::connect(&shared.amqp_url, "warren readiness").await {
+    let broker = match transport::connect(&shared.amqp_url, "warren readiness").await {
         Ok(conn) => {
             let _ = conn.close(200, "ready check").await;
             true

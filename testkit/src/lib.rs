@@ -27,7 +27,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use producers::Topology;
+use transport::Topology;
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -54,7 +54,7 @@ impl TestBus {
         let namespace = format!("t{:08x}", rand::thread_rng().gen::<u32>());
         let mut topology = Topology::new(namespace.clone());
         topology.expires = Some(Duration::from_secs(600));
-        let conn = producers::broker::connect(&amqp_url(), "warren test")
+        let conn = transport::connect(&amqp_url(), "warren test")
             .await
             .expect("RabbitMQ must be running for integration tests");
         let channel = conn.create_channel().await.expect("channel");
@@ -104,8 +104,7 @@ impl Drop for TestBus {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let Ok(conn) = producers::broker::connect(&amqp_url(), "warren test cleanup").await
-                else {
+                let Ok(conn) = transport::connect(&amqp_url(), "warren test cleanup").await else {
                     return;
                 };
                 let Ok(ch) = conn.create_channel().await else {

@@ -144,7 +144,7 @@ async fn wait_settled(
     delays: &[Duration],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let conn = producers::broker::connect(&settings.amqp_url, "warren demo watch").await?;
+    let conn = transport::connect(&settings.amqp_url, "warren demo watch").await?;
     let topology = settings.topology();
     let started = Instant::now();
     let total = |app: &App| -> u64 {
@@ -276,8 +276,7 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
 
 /// The namespace was the demo's own: remove it from the broker.
 async fn cleanup(settings: &Settings, delays: &[Duration]) {
-    let Ok(conn) = producers::broker::connect(&settings.amqp_url, "warren demo cleanup").await
-    else {
+    let Ok(conn) = transport::connect(&settings.amqp_url, "warren demo cleanup").await else {
         return;
     };
     let Ok(ch) = conn.create_channel().await else {

@@ -6,10 +6,11 @@
 //! them all back, in order.
 
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
-use lapin::publisher_confirm::Confirmation;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use serde::Serialize;
+use std::time::Duration;
+use transport::{Outgoing, Publisher};
 
 use consumers::deadletter::{
     header_str, header_u32, H_ATTEMPT, H_DEAD_LETTERED_AT, H_DEFERRALS, H_ERROR, H_REASON,
@@ -121,7 +122,7 @@ fn check_service(service: &str) -> Result<(), InvalidInput> {
 /// Every dead letter of `service`, left in place.
 pub async fn list(settings: &Settings, service: &str) -> anyhow::Result<Vec<DeadLetter>> {
     check_service(service)?;
-    let conn = producers::broker::connect(&settings.amqp_url, "warren dlq").await?;
+    let conn = transport::connect(&settings.amqp_url, "warren dlq").await?;
     let ch = conn.create_channel().await?;
     let dlq = settings.topology().dlq(service);
     let mut out = Vec::new();
@@ -146,9 +147,9 @@ pub async fn redrive(
     id: Option<&str>,
 ) -> anyhow::Result<usize> {
     check_service(service)?;
-    let conn = producers::broker::connect(&settings.amqp_url, "warren dlq redrive").await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
+    let conn = transport::connect(&settings.amqp_url, "warren dlq redrive").await?;
+    let publisher = Publisher::open(&conn).await?;
+    let ch = publisher.channel();
     let topology = settings.topology();
     let (dlq, queue) = (topology.dlq(service), topology.queue(service));
     let mut moved = 0;
@@ -186,22 +187,15 @@ pub async fn redrive(
             }
         }
         let props = m.delivery.properties.clone().with_headers(headers);
-        let confirm = ch
-            .basic_publish(
-                "",
-                &queue,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &m.delivery.data,
-                props,
-            )
-            .await?
-            .await?;
-        if !matches!(confirm, Confirmation::Ack(None)) {
+        let copy = Outgoing {
+            exchange: "",
+            routing_key: &queue,
+            body: &m.delivery.data,
+            properties: props,
+        };
+        if let Err(e) = publisher.publish(copy, Duration::from_secs(15)).await {
             anyhow::bail!(
-                "redrive of {}: {queue} refused it (is the service's queue declared?)",
+                "redrive of {}: {queue} did not take it ({e}; is the service's queue declared?)",
                 d.id
             );
         }

@@ -9,7 +9,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     migrate(&pool).await?;
     println!(
         "migrations applied to {}",
-        producers::broker::redact(&settings.database_url)
+        transport::redact(&settings.database_url)
     );
     Ok(())
 }

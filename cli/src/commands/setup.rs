@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use producers::access::{self, AmqpPermissions, AmqpUser, Password};
-use producers::Topology;
 use services::ALL;
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
+use transport::Topology;
 
 use crate::config::{connect_db, migrate, Settings};
 use crate::error::InvalidInput;
@@ -110,12 +110,12 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
     }
     println!(
         "run a service with its own credentials, e.g. DATABASE_URL={} AMQP_URL={} warren run {}",
-        producers::broker::redact(&with_user(
+        transport::redact(&with_user(
             &settings.database_url,
             &roles[0].1,
             &roles[0].2
         )?),
-        producers::broker::redact(&with_user(&settings.amqp_url, &roles[0].1, &roles[0].2)?),
+        transport::redact(&with_user(&settings.amqp_url, &roles[0].1, &roles[0].2)?),
         roles[0].0
     );
     Ok(())
@@ -179,7 +179,7 @@ pub async fn rabbitmq_users(
     // The probe redeclares the events exchange as each user, which needs
     // the configure permission: it succeeds only once the user and its
     // permissions are in force.
-    let conn = producers::broker::connect(admin_url, "warren setup").await?;
+    let conn = transport::connect(admin_url, "warren setup").await?;
     let ch = conn.create_channel().await?;
     topology.declare_exchange(&ch).await?;
     let _ = ch.close(200, "setup").await;
@@ -189,7 +189,7 @@ pub async fn rabbitmq_users(
         let url = with_user(admin_url, &u.name, &u.password)?;
         loop {
             let probe = async {
-                let conn = producers::broker::connect(&url, "warren setup probe").await?;
+                let conn = transport::connect(&url, "warren setup probe").await?;
                 let ch = conn.create_channel().await?;
                 let declared = topology.declare_exchange(&ch).await;
                 // Channel first: closing a connection with an open channel

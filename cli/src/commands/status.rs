@@ -132,7 +132,7 @@ fn opt(v: Option<u32>) -> String {
 /// Runs the command.
 pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let pool = connect_db(settings, false, 2).await?;
-    let conn = producers::broker::connect(&settings.amqp_url, "warren status").await?;
+    let conn = transport::connect(&settings.amqp_url, "warren status").await?;
     let status = gather(settings, &pool, &conn).await?;
     let _ = conn.close(200, "status done").await;
     if json {

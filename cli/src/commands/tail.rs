@@ -74,7 +74,7 @@ async fn exclusive_queue(
 /// Runs the command until Ctrl-C, `--count` or `--timeout`.
 pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
     let topology = settings.topology();
-    let conn = producers::broker::connect(&settings.amqp_url, "warren tail").await?;
+    let conn = transport::connect(&settings.amqp_url, "warren tail").await?;
     let ch = conn.create_channel().await?;
     topology.declare_exchange(&ch).await?;
     topology.declare_outcomes_exchange(&ch).await?;

@@ -17,22 +17,39 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ConnectError {
     /// The URL does not parse as an AMQP URL, or asks for what we do not do.
     #[error("invalid AMQP URL {url}: {reason}")]
-    BadUrl { url: String, reason: String },
+    BadUrl {
+        /// The URL, password masked.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The URL's `cacertfile` cannot be read or holds no PEM certificate.
     #[error("cannot use cacertfile {path} of {url}: {reason}")]
     CaCert {
+        /// The URL, password masked.
         url: String,
         /// The path as the URL gives it (percent-decoded).
         path: String,
+        /// Why the file cannot be used.
         reason: String,
     },
     /// The TLS handshake worked up to the server's certificate, which we do
     /// not trust (unknown CA, wrong host name, expired).
     #[error("RabbitMQ at {url} presented a certificate we do not trust: {reason}. Give the CA that signed it as ?cacertfile=/path/to/ca.pem in the URL (or add it to the system trust store), and check that the URL's host is a name the certificate holds")]
-    Untrusted { url: String, reason: String },
+    Untrusted {
+        /// The URL, password masked.
+        url: String,
+        /// rustls's verdict.
+        reason: String,
+    },
     /// Connecting failed or timed out.
     #[error("cannot reach RabbitMQ at {url}: {reason}. Start it (`rabbitmq-server -detached`, or `docker compose up rabbitmq`) or set AMQP_URL")]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        /// The URL, password masked.
+        url: String,
+        /// The connection error, or the timeout.
+        reason: String,
+    },
 }
 
 /// Connects to `url` (amqp:// or amqps://) within [`CONNECT_TIMEOUT`].
@@ -185,46 +202,6 @@ fn rejected_certificate(e: &lapin::Error) -> bool {
     )
 }
 
-/// AMQP properties of an event message: what brokers and tools look at,
-/// repeated from the CloudEvents attributes. Persistent.
-pub fn event_properties(
-    event_id: &str,
-    event_type: &str,
-    correlation_id: Option<&str>,
-    timestamp: i64,
-    app_id: &str,
-) -> lapin::BasicProperties {
-    let props = lapin::BasicProperties::default()
-        .with_content_type(events::CONTENT_TYPE_STRUCTURED.into())
-        .with_message_id(event_id.into())
-        .with_type(event_type.into())
-        .with_timestamp(timestamp.max(0) as u64)
-        .with_app_id(app_id.into())
-        .with_delivery_mode(2);
-    match correlation_id {
-        Some(c) => props.with_correlation_id(c.into()),
-        None => props,
-    }
-}
-
-/// Why a publisher confirm does not count as published; `None` when the
-/// broker took the message. A returned message (mandatory, no queue bound)
-/// is acked too, so it is checked here as well.
-pub fn confirm_problem(
-    confirm: Result<lapin::publisher_confirm::Confirmation, lapin::Error>,
-) -> Option<String> {
-    use lapin::publisher_confirm::Confirmation;
-    match confirm {
-        Ok(Confirmation::Ack(None)) => None,
-        Ok(Confirmation::Ack(Some(_))) => {
-            Some("returned unroutable: no queue is bound to its type".to_owned())
-        }
-        Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_owned()),
-        Ok(Confirmation::NotRequested) => Some("confirms not enabled".to_owned()),
-        Err(e) => Some(e.to_string()),
-    }
-}
-
 /// The URL with its password replaced by `***`, safe for logs and errors.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -237,39 +214,6 @@ pub fn redact(url: &str) -> String {
         Ok(u) => u.to_string(),
         Err(_) => "<unparseable URL>".to_owned(),
     }
-}
-
-/// Sends publishes together, in the given order, and returns their
-/// outcomes in that order.
-///
-/// Each lapin publish resolves only once lapin's I/O loop has written its
-/// frames; awaited one by one, a batch pays one such round trip per
-/// message. Here each future is polled once, in order, before the next is
-/// made — that first poll is where lapin queues the frames and numbers the
-/// publisher confirm — and only then are all awaited, so the broker still
-/// receives them in order.
-pub async fn publish_in_order<F, T>(publishes: impl IntoIterator<Item = F>) -> Vec<lapin::Result<T>>
-where
-    F: std::future::Future<Output = lapin::Result<T>>,
-{
-    let mut sending: Vec<_> = Vec::new();
-    for publish in publishes {
-        let mut publish = Box::pin(futures::future::maybe_done(publish));
-        let _ = futures::poll!(publish.as_mut());
-        sending.push(publish);
-    }
-    futures::future::join_all(sending.iter_mut().map(|p| p.as_mut())).await;
-    sending
-        .into_iter()
-        .map(|mut p| {
-            // join_all returned, so every MaybeDone holds its output.
-            p.as_mut()
-                .take_output()
-                .unwrap_or(Err(lapin::Error::InvalidChannelState(
-                    lapin::ChannelState::Error,
-                )))
-        })
-        .collect()
 }
 
 #[cfg(test)]

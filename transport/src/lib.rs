@@ -1,0 +1,25 @@
+//! The transport: everything warren does with RabbitMQ that producers and
+//! consumers share, so both stand on one room as siblings.
+//!
+//! # Layout
+//! - [`connect`]: connecting with a timeout, TLS trust from the URL
+//!   (`amqps://…?cacertfile=`), errors without the password.
+//! - [`reconnect`]: the loop long-running workers run their sessions in.
+//! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`topology`]: names and idempotent declaration of exchanges and queues.
+//! - [`publisher`]: the one publisher with confirms, and the reading of a
+//!   confirm.
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod connect;
+pub mod publisher;
+pub mod reconnect;
+pub mod topology;
+
+pub use backoff::Backoff;
+pub use connect::{connect, redact, ConnectError, CONNECT_TIMEOUT};
+pub use publisher::{confirm_problem, event_properties, Outgoing, PublishError, Publisher};
+pub use reconnect::Reconnect;
+pub use topology::Topology;
