@@ -93,8 +93,8 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     let lanes = args.lanes.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
+    // The bench needs none of the shop's tables: it sets up its own schemas.
     let pool = warren::config::connect_db(settings, true, lanes as u32 + 24).await?;
-    warren::config::migrate(&pool).await?;
     let report = warren::bench::run(
         pool,
         &warren::bench::BenchOptions {
