@@ -147,8 +147,33 @@ fn sample(subject: Uuid) -> Envelope {
     Envelope::new("bench", subject.to_string(), &data)
 }
 
-/// Runs the three measurements; `pool` must be migrated.
+/// Sets up the benchmark's two schemas, which are the CLI's and not the
+/// shop's: warren's outbox and inbox in each (by the library's installer,
+/// as any application would) and the consumer's store table.
+pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
+    for schema in ["bench", SINK] {
+        producers::install::install(pool, schema).await?;
+        consumers::install::install(pool, schema).await?;
+    }
+    // What the consumer writes: one row per handled event.
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_sink.items ( \
+           event_id   uuid PRIMARY KEY, \
+           subject    text NOT NULL, \
+           handled_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(pool)
+    .await
+    .context("creating bench_sink.items")?;
+    Ok(())
+}
+
+/// Runs the three measurements in the database of `pool`, setting up its
+/// schemas first ([`prepare`]).
 pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    prepare(&pool)
+        .await
+        .context("setting up the bench schemas")?;
     let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let topology = Topology::new(namespace.clone());
     let body = events::encode(&{

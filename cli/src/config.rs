@@ -183,27 +183,25 @@ fn plain_on_loopback(url: &str, env_chose: bool, options: PgConnectOptions) -> P
     }
 }
 
-/// Applies the migrations (idempotent).
+/// Applies the shop's migrations and installs warren's tables in every
+/// service schema (idempotent; see `services::migrate`).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations")
-        .run(pool)
+    services::migrate(pool)
         .await
-        .context("applying migrations")
+        .context("migrating the database")
 }
 
-/// Applies the migrations, unless the connected role may not: a service
-/// running with its own role from `warren setup` has no right to change
-/// the schema (SQLSTATE 42501), and the administrator who ran setup has
-/// applied them already.
+/// Migrates, unless the connected role may not: a service running with
+/// its own role from `warren setup` has no right to change the schema
+/// (SQLSTATE 42501), and the administrator who ran setup has migrated
+/// already.
 pub async fn migrate_if_permitted(pool: &PgPool) -> anyhow::Result<()> {
-    match sqlx::migrate!("../migrations").run(pool).await {
-        Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("42501") =>
-        {
+    match services::migrate(pool).await {
+        Err(e) if e.permission_denied() => {
             tracing::info!("this database role may not migrate; assuming `warren setup` applied the migrations");
             Ok(())
         }
-        other => other.context("applying migrations"),
+        other => other.context("migrating the database"),
     }
 }
 

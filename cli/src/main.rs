@@ -93,8 +93,8 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     let lanes = args.lanes.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
+    // The bench needs none of the shop's tables: it sets up its own schemas.
     let pool = warren_cli::config::connect_db(settings, true, lanes as u32 + 24).await?;
-    warren_cli::config::migrate(&pool).await?;
     let report = warren_cli::bench::run(
         pool,
         &warren_cli::bench::BenchOptions {

@@ -182,8 +182,9 @@ async fn replay_keeps_ids_reports_bad_lines_and_honours_strict_and_dry_run() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn status_json_reports_queues_and_exits_1_with_dead_letters(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
     let bus = TestBus::new().await;
     for s in ["orders", "inventory", "payments", "shipping"] {
         bus.declare_service(s, &["order.placed"], &[]).await;
@@ -486,7 +487,7 @@ async fn demo_tells_its_story_and_exits_0_twice() {
         .unwrap();
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
     // Small sizes: this checks what the report holds, not how fast.
     let out = warren_async(

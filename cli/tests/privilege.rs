@@ -112,8 +112,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_service_role_reaches_its_own_schema_and_nothing_else(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
     let ns = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
     let (orders, inventory) = (principal(&ns, "orders"), principal(&ns, "inventory"));
     let _cleanup = PgRoles {
@@ -219,8 +220,9 @@ async fn a_service_role_reaches_its_own_schema_and_nothing_else(pool: PgPool) {
 /// role at once. The second CREATE ROLE waits on the first's uncommitted
 /// row and then fails on the catalog's unique index (23505); setup must
 /// take that as "exists" and carry on.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn concurrent_role_creation_from_two_databases_both_succeed(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
     let ns = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
     let role = principal(&ns, "shipping");
     let admin = (*pool.connect_options()).clone();
@@ -288,10 +290,11 @@ async fn concurrent_role_creation_from_two_databases_both_succeed(pool: PgPool) 
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_credentials(
     pool: PgPool,
 ) {
+    services::migrate(&pool).await.unwrap();
     let bus = TestBus::new().await;
     let topology = bus.topology.clone();
     bus.declare_service("inventory", &["order.placed"], &[])
@@ -558,7 +561,7 @@ fn passwords_never_reach_the_logs_of_failing_connections() {
     assert_no_secret(&out, &secret);
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn sslmode_require_in_the_url_is_enough_for_tls(pool: PgPool) {
     let o = pool.connect_options();
     let url = format!(

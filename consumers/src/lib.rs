@@ -15,6 +15,7 @@
 //! - [`subscription`]: connection, consumer, lanes by subject, shutdown, reconnects.
 //! - [`delivery`]: what happens to one delivery: decode, inbox, order check, handler, outcome.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
+//! - [`install`]: the inbox's tables, installed by the library's versioned installer.
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
 //! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
@@ -26,6 +27,7 @@ pub mod deadletter;
 pub mod delivery;
 pub mod handler;
 pub mod inbox;
+pub mod install;
 pub mod outcome;
 pub mod router;
 pub mod subscription;

@@ -38,8 +38,18 @@ async fn admit(pool: &PgPool, inbox: &Inbox, events: &[&Envelope]) -> Vec<Admiss
     got
 }
 
-#[sqlx::test(migrations = "../migrations")]
+/// warren's inbox in the tests' schemas, by the library's installer.
+async fn install(pool: &PgPool) {
+    for schema in ["shipping", "payments"] {
+        warren_consumers::install::install(pool, schema)
+            .await
+            .unwrap();
+    }
+}
+
+#[sqlx::test(migrations = false)]
 async fn a_batch_admits_the_run_that_continues_each_stream(pool: PgPool) {
+    install(&pool).await;
     let inbox = Inbox::new("shipping");
     let (a1, a2) = (event("a", 1), event("a", 2));
     // b arrives 2 before 1: both continue the stream, so both are admitted.
@@ -90,8 +100,9 @@ async fn a_batch_admits_the_run_that_continues_each_stream(pool: PgPool) {
     assert_eq!(recorded, 7, "a1 a2 a3 b1 b2 c1 c2");
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn an_admitted_id_already_in_the_inbox_is_not_new(pool: PgPool) {
+    install(&pool).await;
     let inbox = Inbox::new("shipping");
     let first = event("a", 1);
     admit(&pool, &inbox, &[&first]).await;
@@ -105,8 +116,9 @@ async fn an_admitted_id_already_in_the_inbox_is_not_new(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn admission_is_rolled_back_with_its_transaction(pool: PgPool) {
+    install(&pool).await;
     let inbox = Inbox::new("shipping");
     let e = event("a", 1);
     let mut tx = pool.begin().await.unwrap();
@@ -122,8 +134,9 @@ async fn admission_is_rolled_back_with_its_transaction(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_second_transaction_on_the_stream_waits_for_the_first(pool: PgPool) {
+    install(&pool).await;
     let inbox = Inbox::new("shipping");
     let (e1, e2) = (event("a", 1), event("a", 2));
     let mut first = pool.begin().await.unwrap();
@@ -157,8 +170,9 @@ async fn a_second_transaction_on_the_stream_waits_for_the_first(pool: PgPool) {
 /// now and then, sequences that continue, repeat, fall behind or leave a
 /// gap, sequence 0, redeliveries and ids reused under another sequence)
 /// goes through each into a schema of its own.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_batch_of_one_is_admitted_as_the_general_statement_admits_it(pool: PgPool) {
+    install(&pool).await;
     let (fast, general) = (Inbox::new("shipping"), Inbox::new("payments"));
     let mut seen: Vec<Envelope> = Vec::new();
     let mut last: std::collections::HashMap<String, i64> = Default::default();

@@ -140,8 +140,17 @@ async fn ready(bus: &TestBus) -> u32 {
         .message_count()
 }
 
-#[sqlx::test(migrations = "../migrations")]
+/// warren's outbox and inbox in the test's schema, by the library's installer.
+async fn install(pool: &PgPool) {
+    producers::install::install(pool, SERVICE).await.unwrap();
+    warren_consumers::install::install(pool, SERVICE)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
 async fn consumer_killed_between_commit_and_ack_does_not_apply_the_event_twice(pool: PgPool) {
+    install(&pool).await;
     sqlx::query("CREATE TABLE shipping.effects (n bigserial PRIMARY KEY, event_id uuid NOT NULL)")
         .execute(&pool)
         .await

@@ -338,8 +338,17 @@ fn header(m: &lapin::message::BasicGetMessage, name: &str) -> String {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
+/// warren's outbox and inbox in the test's schema, by the library's installer.
+async fn install(pool: &PgPool) {
+    producers::install::install(pool, SERVICE).await.unwrap();
+    warren_consumers::install::install(pool, SERVICE)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
 async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let e = placed(Uuid::now_v7(), 1);
     for _ in 0..3 {
@@ -352,8 +361,9 @@ async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn redelivery_after_a_failed_ack_is_absorbed_by_the_inbox(pool: PgPool) {
+    install(&pool).await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let recorder = Recorder {
         delay: Some(Duration::from_millis(800)),
@@ -379,8 +389,9 @@ async fn redelivery_after_a_failed_ack_is_absorbed_by_the_inbox(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn handler_failing_twice_is_applied_once_after_two_delayed_retries(pool: PgPool) {
+    install(&pool).await;
     let recorder = Recorder::default();
     let e = placed(Uuid::now_v7(), 1);
     recorder.fail_transient.lock().unwrap().insert(e.id, 2);
@@ -393,8 +404,9 @@ async fn handler_failing_twice_is_applied_once_after_two_delayed_retries(pool: P
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn handler_always_failing_is_dead_lettered_after_the_limit_with_reason_headers(pool: PgPool) {
+    install(&pool).await;
     let recorder = Recorder::default();
     *recorder.always.lock().unwrap() = Some(HandleErrorKind::Transient);
     let mut f = start(pool, recorder, None).await;
@@ -420,8 +432,9 @@ async fn handler_always_failing_is_dead_lettered_after_the_limit_with_reason_hea
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn permanent_failure_is_dead_lettered_at_once(pool: PgPool) {
+    install(&pool).await;
     let recorder = Recorder::default();
     *recorder.always.lock().unwrap() = Some(HandleErrorKind::Permanent);
     let mut f = start(pool, recorder, None).await;
@@ -434,10 +447,11 @@ async fn permanent_failure_is_dead_lettered_at_once(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_traffic_flows(
     pool: PgPool,
 ) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let good = |n: i64| placed(Uuid::now_v7(), n.min(1));
     let json = |e: &Envelope| serde_json::to_value(e).unwrap();
@@ -500,8 +514,9 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_traff
 /// `events::MAX_HEADERS` (refused before they are converted) and one whose
 /// subject is over `events::MAX_ATTRIBUTE_LEN` are dead-lettered with
 /// their reason, not handled.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn too_many_headers_and_an_overlong_subject_are_dead_lettered(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let structured =
         BasicProperties::default().with_content_type(events::CONTENT_TYPE_STRUCTURED.into());
@@ -542,8 +557,9 @@ async fn too_many_headers_and_an_overlong_subject_are_dead_lettered(pool: PgPool
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn sequence_two_before_one_is_applied_as_one_then_two(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let order = Uuid::now_v7();
     f.publish(&cancelled(order, 2)).await;
@@ -559,8 +575,9 @@ async fn sequence_two_before_one_is_applied_as_one_then_two(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn unhandled_sibling_types_are_skipped_and_keep_the_sequence_moving(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let order = Uuid::now_v7();
     // order.confirmed (seq 2) has no handler here, but the queue is bound
@@ -582,8 +599,9 @@ async fn unhandled_sibling_types_are_skipped_and_keep_the_sequence_moving(pool: 
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn binary_mode_message_is_handled(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let e = placed(Uuid::now_v7(), 1);
     let mut h = FieldTable::default();
@@ -606,8 +624,9 @@ async fn binary_mode_message_is_handled(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn follow_up_events_carry_correlation_and_causation(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let order = Uuid::now_v7();
     f.publish(&placed(order, 1)).await;
@@ -629,8 +648,9 @@ async fn follow_up_events_carry_correlation_and_causation(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
+    install(&pool).await;
     let recorder = Recorder {
         delay: Some(Duration::from_millis(700)),
         ..Default::default()
@@ -651,10 +671,11 @@ async fn shutdown_finishes_the_handler_in_flight_and_acks_it(pool: PgPool) {
     assert_eq!(f.messages_ready().await, 0, "and was acknowledged");
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_consumers(
     pool: PgPool,
 ) {
+    install(&pool).await;
     // Deferral count as in production (40): with two consumers, early
     // events of one subject are split between them and a chain resolves
     // only a few links per round, so one event may be deferred ~10 times
@@ -761,8 +782,9 @@ async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_c
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn inbox_retention_prunes_old_rows_in_bounded_batches_and_keeps_recent_ones(pool: PgPool) {
+    install(&pool).await;
     let cfg = SubscriptionConfig {
         inbox_retention: Duration::from_secs(3600),
         ..config()
@@ -850,8 +872,9 @@ async fn inbox_retention_prunes_old_rows_in_bounded_batches_and_keeps_recent_one
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn lanes_give_their_connections_back_once_deliveries_stop(pool: PgPool) {
+    install(&pool).await;
     let mut f = start(pool.clone(), Recorder::default(), None).await;
     // Several subjects, so several lanes take a connection and keep it
     // from one batch to the next.
@@ -871,8 +894,9 @@ async fn lanes_give_their_connections_back_once_deliveries_stop(pool: PgPool) {
     f.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn acks_with_multiple_leave_no_delivery_of_any_lane_unacknowledged(pool: PgPool) {
+    install(&pool).await;
     // Four lanes settle their batches out of tag order, and some
     // deliveries are dead-lettered instead of handled: an ack with
     // `multiple` sent too early would cover another lane's unsettled
@@ -951,8 +975,9 @@ impl HandleBatch<OrderPlaced> for BatchRecorder {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_batch_handler_gets_runs_in_subject_order_and_a_refused_event_fails_alone(pool: PgPool) {
+    install(&pool).await;
     let recorder = BatchRecorder::default();
     let router = Router::new(SERVICE).on_batch::<OrderPlaced, _>(recorder.clone());
     // One lane, so the whole backlog lands in a few large batches.

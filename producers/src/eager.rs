@@ -3,8 +3,8 @@
 //! claim them and read them back.
 //!
 //! The outbox keeps the guarantee; this only takes the relay's work off
-//! the common path. [`Eager::append`] appends the event *leased* (see
-//! migration `20261202000001_outbox_lease.sql`): the relay leaves the row
+//! the common path. [`Eager::append`] appends the event *leased* (the
+//! `leased_until` column, see [`crate::install`]): the relay leaves the row
 //! alone until the lease runs out, and the commit sends no NOTIFY. After
 //! the commit the caller hands the event to [`Eager::publish`], which
 //! queues it (bounded, never waiting) for the worker ([`EagerWorker`]): it

@@ -25,7 +25,9 @@ pub enum OutboxError {
         source: sqlx::Error,
     },
     /// The schema name is not a plain identifier.
-    #[error("invalid schema name {0:?}: use lower-case letters, digits and _")]
+    #[error(
+        "invalid schema name {0:?}: use 1 to {MAX_SCHEMA_LEN} lower-case letters, digits and _"
+    )]
     BadSchema(String),
     /// The encoded envelope has no top-level `"sequence":0` to number
     /// (cannot happen with the envelope serde writes; see
@@ -65,11 +67,7 @@ struct Sql {
 impl Outbox {
     /// The outbox of `service`, stored in the schema of the same name.
     pub fn new(service: &str) -> Result<Self, OutboxError> {
-        if service.is_empty()
-            || !service
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
+        if !valid_schema(service) {
             return Err(OutboxError::BadSchema(service.to_owned()));
         }
         let s = service;
@@ -232,6 +230,22 @@ impl Outbox {
             source,
         }
     }
+}
+
+/// Longest schema name: its `NOTIFY` channel ([`crate::wake::channel`])
+/// must fit in PostgreSQL's 63-byte identifiers, or every append would fail
+/// in the outbox trigger.
+pub const MAX_SCHEMA_LEN: usize = 63 - crate::wake::CHANNEL_PREFIX.len();
+
+/// Whether `name` may be a service schema: lower-case letters, digits and
+/// `_`, so it goes into SQL text as it is, and short enough for its
+/// channel. The installer checks names the same way.
+pub(crate) fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SCHEMA_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The append statement of schema `s`: numbering and insert in one

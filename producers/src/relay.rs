@@ -398,7 +398,7 @@ impl Relay {
         let publisher = Publisher::open(conn).await?;
         self.topology.declare_exchange(publisher.channel()).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(&format!("warren_outbox_{service}")).await?;
+        listener.listen(&crate::wake::channel(service)).await?;
         let mut wake = self
             .db_timeout(Wake::start(leader, service, self.config.poll_interval))
             .await?;

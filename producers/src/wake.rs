@@ -9,7 +9,8 @@
 //! batch and needs no wake-up, so it sets the schema's flag
 //! (`<schema>.outbox_relay_busy` = 1) and the trigger skips the NOTIFY.
 //!
-//! The handshake (migration `20261201000001_outbox_quiet_wake.sql`): the
+//! The handshake (the trigger is installed by [`crate::install`], which
+//! formats [`WRITERS_LOCK_CLASS`] and [`channel`] into its SQL): the
 //! trigger takes the schema's writers lock in shared mode until its
 //! transaction ends, then reads the flag. Before sleeping, the relay clears
 //! the flag and then tries the writers lock exclusively (and lets go at
@@ -37,9 +38,20 @@ use transport::Backoff;
 /// of the lock, so even a writer open for minutes costs little.
 pub const MAX_POLL: Duration = Duration::from_millis(20);
 
-/// First key of the writers lock (`'WW'`); the second is derived from the
-/// schema name, as for the relay's leader lock.
+/// First key of the writers lock (`'WW'`, 22359); the second is derived
+/// from the schema name, as for the relay's leader lock. The outbox trigger
+/// takes it shared, the relay tries it exclusively.
 pub const WRITERS_LOCK_CLASS: i32 = 0x5757;
+
+/// What every outbox `NOTIFY` channel name starts with; the schema name
+/// follows (see [`channel`]).
+pub const CHANNEL_PREFIX: &str = "warren_outbox_";
+
+/// The `NOTIFY` channel of `schema`'s outbox: the trigger notifies it, the
+/// relay listens on it.
+pub fn channel(schema: &str) -> String {
+    format!("{CHANNEL_PREFIX}{schema}")
+}
 
 /// What the relay does once nothing is in flight and a claim came back
 /// empty.

@@ -95,8 +95,16 @@ async fn commit_and_publish(pool: &PgPool, eager: &Eager, n: usize) -> Vec<Uuid>
     ids
 }
 
-#[sqlx::test(migrations = "../migrations")]
+/// warren's outbox in the test's schema, by the library's installer.
+async fn install(pool: &PgPool) {
+    warren_producers::install::install(pool, SERVICE)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
 async fn eager_events_are_on_the_bus_once_and_the_relay_publishes_none(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     bus.declare_service("sink", &["customer.registered"], &[])
         .await;
@@ -141,8 +149,9 @@ async fn eager_events_are_on_the_bus_once_and_the_relay_publishes_none(pool: PgP
 
 /// A producer that dies between its commit and its publish: the row stays
 /// leased, the relay leaves it while the lease runs and publishes it after.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_committed_event_never_published_eagerly_is_relayed_after_its_lease(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     bus.declare_service("sink", &["customer.registered"], &[])
         .await;
@@ -179,8 +188,9 @@ async fn a_committed_event_never_published_eagerly_is_relayed_after_its_lease(po
 
 /// Unroutable (no queue bound to the type): the broker returns it, the
 /// eager publisher keeps its row, and the relay has it after the lease.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn an_event_returned_unroutable_stays_in_the_outbox(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let token = CancellationToken::new();
     let eager = eager(&pool, &bus, Duration::from_secs(60), &token);
@@ -210,8 +220,9 @@ async fn an_event_returned_unroutable_stays_in_the_outbox(pool: PgPool) {
 
 /// Leased rows send no NOTIFY (the relay has nothing to claim for them);
 /// a plain append in the same schema still does.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn leased_appends_do_not_wake_the_relay(pool: PgPool) {
+    install(&pool).await;
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
     listener.listen("warren_outbox_customers").await.unwrap();
     let outbox = Outbox::new(SERVICE).unwrap();
@@ -240,8 +251,9 @@ async fn leased_appends_do_not_wake_the_relay(pool: PgPool) {
 }
 
 /// On shutdown the worker publishes and settles what was handed to it.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn shutdown_publishes_what_was_queued_first(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     bus.declare_service("sink", &["customer.registered"], &[])
         .await;
@@ -268,8 +280,9 @@ async fn shutdown_publishes_what_was_queued_first(pool: PgPool) {
 
 /// Confirmed rows wait for their delete until `delete_every` or until
 /// `delete_batch` of them are gathered, and shutdown deletes what waits.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn confirmed_rows_are_deleted_together_and_at_shutdown(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     bus.declare_service("sink", &["customer.registered"], &[])
         .await;

@@ -124,8 +124,16 @@ async fn unpublished(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-#[sqlx::test(migrations = "../migrations")]
+/// warren's outbox in the test's schema, by the library's installer.
+async fn install(pool: &PgPool) {
+    warren_producers::install::install(pool, SERVICE)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
 async fn relay_publishes_every_event_in_subject_order_with_amqp_properties(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let subjects: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
@@ -166,8 +174,9 @@ async fn relay_publishes_every_event_in_subject_order_with_amqp_properties(pool:
     );
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn concurrent_appends_on_one_subject_get_gap_free_sequences(pool: PgPool) {
+    install(&pool).await;
     let subject = Uuid::now_v7();
     let outbox = Outbox::new(SERVICE).unwrap();
     let mut tasks = Vec::new();
@@ -196,8 +205,9 @@ async fn concurrent_appends_on_one_subject_get_gap_free_sequences(pool: PgPool) 
     assert_eq!(by_position, (1..=20).collect::<Vec<_>>());
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn rolled_back_append_never_reaches_the_bus(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let outbox = Outbox::new(SERVICE).unwrap();
@@ -220,8 +230,9 @@ async fn rolled_back_append_never_reaches_the_bus(pool: PgPool) {
 /// After publish (confirms not awaited) and after confirm (not marked): the
 /// batch reached the broker but stays unmarked, so the restart publishes it
 /// again — those duplicates are possible and consumers' inboxes absorb them.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn relay_crash_at_any_point_loses_nothing_and_keeps_order(pool: PgPool) {
+    install(&pool).await;
     for point in [
         CrashPoint::AfterClaim,
         CrashPoint::AfterPublish,
@@ -283,8 +294,9 @@ async fn relay_crash_at_any_point_loses_nothing_and_keeps_order(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn broker_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
@@ -332,8 +344,9 @@ async fn broker_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) {
     task.await.unwrap();
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn database_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
@@ -384,8 +397,9 @@ async fn database_outage_of_five_seconds_delays_but_loses_nothing(pool: PgPool) 
     assert_eq!(unpublished(&pool).await, 0);
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn two_relays_only_one_publishes_and_the_standby_takes_over(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let a = relay(&pool, &bus, &amqp_url(), fast_config());
@@ -424,8 +438,9 @@ async fn two_relays_only_one_publishes_and_the_standby_takes_over(pool: PgPool) 
     task_b.await.unwrap();
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn unroutable_event_is_not_marked_and_later_events_of_its_subject_wait(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await; // no queue bound: every publish is returned
     let subject = Uuid::now_v7();
     append_events(&pool, &[subject], 2).await;
@@ -460,8 +475,9 @@ async fn unroutable_event_is_not_marked_and_later_events_of_its_subject_wait(poo
     assert_eq!(seqs, vec![1, 2]);
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: PgPool) {
+    install(&pool).await;
     let outbox = Outbox::new(SERVICE).unwrap();
     append_events(&pool, &[Uuid::now_v7(), Uuid::now_v7()], 3).await;
     let b = outbox.backlog(&pool).await.unwrap();
@@ -489,8 +505,9 @@ async fn retention_prunes_old_published_rows_and_backlog_reports_the_rest(pool: 
 
 /// By default a confirmed row leaves the outbox at once; with a retention
 /// it stays, marked, for inspection. Both only after the broker confirmed.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     assert!(RelayConfig::default().retention.is_zero());
@@ -560,8 +577,9 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
 /// events is marked, even though they are routable and confirmed. Once the
 /// first becomes routable, the last round that publishes it carries the
 /// rest after it, in order, and everything ends marked.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn pipelined_relay_holds_a_subject_back_behind_its_unroutable_event(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let _updates_only = bus.wiretap("customer.updated").await;
     let subjects: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
@@ -622,8 +640,9 @@ async fn pipelined_relay_holds_a_subject_back_behind_its_unroutable_event(pool: 
 /// settles the batch before it (one statement): each event still reaches
 /// the bus exactly once, and its row ends deleted, or marked when kept,
 /// by the time the relay counts it published.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let outbox = Outbox::new(SERVICE).unwrap();
@@ -683,8 +702,9 @@ async fn a_trickle_is_published_once_each_and_settled_by_the_next_claim(pool: Pg
 /// The relay counts every batch it has the confirms of, the events in it
 /// and the wait for them: `warren bench` and `/metrics` report the broker's
 /// share of an event's trip from these.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn the_relay_counts_confirmed_batches_their_events_and_their_wait(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let r = relay(&pool, &bus, &amqp_url(), fast_config());

@@ -120,12 +120,20 @@ async fn notifications_within(listener: &mut PgListener, wait: Duration) -> usiz
     n
 }
 
+/// warren's outbox in the test's schema, by the library's installer.
+async fn install(pool: &PgPool) {
+    warren_producers::install::install(pool, SERVICE)
+        .await
+        .unwrap();
+}
+
 /// Eight writers commit single-event transactions back to back: the relay
 /// turns busy, most commits go without a NOTIFY, and yet every event is
 /// published at once; when the traffic stops the relay clears the flag, so
 /// the next lone event notifies and is published too.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let mut listener = listener(&pool).await;
@@ -173,8 +181,9 @@ async fn busy_relay_spares_writers_the_notify_and_misses_no_event(pool: PgPool) 
 /// skips the NOTIFY, and commits only after the relay's last empty claim.
 /// The relay may not go to sleep while that writer is open (it holds the
 /// writers lock), so the event is published without any notification.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn writer_that_skipped_the_notify_and_commits_late_is_still_published(pool: PgPool) {
+    install(&pool).await;
     let bus = TestBus::new().await;
     let mut tap = bus.wiretap("#").await;
     let mut listener = listener(&pool).await;
@@ -216,15 +225,18 @@ async fn writer_that_skipped_the_notify_and_commits_late_is_still_published(pool
 }
 
 /// A schema set up without the flag (its trigger always notifies, as
-/// before the handshake existed, or a team's own schema that never ran
-/// `warren_install_outbox_wake`): the relay never marks itself busy and
-/// is woken by every commit.
-#[sqlx::test(migrations = "../migrations")]
+/// before the handshake existed, or a team's own schema with a trigger of
+/// its own): the relay never marks itself busy and is woken by every
+/// commit.
+#[sqlx::test(migrations = false)]
 async fn outbox_without_the_flag_is_woken_by_every_commit(pool: PgPool) {
+    install(&pool).await;
     sqlx::raw_sql(
-        "DROP TRIGGER outbox_notify ON customers.outbox; \
+        "CREATE FUNCTION customers.always_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM pg_notify('warren_outbox_' || TG_TABLE_SCHEMA, ''); RETURN NULL; END $$; \
+         DROP TRIGGER outbox_notify ON customers.outbox; \
          CREATE TRIGGER outbox_notify AFTER INSERT ON customers.outbox \
-           FOR EACH STATEMENT EXECUTE FUNCTION public.warren_outbox_notify(); \
+           FOR EACH STATEMENT EXECUTE FUNCTION customers.always_notify(); \
          DROP FUNCTION customers.outbox_wake(); \
          DROP SEQUENCE customers.outbox_relay_busy;",
     )

@@ -12,6 +12,7 @@
 //! - [`gateway`]: the simulated payment gateway behind a timeout and a circuit breaker.
 //! - [`shipping`]: one shipment per confirmed order.
 //! - [`http`]: the API's error type, JSON extraction, health, readiness and metrics.
+//! - [`store`]: the shop's migrations and warren's tables in each service's schema ([`migrate`]).
 //! - [`app`]: starting chosen services (relays, consumers, HTTP) and stopping them cleanly.
 
 pub mod app;
@@ -23,8 +24,10 @@ pub mod inventory;
 pub mod orders;
 pub mod payments;
 pub mod shipping;
+pub mod store;
 
 pub use app::{App, AppConfig, AppError};
+pub use store::{migrate, MigrateError};
 
 /// Every service, in the order of the saga.
 pub const ALL: [&str; 5] = ["customers", "orders", "inventory", "payments", "shipping"];

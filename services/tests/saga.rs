@@ -71,6 +71,7 @@ async fn spawn_app(pool: PgPool, services: &[&str]) -> TestApp {
 }
 
 async fn spawn_app_with(pool: PgPool, services: &[&str], gateway: GatewayConfig) -> TestApp {
+    warren_shop::migrate(&pool).await.unwrap();
     let bus = TestBus::new().await;
     let subscription = subscription_config();
     for s in services {
@@ -273,7 +274,7 @@ impl TestApp {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn happy_path_order_is_shipped(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     assert_eq!(
@@ -295,7 +296,7 @@ async fn happy_path_order_is_shipped(pool: PgPool) {
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn out_of_stock_order_is_cancelled_with_nothing_reserved(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     t.put("/stock/SKU-1", json!({ "on_hand": 1 })).await;
@@ -322,7 +323,7 @@ async fn out_of_stock_order_is_cancelled_with_nothing_reserved(pool: PgPool) {
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn declined_payment_cancels_the_order_and_releases_stock(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     t.put("/stock/SKU-1", json!({ "on_hand": 3 })).await;
@@ -349,7 +350,7 @@ async fn declined_payment_cancels_the_order_and_releases_stock(pool: PgPool) {
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn captured_order_cancelled_later_is_refunded_and_restocked(pool: PgPool) {
     // Without shipping, a confirmed order stays confirmed until cancelled.
     let mut t = spawn_app(pool, &["customers", "orders", "inventory", "payments"]).await;
@@ -381,7 +382,7 @@ async fn captured_order_cancelled_later_is_refunded_and_restocked(pool: PgPool) 
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn two_hundred_concurrent_orders_for_fifty_units_sell_exactly_fifty(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     t.put("/stock/HOT", json!({ "on_hand": 50 })).await;
@@ -422,7 +423,7 @@ async fn two_hundred_concurrent_orders_for_fifty_units_sell_exactly_fifty(pool: 
 /// on stock rows (each costing a 1 s `deadlock_timeout` and a retry; enough
 /// of them in a row dead-letter the event and strand its stock).
 /// Inventory's stock writers are serialised, so none is ever retried.
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn concurrent_multi_sku_orders_never_deadlock_inventory(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     let skus = ["S1", "S2", "S3", "S4", "S5", "S6"];
@@ -458,7 +459,7 @@ async fn concurrent_multi_sku_orders_never_deadlock_inventory(pool: PgPool) {
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;
     let c = t.customer().await;
@@ -569,7 +570,7 @@ async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn two_copies_of_every_service_share_the_work_without_double_effects(pool: PgPool) {
     let mut t = spawn_app(pool.clone(), &ALL).await;
     // A second process's worth of every service: same database, same
@@ -621,7 +622,7 @@ async fn two_copies_of_every_service_share_the_work_without_double_effects(pool:
     t.stop().await;
 }
 
-#[sqlx::test(migrations = "../migrations")]
+#[sqlx::test(migrations = false)]
 async fn gateway_outage_opens_the_breaker_parks_payments_in_delayed_retry_and_all_orders_settle(
     pool: PgPool,
 ) {

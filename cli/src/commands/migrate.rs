@@ -1,5 +1,6 @@
-//! `warren migrate`: creates the database if needed and applies the
-//! migrations; running it again changes nothing.
+//! `warren migrate`: creates the database if needed, applies the shop's
+//! migrations and installs warren's tables in each service's schema;
+//! running it again changes nothing.
 
 use crate::config::{connect_db, migrate, Settings};
 

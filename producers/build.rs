@@ -1,6 +1,0 @@
-// Migrations are embedded at compile time (`sqlx::migrate!`, and
-// `#[sqlx::test(migrations = …)]` in the tests): rebuild when one is added
-// or changed, which cargo would not notice by itself.
-fn main() {
-    println!("cargo:rerun-if-changed=../migrations");
-}
