@@ -285,6 +285,7 @@ mod tests {
             customer_id: uuid::Uuid::nil(),
             name: r#"x","sequence":0,"y"#.into(),
             email: "e@x".into(),
+            version: None,
         };
         let mut e = Envelope::new("customers", r#"s"sequence":0"#, &data);
         e.sequence = 0;

@@ -29,6 +29,7 @@ fn updated(subject: Uuid, n: usize) -> Envelope {
         customer_id: subject,
         name: format!("renamed {n}"),
         email: format!("c{n}@example.com"),
+        version: None,
     };
     Envelope::new(SERVICE, subject.to_string(), &data)
 }

@@ -1,8 +1,14 @@
 //! Customers: sign-ups and changes. Raises `customer.registered` and
 //! `customer.updated`; handles nothing.
+//!
+//! Customers are changed by people through HTTP, so changes are guarded
+//! optimistically: each customer has a `version`, given as the `ETag`; a
+//! `PUT` with `If-Match` applies only while the version is unchanged
+//! (412 otherwise, nothing changed), one without applies as it comes.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use events::catalog::{CustomerRegistered, CustomerUpdated};
@@ -12,7 +18,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::app::Shared;
-use crate::http::{ApiError, Json};
+use crate::http::{etag, ApiError, IfMatch, Json};
 
 /// The service name: schema, queue and event source.
 pub const SERVICE: &str = "customers";
@@ -54,24 +60,24 @@ pub fn routes() -> Router<Shared> {
 async fn register(
     State(shared): State<Shared>,
     Json(req): Json<CustomerRequest>,
-) -> Result<(StatusCode, axum::Json<serde_json::Value>), ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     req.validate()?;
     let id = Uuid::now_v7();
     let (name, email) = (req.name.trim(), req.email.trim().to_lowercase());
     let mut tx = shared.pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO customers.customers (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING",
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO customers.customers (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING RETURNING version",
     )
     .bind(id)
     .bind(name)
     .bind(&email)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if inserted.rows_affected() == 0 {
+    let Some(version) = inserted else {
         return Err(ApiError::conflict(format!(
             "email: {email} is already registered"
         )));
-    }
+    };
     let data = CustomerRegistered {
         customer_id: id,
         name: name.to_owned(),
@@ -83,32 +89,64 @@ async fn register(
         .append(&mut tx, Envelope::new(SERVICE, id.to_string(), &data))
         .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({ "id": id }))))
+    Ok((
+        StatusCode::CREATED,
+        [etag(version)],
+        axum::Json(json!({ "id": id, "version": version })),
+    ))
 }
 
+/// `PUT /customers/{id}`: replaces name and email, moves the version and
+/// raises customer.updated carrying it, in one transaction. With
+/// `If-Match`, only if the current version is one it names.
 async fn update(
     State(shared): State<Shared>,
     Path(id): Path<Uuid>,
+    headers: HeaderMap,
     Json(req): Json<CustomerRequest>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     req.validate()?;
+    let condition = IfMatch::from_headers(&headers);
+    let versions: Option<&[i64]> = match &condition {
+        IfMatch::Versions(v) => Some(v),
+        IfMatch::Absent | IfMatch::Any => None,
+    };
     let (name, email) = (req.name.trim(), req.email.trim().to_lowercase());
     let mut tx = shared.pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE customers.customers SET name = $2, email = $3, updated_at = now() WHERE id = $1",
+    // Compare-and-set in one statement: of two writers naming the same
+    // version, the second's UPDATE waits for the first's row lock, then
+    // finds the version moved and changes nothing.
+    let updated: Option<i64> = sqlx::query_scalar(
+        "UPDATE customers.customers SET name = $2, email = $3, updated_at = now(), version = version + 1 \
+         WHERE id = $1 AND ($4::int8[] IS NULL OR version = ANY($4)) RETURNING version",
     )
     .bind(id)
     .bind(name)
     .bind(&email)
-    .execute(&mut *tx)
+    .bind(versions)
+    .fetch_optional(&mut *tx)
     .await?;
-    if updated.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("customer {id} not found")));
-    }
+    let Some(version) = updated else {
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM customers.customers WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        // An unknown id is 404 whatever If-Match says (RFC 9110 13.2.1:
+        // preconditions are ignored when the answer would be an error
+        // anyway).
+        return Err(match current {
+            None => ApiError::not_found(format!("customer {id} not found")),
+            Some(v) => ApiError::precondition_failed(format!(
+                "customer {id} is at version {v}, not one If-Match names; GET it and try again"
+            )),
+        });
+    };
     let data = CustomerUpdated {
         customer_id: id,
         name: name.to_owned(),
-        email,
+        email: email.clone(),
+        version: Some(version),
     };
     shared
         .outboxes
@@ -116,21 +154,27 @@ async fn update(
         .append(&mut tx, Envelope::new(SERVICE, id.to_string(), &data))
         .await?;
     tx.commit().await?;
-    Ok(axum::Json(json!({ "id": id })))
+    Ok((
+        [etag(version)],
+        axum::Json(json!({ "id": id, "name": name, "email": email, "version": version })),
+    ))
 }
 
+/// `GET /customers/{id}`: the customer with its version as `ETag`; 404
+/// for an unknown id.
 async fn show(
     State(shared): State<Shared>,
     Path(id): Path<Uuid>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT name, email FROM customers.customers WHERE id = $1")
+) -> Result<impl IntoResponse, ApiError> {
+    let row: Option<(String, String, i64)> =
+        sqlx::query_as("SELECT name, email, version FROM customers.customers WHERE id = $1")
             .bind(id)
             .fetch_optional(&shared.pool)
             .await?;
-    let (name, email) =
+    let (name, email, version) =
         row.ok_or_else(|| ApiError::not_found(format!("customer {id} not found")))?;
-    Ok(axum::Json(
-        json!({ "id": id, "name": name, "email": email }),
+    Ok((
+        [etag(version)],
+        axum::Json(json!({ "id": id, "name": name, "email": email, "version": version })),
     ))
 }

@@ -15,12 +15,17 @@
 //!   [`StockLock`] preparer first locks every SKU of the whole batch,
 //!   sorted, once: two batches then take their rows in one global order
 //!   and cannot deadlock.
-//! - Every write moves `version`. The `on_hand >= 0` check constraint
-//!   backs the rule up.
+//! - `PUT /stock/{sku}` from a person or a tool is **optimistic**: it may
+//!   carry `If-Match` with the `ETag` (the row's `version`) it last read,
+//!   and answers 412 if someone changed the level since. Every write moves
+//!   `version`, the handlers' too, so a stale read is always caught. The
+//!   `on_hand >= 0` check constraint backs both up.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use axum::routing::put;
 use axum::Router as HttpRouter;
 use consumers::{Context, Handle, HandleError, Prepare, Router};
@@ -31,7 +36,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 
 use crate::app::Shared;
-use crate::http::{ApiError, Json};
+use crate::http::{etag, ApiError, IfMatch, Json};
 
 /// The service name: schema, queue and event source.
 pub const SERVICE: &str = "inventory";
@@ -303,20 +308,35 @@ pub struct SetStock {
     on_hand: i32,
 }
 
+/// `PUT /stock/{sku}`: sets the free level. With `If-Match`, only if the
+/// row's version is one named (412 otherwise, nothing changed); without,
+/// unconditionally, creating the SKU if new. Answers the new state with
+/// its `ETag`.
 async fn set_stock(
     State(shared): State<Shared>,
     Path(sku): Path<String>,
+    headers: HeaderMap,
     Json(req): Json<SetStock>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     if sku.trim().is_empty() || sku.len() > 64 {
         return Err(ApiError::invalid("sku: must be 1 to 64 characters"));
     }
     if req.on_hand < 0 {
         return Err(ApiError::invalid("on_hand: must be 0 or more"));
     }
-    let (on_hand, reserved, version) = set_level(&shared.pool, &sku, req.on_hand).await?;
-    Ok(axum::Json(
-        json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version }),
+    let (on_hand, reserved, version) = match IfMatch::from_headers(&headers) {
+        IfMatch::Absent => set_level(&shared.pool, &sku, req.on_hand).await?,
+        condition => set_level_if(&shared.pool, &sku, req.on_hand, &condition)
+            .await?
+            .ok_or_else(|| {
+                ApiError::precondition_failed(format!(
+                    "stock of {sku} is not at the version If-Match names (or does not exist); GET it and try again"
+                ))
+            })?,
+    };
+    Ok((
+        [etag(version)],
+        axum::Json(json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version })),
     ))
 }
 
@@ -338,10 +358,37 @@ pub async fn set_level(
     .await
 }
 
+/// Sets the free level of an existing SKU only if `condition` allows its
+/// current version: the compare-and-set of optimistic locking, one
+/// statement, so two writers holding the same version cannot both win
+/// (the second one's `UPDATE` waits for the first's row lock, then sees
+/// the new version and changes nothing). `None` when it did not apply.
+pub async fn set_level_if(
+    pool: &sqlx::PgPool,
+    sku: &str,
+    on_hand: i32,
+    condition: &IfMatch,
+) -> Result<Option<(i32, i32, i64)>, sqlx::Error> {
+    let versions: Option<&[i64]> = match condition {
+        IfMatch::Versions(v) => Some(v),
+        IfMatch::Absent | IfMatch::Any => None,
+    };
+    sqlx::query_as(
+        "UPDATE inventory.stock SET on_hand = $2, version = version + 1 \
+         WHERE sku = $1 AND ($3::int8[] IS NULL OR version = ANY($3)) \
+         RETURNING on_hand, reserved, version",
+    )
+    .bind(sku)
+    .bind(on_hand)
+    .bind(versions)
+    .fetch_optional(pool)
+    .await
+}
+
 async fn show_stock(
     State(shared): State<Shared>,
     Path(sku): Path<String>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let row: Option<(i32, i32, i64)> =
         sqlx::query_as("SELECT on_hand, reserved, version FROM inventory.stock WHERE sku = $1")
             .bind(&sku)
@@ -349,7 +396,8 @@ async fn show_stock(
             .await?;
     let (on_hand, reserved, version) =
         row.ok_or_else(|| ApiError::not_found(format!("sku {sku} not found")))?;
-    Ok(axum::Json(
-        json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version }),
+    Ok((
+        [etag(version)],
+        axum::Json(json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version })),
     ))
 }
