@@ -6,13 +6,16 @@
 //! `PUT` with `If-Match` applies only while the version is unchanged
 //! (412 otherwise, nothing changed), one without applies as it comes.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use events::catalog::{CustomerRegistered, CustomerUpdated};
 use events::Envelope;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -22,6 +25,13 @@ use crate::http::{etag, ApiError, IfMatch, Json};
 
 /// The service name: schema, queue and event source.
 pub const SERVICE: &str = "customers";
+
+/// Page size of `GET /customers` when none is asked for.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// Largest page `GET /customers` serves; a larger `limit` is refused (422)
+/// rather than clamped, so a client never mistakes a short page for the
+/// end of the list.
+pub const MAX_LIMIT: i64 = 200;
 
 /// `POST /customers` and `PUT /customers/{id}` body.
 #[derive(Debug, Deserialize)]
@@ -53,7 +63,7 @@ impl CustomerRequest {
 /// The HTTP routes of this service.
 pub fn routes() -> Router<Shared> {
     Router::new()
-        .route("/customers", post(register))
+        .route("/customers", post(register).get(list))
         .route("/customers/{id}", get(show).put(update))
 }
 
@@ -177,4 +187,137 @@ async fn show(
         [etag(version)],
         axum::Json(json!({ "id": id, "name": name, "email": email, "version": version })),
     ))
+}
+
+/// `GET /customers` query. Strings, so a bad value gets our JSON error
+/// naming the field instead of the extractor's plain-text one.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// Where a page ends: the (created_at, id) of its last customer. Opaque to
+/// clients: URL-safe base64 of `<microseconds since the epoch>:<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    created_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}:{}",
+            self.created_at.timestamp_micros(),
+            self.id
+        ))
+    }
+
+    fn decode(text: &str) -> Option<Cursor> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        let text = std::str::from_utf8(&bytes).ok()?;
+        let (micros, id) = text.split_once(':')?;
+        Some(Cursor {
+            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            id: id.parse().ok()?,
+        })
+    }
+}
+
+/// `GET /customers?limit=&cursor=`: customers newest first, `limit` per
+/// page (default [`DEFAULT_LIMIT`], 1 to [`MAX_LIMIT`], else 422), and the
+/// `next_cursor` to pass for the page after (null on the last page).
+///
+/// Keyset pagination: a page resumes strictly after the previous page's
+/// last (created_at, id), so rows added meanwhile neither shift nor repeat
+/// what follows. `created_at` is the registering transaction's start, so a
+/// registration that commits after a page was read but started before
+/// that page's last row lands on an earlier page and is not seen by that
+/// walk; a fresh walk sees it.
+async fn list(
+    State(shared): State<Shared>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!("limit: must be an integer from 1 to {MAX_LIMIT}"))
+            })?,
+    };
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(text) => Some(Cursor::decode(text).ok_or_else(|| {
+            ApiError::invalid("cursor: not a cursor this API gave; pass next_cursor as it came")
+        })?),
+    };
+    // One row more than asked tells whether another page follows.
+    // Two statements rather than one with `$1 IS NULL OR …`: a generic
+    // plan of that would filter instead of starting the index scan at the
+    // cursor.
+    const COLUMNS: &str = "SELECT id, name, email, version, created_at FROM customers.customers";
+    const ORDER: &str = "ORDER BY created_at DESC, id DESC LIMIT";
+    let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = match after {
+        None => {
+            sqlx::query_as(&format!("{COLUMNS} {ORDER} $1"))
+                .bind(limit + 1)
+                .fetch_all(&shared.pool)
+                .await?
+        }
+        Some(c) => {
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE (created_at, id) < ($1, $2) {ORDER} $3"
+            ))
+            .bind(c.created_at)
+            .bind(c.id)
+            .bind(limit + 1)
+            .fetch_all(&shared.pool)
+            .await?
+        }
+    };
+    let more = rows.len() as i64 > limit;
+    let page = &rows[..rows.len().min(limit as usize)];
+    let next_cursor = page
+        .last()
+        .filter(|_| more)
+        .map(|(id, _, _, _, created_at)| {
+            Cursor {
+                created_at: *created_at,
+                id: *id,
+            }
+            .encode()
+        });
+    let items: Vec<serde_json::Value> = page
+        .iter()
+        .map(|(id, name, email, version, created_at)| {
+            json!({ "id": id, "name": name, "email": email, "version": version, "created_at": created_at })
+        })
+        .collect();
+    Ok(axum::Json(
+        json!({ "items": items, "next_cursor": next_cursor }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_reads_back_what_it_holds_and_garbage_is_refused() {
+        let c = Cursor {
+            created_at: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in ["", "!!", "bm90IGEgY3Vyc29y", "MTIzOm5vdC1hLXV1aWQ"] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+    }
 }

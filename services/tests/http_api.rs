@@ -383,3 +383,97 @@ async fn two_clients_putting_with_the_same_if_match_one_gets_200_the_other_412(p
     assert_eq!(versions, (2..=rounds + 1).map(|v| json!(v)).collect::<Vec<_>>());
     api.stop().await;
 }
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn customers_list_pages_newest_first_with_an_opaque_cursor(pool: PgPool) {
+    let mut api = spawn_api(pool).await;
+    let mut registered = Vec::new();
+    for n in 0..7 {
+        registered.push(api.register(&format!("C{n}")).await.to_string());
+    }
+    let newest_first: Vec<String> = registered.iter().rev().cloned().collect();
+
+    let first = api.get("/customers?limit=3").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(ids(&first.body), newest_first[..3]);
+    let item = &first.body["items"][0];
+    assert_eq!(item["name"], "C6");
+    assert_eq!(item["version"], 1);
+    assert!(item["email"].as_str().unwrap().ends_with("@example.com"));
+    assert!(item["created_at"].is_string());
+    let cursor = first.body["next_cursor"].as_str().unwrap().to_owned();
+
+    // A customer registered between two pages is newer than the cursor:
+    // the walk goes on where it was, nothing shifts or repeats.
+    let late = api.register("Late").await.to_string();
+    let second = api.get(&format!("/customers?limit=3&cursor={cursor}")).await;
+    assert_eq!(ids(&second.body), newest_first[3..6]);
+    let cursor = second.body["next_cursor"].as_str().unwrap().to_owned();
+    let last = api.get(&format!("/customers?cursor={cursor}&limit=3")).await;
+    assert_eq!(ids(&last.body), newest_first[6..]);
+    assert_eq!(last.body["next_cursor"], Value::Null, "the last page says so");
+
+    // A fresh walk starts with the late one; without a limit, one page of
+    // up to 50 holds them all.
+    let all = api.get("/customers").await;
+    let mut want = vec![late];
+    want.extend(newest_first);
+    assert_eq!(ids(&all.body), want);
+    assert_eq!(all.body["next_cursor"], Value::Null);
+    api.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn customers_list_limit_is_bounded_and_a_bad_cursor_is_refused(pool: PgPool) {
+    let mut api = spawn_api(pool).await;
+    // 230 customers, straight into the store (the list reads only it).
+    sqlx::query(
+        "INSERT INTO customers.customers (id, name, email, created_at) \
+         SELECT gen_random_uuid(), 'N' || n, 'n' || n || '@example.com', now() - n * interval '1 second' \
+         FROM generate_series(1, 230) n",
+    )
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    let default = api.get("/customers").await;
+    assert_eq!(default.body["items"].as_array().unwrap().len(), 50);
+    assert_eq!(default.body["items"][0]["name"], "N1", "newest first");
+    assert!(default.body["next_cursor"].is_string());
+    let max = api.get("/customers?limit=200").await;
+    assert_eq!(max.body["items"].as_array().unwrap().len(), 200);
+    let rest = api
+        .get(&format!(
+            "/customers?limit=200&cursor={}",
+            max.body["next_cursor"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(rest.body["items"].as_array().unwrap().len(), 30);
+    assert_eq!(rest.body["items"][29]["name"], "N230");
+    assert_eq!(rest.body["next_cursor"], Value::Null);
+
+    for (query, field) in [
+        ("limit=201", "limit"),
+        ("limit=0", "limit"),
+        ("limit=-5", "limit"),
+        ("limit=ten", "limit"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("cursor=bm90IGEgY3Vyc29y", "cursor"),
+    ] {
+        let a = api.get(&format!("/customers?{query}")).await;
+        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        assert!(
+            a.body["error"].as_str().unwrap().starts_with(field),
+            "{query}: {a:?}"
+        );
+    }
+    api.stop().await;
+}
