@@ -337,8 +337,11 @@ fn header(m: &lapin::message::BasicGetMessage, name: &str) -> String {
     }
 }
 
+/// Three copies at once, most likely in one lane batch: the batch's own
+/// duplicate check (see the sibling test below for copies arriving after
+/// the first was committed).
 #[sqlx::test(migrations = "../migrations")]
-async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
+async fn same_event_three_times_at_once_changes_the_store_once(pool: PgPool) {
     let mut f = start(pool, Recorder::default(), None).await;
     let e = placed(Uuid::now_v7(), 1);
     for _ in 0..3 {
@@ -1019,5 +1022,36 @@ async fn a_batch_handler_gets_runs_in_subject_order_and_a_refused_event_fails_al
     let dead = f.dead_letters().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(header(&dead[0], H_REASON), "handler_rejected");
+    f.stop().await;
+}
+
+/// The redelivery the inbox exists for: the first copy is handled and
+/// committed (its outcome is reported only after commit and ack), and only
+/// then do two more copies arrive, each seen by a new transaction that
+/// finds the id in the inbox.
+#[sqlx::test(migrations = "../migrations")]
+async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
+    let mut f = start(pool, Recorder::default(), None).await;
+    let e = placed(Uuid::now_v7(), 1);
+    f.publish(&e).await;
+    f.wait_for(&[Outcome::Handled], 1).await;
+    let stats = f.sub.stats();
+    assert_eq!(stats.count(Outcome::Duplicate), 0);
+    assert_eq!(f.effects().await.len(), 1, "the first copy committed");
+
+    for _ in 0..2 {
+        f.publish(&e).await;
+    }
+    f.wait_for(&[Outcome::Duplicate], 2).await;
+    assert_eq!(f.effects().await.len(), 1, "the copies changed nothing");
+    assert_eq!(stats.count(Outcome::Handled), 1);
+    assert_eq!(stats.count(Outcome::Duplicate), 2);
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping.inbox WHERE event_id = $1")
+        .bind(e.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 1);
+    assert_eq!(f.messages_ready().await, 0, "every copy was acknowledged");
     f.stop().await;
 }
