@@ -336,7 +336,9 @@ async fn set_stock(
     };
     Ok((
         [etag(version)],
-        axum::Json(json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version })),
+        axum::Json(
+            json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version }),
+        ),
     ))
 }
 
@@ -398,6 +400,8 @@ async fn show_stock(
         row.ok_or_else(|| ApiError::not_found(format!("sku {sku} not found")))?;
     Ok((
         [etag(version)],
-        axum::Json(json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version })),
+        axum::Json(
+            json!({ "sku": sku, "on_hand": on_hand, "reserved": reserved, "version": version }),
+        ),
     ))
 }

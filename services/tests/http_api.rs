@@ -151,9 +151,7 @@ where
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn customer_etag_and_if_match_guard_updates_and_the_event_carries_the_version(
-    pool: PgPool,
-) {
+async fn customer_etag_and_if_match_guard_updates_and_the_event_carries_the_version(pool: PgPool) {
     let mut api = spawn_api(pool).await;
     let mut tap = api.bus.wiretap("customer.updated").await;
     let a = api
@@ -163,7 +161,11 @@ async fn customer_etag_and_if_match_guard_updates_and_the_event_carries_the_vers
         )
         .await;
     assert_eq!(a.status, StatusCode::CREATED);
-    assert_eq!(a.etag.as_deref(), Some("\"1\""), "a registration is version 1");
+    assert_eq!(
+        a.etag.as_deref(),
+        Some("\"1\""),
+        "a registration is version 1"
+    );
     let id = a.body["id"].as_str().unwrap().to_owned();
     let path = format!("/customers/{id}");
 
@@ -246,7 +248,10 @@ async fn customer_etag_and_if_match_guard_updates_and_the_event_carries_the_vers
     // customer.updated carries each new version, in order, and the
     // refused PUTs raised nothing.
     let seen = tap.collect(4, Duration::from_secs(5)).await;
-    let versions: Vec<Value> = seen.iter().map(|t| t.event.data["version"].clone()).collect();
+    let versions: Vec<Value> = seen
+        .iter()
+        .map(|t| t.event.data["version"].clone())
+        .collect();
     assert_eq!(versions, [json!(2), json!(3), json!(4), json!(5)]);
     assert_eq!(seen[3].event.data["name"], "Ada Byron");
     // Orders, which reads the event without knowing the field, follows.
@@ -268,7 +273,11 @@ fn a_customer_updated_written_before_versions_still_reads() {
     let old = json!({ "customer_id": Uuid::nil(), "name": "Ada", "email": "a@x" });
     let e: events::catalog::CustomerUpdated = serde_json::from_value(old.clone()).unwrap();
     assert_eq!(e.version, None);
-    assert_eq!(serde_json::to_value(&e).unwrap(), old, "and writes the same");
+    assert_eq!(
+        serde_json::to_value(&e).unwrap(),
+        old,
+        "and writes the same"
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -327,7 +336,9 @@ async fn stock_etag_and_if_match_guard_the_level(pool: PgPool) {
         .await;
     assert_eq!(missing.status, StatusCode::PRECONDITION_FAILED);
     assert_eq!(api.get("/stock/NEW").await.status, StatusCode::NOT_FOUND);
-    let missing = api.put("/stock/NEW", json!({ "on_hand": 1 }), Some("*")).await;
+    let missing = api
+        .put("/stock/NEW", json!({ "on_hand": 1 }), Some("*"))
+        .await;
     assert_eq!(missing.status, StatusCode::PRECONDITION_FAILED);
     api.stop().await;
 }
@@ -366,7 +377,11 @@ async fn two_clients_putting_with_the_same_if_match_one_gets_200_the_other_412(p
             let winner = if a.status == StatusCode::OK { &a } else { &b };
             let now = api.get(&path).await;
             assert_eq!(now.etag, winner.etag);
-            let field = if path.starts_with("/stock") { "on_hand" } else { "name" };
+            let field = if path.starts_with("/stock") {
+                "on_hand"
+            } else {
+                "name"
+            };
             assert_eq!(now.body[field], winner.body[field]);
         }
     }
@@ -380,7 +395,10 @@ async fn two_clients_putting_with_the_same_if_match_one_gets_200_the_other_412(p
         .iter()
         .map(|t| t.event.data["version"].clone())
         .collect();
-    assert_eq!(versions, (2..=rounds + 1).map(|v| json!(v)).collect::<Vec<_>>());
+    assert_eq!(
+        versions,
+        (2..=rounds + 1).map(|v| json!(v)).collect::<Vec<_>>()
+    );
     api.stop().await;
 }
 
@@ -415,12 +433,20 @@ async fn customers_list_pages_newest_first_with_an_opaque_cursor(pool: PgPool) {
     // A customer registered between two pages is newer than the cursor:
     // the walk goes on where it was, nothing shifts or repeats.
     let late = api.register("Late").await.to_string();
-    let second = api.get(&format!("/customers?limit=3&cursor={cursor}")).await;
+    let second = api
+        .get(&format!("/customers?limit=3&cursor={cursor}"))
+        .await;
     assert_eq!(ids(&second.body), newest_first[3..6]);
     let cursor = second.body["next_cursor"].as_str().unwrap().to_owned();
-    let last = api.get(&format!("/customers?cursor={cursor}&limit=3")).await;
+    let last = api
+        .get(&format!("/customers?cursor={cursor}&limit=3"))
+        .await;
     assert_eq!(ids(&last.body), newest_first[6..]);
-    assert_eq!(last.body["next_cursor"], Value::Null, "the last page says so");
+    assert_eq!(
+        last.body["next_cursor"],
+        Value::Null,
+        "the last page says so"
+    );
 
     // A fresh walk starts with the late one; without a limit, one page of
     // up to 50 holds them all.

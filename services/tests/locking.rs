@@ -112,7 +112,8 @@ async fn reservations_of_disjoint_skus_hold_their_row_locks_at_the_same_time(poo
     for pid in [pid_one, pid_two] {
         let (granted, waiting) = stock_locks(&pool, pid).await;
         assert!(
-            granted.iter().any(|m| m == "RowShareLock") && granted.iter().any(|m| m == "RowExclusiveLock"),
+            granted.iter().any(|m| m == "RowShareLock")
+                && granted.iter().any(|m| m == "RowExclusiveLock"),
             "backend {pid} holds row locks on inventory.stock: {granted:?}"
         );
         assert!(waiting.is_empty(), "backend {pid} waits for {waiting:?}");
@@ -124,12 +125,13 @@ async fn reservations_of_disjoint_skus_hold_their_row_locks_at_the_same_time(poo
         locked_rows(&pool, &["A", "B", "C", "D", "E"]).await,
         ["A", "B", "C", "D"]
     );
-    let advisory: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = ANY($1)")
-            .bind([pid_one, pid_two])
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let advisory: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = ANY($1)",
+    )
+    .bind([pid_one, pid_two])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(advisory, 0, "no advisory lock serialises stock writers");
 
     sqlx::query("COMMIT").execute(&mut one).await.unwrap();
@@ -140,10 +142,19 @@ async fn reservations_of_disjoint_skus_hold_their_row_locks_at_the_same_time(poo
             .fetch_all(&pool)
             .await
             .unwrap();
-    let levels: Vec<(&str, i32, i32)> = levels.iter().map(|(s, o, r)| (s.as_str(), *o, *r)).collect();
+    let levels: Vec<(&str, i32, i32)> = levels
+        .iter()
+        .map(|(s, o, r)| (s.as_str(), *o, *r))
+        .collect();
     assert_eq!(
         levels,
-        [("A", 3, 2), ("B", 4, 1), ("C", 2, 3), ("D", 4, 1), ("E", 5, 0)]
+        [
+            ("A", 3, 2),
+            ("B", 4, 1),
+            ("C", 2, 3),
+            ("D", 4, 1),
+            ("E", 5, 0)
+        ]
     );
 }
 
@@ -190,7 +201,10 @@ async fn a_reservation_of_an_overlapping_sku_waits_for_the_holder_and_never_over
             .fetch_all(&pool)
             .await
             .unwrap();
-    let levels: Vec<(&str, i32, i32)> = levels.iter().map(|(s, o, r)| (s.as_str(), *o, *r)).collect();
+    let levels: Vec<(&str, i32, i32)> = levels
+        .iter()
+        .map(|(s, o, r)| (s.as_str(), *o, *r))
+        .collect();
     assert_eq!(
         levels,
         [("HOT", 0, 1), ("X", 4, 1), ("Y", 5, 0)],
@@ -203,15 +217,17 @@ async fn the_preparer_locks_every_sku_of_a_batch_sorted_before_any_handler(pool:
     stock(&pool, &[("A", 5), ("B", 5), ("C", 5), ("D", 5)]).await;
     // An order already holding C, whose cancellation is in the batch.
     let held = Uuid::now_v7();
-    sqlx::query("INSERT INTO inventory.reservations (order_id, lines, status) VALUES ($1, $2, 'held')")
-        .bind(held)
-        .bind(sqlx::types::Json(vec![StockLine {
-            sku: "C".into(),
-            qty: 1,
-        }]))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO inventory.reservations (order_id, lines, status) VALUES ($1, $2, 'held')",
+    )
+    .bind(held)
+    .bind(sqlx::types::Json(vec![StockLine {
+        sku: "C".into(),
+        qty: 1,
+    }]))
+    .execute(&pool)
+    .await
+    .unwrap();
     let placed = |skus: &[&str]| {
         let order = Uuid::now_v7();
         Envelope::new(
