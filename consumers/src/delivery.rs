@@ -285,6 +285,20 @@ impl Processor {
         // events coming back (or ours replayed from elsewhere) go alone,
         // after keeping our sequence counter past them.
         let order = in_stream_order(events, candidates);
+        if let Some(preparer) = self.router.preparer() {
+            let handled: Vec<&Envelope> = order
+                .iter()
+                .map(|&i| events[i])
+                .filter(|e| self.router.handler(&e.event_type).is_some())
+                .collect();
+            if !handled.is_empty() {
+                crate::router::bounded(
+                    self.config.handler_timeout,
+                    preparer.prepare(&mut tx, &handled),
+                )
+                .await?;
+            }
+        }
         let mut rest = &order[..];
         while let Some(&first) = rest.first() {
             let head = events[first];

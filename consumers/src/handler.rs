@@ -36,6 +36,26 @@ pub trait HandleBatch<E: EventData>: Send + Sync + 'static {
     ) -> Result<(), HandleError>;
 }
 
+/// Runs once per transaction, before any handler, with every event the
+/// handlers of that transaction are about to get (in the order they will
+/// get them). Registered with [`crate::Router::prepare`].
+///
+/// It is there for locks: a lane applies a batch of events in one
+/// transaction, and handlers that each lock rows in a sorted order still
+/// take them in no common order across a batch (the first event locks B,
+/// the next A), so two batches can deadlock. A preparer that locks every
+/// row the whole transaction will touch, sorted, once, rules that out.
+/// It must not change the store in ways the handlers do not expect: if
+/// the transaction fails, each event is applied again alone, with the
+/// preparer run again for that one event.
+#[async_trait::async_trait]
+pub trait Prepare: Send + Sync + 'static {
+    /// Prepares `tx` for `events` (envelopes only: decode what you need
+    /// with [`Envelope::data_as`]).
+    async fn prepare(&self, tx: &mut PgConnection, events: &[&Envelope])
+        -> Result<(), HandleError>;
+}
+
 /// A batch handler's view of the transaction it runs in.
 pub struct Batch<'a> {
     /// The open transaction: change the service's store through it.

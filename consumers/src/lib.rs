@@ -9,7 +9,7 @@
 //! and sends one only after the transaction committed.
 //!
 //! # Layout
-//! - [`handler`]: the [`Handle`] and [`HandleBatch`] traits, the [`Context`] and [`Batch`]
+//! - [`handler`]: the [`Handle`], [`HandleBatch`] and [`Prepare`] traits, the [`Context`] and [`Batch`]
 //!   a handler gets, [`HandleError`].
 //! - [`router`]: registration of typed handlers (one event or a run of them) per event type.
 //! - [`subscription`]: connection, consumer, lanes by subject, shutdown, reconnects.
@@ -32,7 +32,7 @@ pub mod outcome;
 pub mod router;
 pub mod subscription;
 
-pub use handler::{Batch, Context, Handle, HandleBatch, HandleError};
+pub use handler::{Batch, Context, Handle, HandleBatch, HandleError, Prepare};
 pub use outcome::{Outcome, OutcomeRecord, Stats};
 pub use router::Router;
 pub use subscription::{Subscription, SubscriptionConfig};

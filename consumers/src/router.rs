@@ -9,7 +9,7 @@ use events::{Envelope, EventData};
 use producers::Outbox;
 use sqlx::PgConnection;
 
-use crate::handler::{Batch, HandleBatch};
+use crate::handler::{Batch, HandleBatch, Prepare};
 use crate::{Context, Handle, HandleError};
 
 /// A handler with its event type erased, so one map holds them all.
@@ -29,7 +29,7 @@ pub(crate) trait ErasedHandler: Send + Sync {
 }
 
 /// `call` within `timeout`, or a transient error.
-async fn bounded<F: std::future::Future<Output = Result<(), HandleError>>>(
+pub(crate) async fn bounded<F: std::future::Future<Output = Result<(), HandleError>>>(
     timeout: Duration,
     call: F,
 ) -> Result<(), HandleError> {
@@ -96,6 +96,8 @@ impl<E: EventData, H: HandleBatch<E>> ErasedHandler for TypedBatch<E, H> {
 pub struct Router {
     service: String,
     handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    /// Runs before the handlers of each transaction (see [`Prepare`]).
+    preparer: Option<Arc<dyn Prepare>>,
 }
 
 impl Router {
@@ -104,6 +106,7 @@ impl Router {
         Router {
             service: service.into(),
             handlers: HashMap::new(),
+            preparer: None,
         }
     }
 
@@ -132,6 +135,13 @@ impl Router {
         self
     }
 
+    /// Registers `preparer` to run once per transaction before its
+    /// handlers (see [`Prepare`]); one per router.
+    pub fn prepare<P: Prepare>(mut self, preparer: P) -> Self {
+        self.preparer = Some(Arc::new(preparer));
+        self
+    }
+
     /// The service this router belongs to.
     pub fn service(&self) -> &str {
         &self.service
@@ -142,6 +152,10 @@ impl Router {
         let mut t: Vec<_> = self.handlers.keys().copied().collect();
         t.sort();
         t
+    }
+
+    pub(crate) fn preparer(&self) -> Option<&Arc<dyn Prepare>> {
+        self.preparer.as_ref()
     }
 
     pub(crate) fn handler(&self, event_type: &str) -> Option<&Arc<dyn ErasedHandler>> {

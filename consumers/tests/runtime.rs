@@ -346,8 +346,11 @@ async fn install(pool: &PgPool) {
         .unwrap();
 }
 
+/// Three copies at once, most likely in one lane batch: the batch's own
+/// duplicate check (see the sibling test below for copies arriving after
+/// the first was committed).
 #[sqlx::test(migrations = false)]
-async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
+async fn same_event_three_times_at_once_changes_the_store_once(pool: PgPool) {
     install(&pool).await;
     let mut f = start(pool, Recorder::default(), None).await;
     let e = placed(Uuid::now_v7(), 1);
@@ -1049,5 +1052,184 @@ async fn a_batch_handler_gets_runs_in_subject_order_and_a_refused_event_fails_al
     let dead = f.dead_letters().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(header(&dead[0], H_REASON), "handler_rejected");
+    f.stop().await;
+}
+
+/// The redelivery the inbox exists for: the first copy is handled and
+/// committed (its outcome is reported only after commit and ack), and only
+/// then do two more copies arrive, each seen by a new transaction that
+/// finds the id in the inbox.
+#[sqlx::test(migrations = false)]
+async fn same_event_three_times_changes_the_store_once(pool: PgPool) {
+    install(&pool).await;
+    let mut f = start(pool, Recorder::default(), None).await;
+    let e = placed(Uuid::now_v7(), 1);
+    f.publish(&e).await;
+    f.wait_for(&[Outcome::Handled], 1).await;
+    let stats = f.sub.stats();
+    assert_eq!(stats.count(Outcome::Duplicate), 0);
+    assert_eq!(f.effects().await.len(), 1, "the first copy committed");
+
+    for _ in 0..2 {
+        f.publish(&e).await;
+    }
+    f.wait_for(&[Outcome::Duplicate], 2).await;
+    assert_eq!(f.effects().await.len(), 1, "the copies changed nothing");
+    assert_eq!(stats.count(Outcome::Handled), 1);
+    assert_eq!(stats.count(Outcome::Duplicate), 2);
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping.inbox WHERE event_id = $1")
+        .bind(e.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 1);
+    assert_eq!(f.messages_ready().await, 0, "every copy was acknowledged");
+    f.stop().await;
+}
+
+/// The forwarder's publish nacked by the broker: the retry queue the first
+/// retry goes to is replaced by a full one that refuses more
+/// (`x-max-length`, `x-overflow: reject-publish`), so RabbitMQ nacks the
+/// retry copy. The original is then not acknowledged (the session ends and
+/// the broker takes both deliveries back; while the impostor is there the
+/// next session cannot even declare its queues), nothing is applied out of
+/// order, and once the retry queue takes messages again the event is
+/// retried and applied, before its successor.
+#[sqlx::test(migrations = false)]
+async fn a_retry_copy_nacked_by_the_broker_keeps_the_delivery_until_the_retry_queue_takes_it(
+    pool: PgPool,
+) {
+    install(&pool).await;
+    let recorder = Recorder::default();
+    let order = Uuid::now_v7();
+    let (first, second) = (placed(order, 1), cancelled(order, 2));
+    // order.placed fails until the test says otherwise; attempts to spare,
+    // so however often it comes back meanwhile it is never dead-lettered.
+    *recorder.always.lock().unwrap() = Some(HandleErrorKind::Transient);
+    let cfg = SubscriptionConfig {
+        max_attempts: 10,
+        ..config()
+    };
+    let mut f = start_with(pool, recorder.clone(), None, cfg.clone()).await;
+    // The session declared its queues and consumes; it declares them only
+    // at its start, so the swap below is what its forwarder meets.
+    until(
+        "the consumer is attached",
+        Duration::from_secs(10),
+        || async { f.consumers_attached().await == 1 },
+    )
+    .await;
+    let retry_queue = f.bus.topology.retry_queue(SERVICE, cfg.retry_delay(1));
+    assert_eq!(
+        retry_queue,
+        f.bus.topology.retry_queue(SERVICE, cfg.defer_delay),
+        "deferrals go through the same queue"
+    );
+    f.bus
+        .channel
+        .queue_delete(&retry_queue, Default::default())
+        .await
+        .unwrap();
+    let blocker = testkit::Blocker::new(&f.bus, &retry_queue, None).await;
+
+    f.publish(&first).await;
+    f.publish(&second).await;
+    until(
+        "the nacked delivery is back in the queue, unacknowledged",
+        Duration::from_secs(20),
+        || async {
+            recorder.entered.load(std::sync::atomic::Ordering::SeqCst) >= 1
+                && f.consumers_attached().await == 0
+                && f.messages_ready().await == 2
+        },
+    )
+    .await;
+    let stats = f.sub.stats();
+    assert!(f.effects().await.is_empty());
+    assert_eq!(
+        stats.count(Outcome::Retried),
+        0,
+        "no retry was counted as sent"
+    );
+    assert_eq!(stats.count(Outcome::Deferred), 0);
+    assert!(!blocker.offer().await, "the retry queue still refuses");
+
+    // The retry queue takes messages again (the next session declares the
+    // real one): the retry copy is confirmed and the original acked; then
+    // the event stops failing, comes back from the retry queue and is
+    // applied, then its successor.
+    blocker.delete().await;
+    f.wait_for(&[Outcome::Retried], 1).await;
+    *recorder.always.lock().unwrap() = None;
+    f.wait_for(&[Outcome::Handled], 2).await;
+    let effects = f.effects().await;
+    let applied: Vec<(Uuid, i64)> = effects.iter().map(|(id, _, q)| (*id, *q)).collect();
+    assert_eq!(
+        applied,
+        [(first.id, 1), (second.id, 2)],
+        "each once, in order"
+    );
+    assert!(f.dead_letters().await.is_empty());
+    assert_eq!(f.messages_ready().await, 0);
+    f.stop().await;
+}
+
+/// The same for a dead letter: the dead-letter queue is replaced by a full
+/// one that refuses more, so RabbitMQ nacks the dead-letter copy; the
+/// delivery is not acknowledged, and once the queue takes messages again
+/// the event is dead-lettered there, once, with its reason.
+#[sqlx::test(migrations = false)]
+async fn a_dead_letter_nacked_by_the_broker_keeps_the_delivery_until_the_dlq_takes_it(
+    pool: PgPool,
+) {
+    install(&pool).await;
+    let recorder = Recorder::default();
+    *recorder.always.lock().unwrap() = Some(HandleErrorKind::Permanent);
+    let mut f = start(pool, recorder.clone(), None).await;
+    until(
+        "the consumer is attached",
+        Duration::from_secs(10),
+        || async { f.consumers_attached().await == 1 },
+    )
+    .await;
+    let dlq = f.bus.topology.dlq(SERVICE);
+    f.bus
+        .channel
+        .queue_delete(&dlq, Default::default())
+        .await
+        .unwrap();
+    let blocker = testkit::Blocker::new(&f.bus, &dlq, None).await;
+
+    let e = placed(Uuid::now_v7(), 1);
+    f.publish(&e).await;
+    until(
+        "the nacked delivery is back in the queue, unacknowledged",
+        Duration::from_secs(20),
+        || async {
+            recorder.entered.load(std::sync::atomic::Ordering::SeqCst) >= 1
+                && f.consumers_attached().await == 0
+                && f.messages_ready().await == 1
+        },
+    )
+    .await;
+    assert_eq!(f.sub.stats().count(Outcome::DeadLettered), 0);
+    assert!(
+        !blocker.offer().await,
+        "the dead-letter queue still refuses"
+    );
+
+    blocker.delete().await;
+    f.wait_for(&[Outcome::DeadLettered], 1).await;
+    let dead = f.dead_letters().await;
+    assert_eq!(dead.len(), 1, "dead-lettered once");
+    assert_eq!(header(&dead[0], H_REASON), "handler_rejected");
+    assert_eq!(
+        testkit::sample::codec()
+            .decode(&dead[0].delivery.data)
+            .unwrap(),
+        e
+    );
+    assert!(f.effects().await.is_empty());
+    assert_eq!(f.messages_ready().await, 0);
     f.stop().await;
 }

@@ -20,6 +20,7 @@ fn event() -> Envelope {
             customer_id: id,
             name: "Ada".into(),
             email: "ada@example.com".into(),
+            version: None,
         },
     );
     e.sequence = 1;

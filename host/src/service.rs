@@ -28,8 +28,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use consumers::{Handle, HandleBatch, OutcomeRecord, Router, Stats, Subscription};
 use consumers::SubscriptionConfig;
+use consumers::{Handle, HandleBatch, OutcomeRecord, Router, Stats, Subscription};
 use events::{Catalog, EventData};
 use producers::relay::RelayStats;
 use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig};
@@ -283,8 +283,8 @@ impl Service {
     /// it too). Declare every service's queues before starting any relay,
     /// so that nothing published meanwhile comes back unroutable.
     pub async fn declare(&self) -> Result<(), ServiceError> {
-        let conn = transport::connect(self.bus.amqp_url(), &format!("warren {} setup", self.name))
-            .await?;
+        let conn =
+            transport::connect(self.bus.amqp_url(), &format!("warren {} setup", self.name)).await?;
         let result = self.declare_on(&conn).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "declared")).await;
         result
@@ -297,7 +297,12 @@ impl Service {
             let bindings = self.bus.catalog().bindings(&self.router.handled_types());
             self.bus
                 .topology()
-                .declare_service(&ch, &self.name, &bindings, &self.subscription.retry_delays())
+                .declare_service(
+                    &ch,
+                    &self.name,
+                    &bindings,
+                    &self.subscription.retry_delays(),
+                )
                 .await?;
         }
         Ok(())
@@ -451,11 +456,10 @@ impl Running {
         if !db {
             return false;
         }
-        match transport::connect(&self.amqp_url, &format!("warren {} readiness", self.name)).await
-        {
+        match transport::connect(&self.amqp_url, &format!("warren {} readiness", self.name)).await {
             Ok(conn) => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "ready"))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), conn.close(200, "ready")).await;
                 true
             }
             Err(_) => false,

@@ -348,3 +348,101 @@ async fn confirmed_rows_are_deleted_together_and_at_shutdown(pool: PgPool) {
     assert_eq!(outbox_rows(&pool).await, 0, "shutdown deleted the rest");
     assert_eq!(published(), 17);
 }
+
+/// A queue bound to the events exchange that is full and refuses more
+/// (`x-max-length`, `x-overflow: reject-publish`) makes RabbitMQ nack the
+/// eager publishes routed to it. The eager publisher keeps those rows (it
+/// deletes only what was acked); once their lease runs out and the queue
+/// takes messages again, the relay publishes them, each subject in order.
+#[sqlx::test(migrations = false)]
+async fn nacked_eager_events_stay_and_are_relayed_in_order_once_the_queue_takes_them(pool: PgPool) {
+    install(&pool).await;
+    let bus = TestBus::new().await;
+    let name = format!("{}.full", bus.namespace);
+    let blocker = testkit::Blocker::new(&bus, &name, Some("customer.*")).await;
+    let token = CancellationToken::new();
+    let eager = eager(&pool, &bus, Duration::from_secs(2), &token);
+    let stats = eager.stats();
+    let subjects: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for n in 0..3 {
+        for s in &subjects {
+            let e = if n == 0 {
+                Envelope::new(
+                    SERVICE,
+                    s.to_string(),
+                    &CustomerRegistered {
+                        customer_id: *s,
+                        name: "N".into(),
+                        email: format!("{s}@example.com"),
+                    },
+                )
+            } else {
+                Envelope::new(
+                    SERVICE,
+                    s.to_string(),
+                    &testkit::sample::CustomerUpdated {
+                        customer_id: *s,
+                        name: format!("N{n}"),
+                        email: format!("{s}@example.com"),
+                        version: None,
+                    },
+                )
+            };
+            let mut tx = pool.begin().await.unwrap();
+            let appended = eager.append(&mut tx, e).await.unwrap();
+            tx.commit().await.unwrap();
+            eager.publish([appended]);
+        }
+    }
+    let total = 3 * subjects.len();
+
+    // Every eager publish nacked; every row still there.
+    let end = Instant::now() + Duration::from_secs(10);
+    while stats.failed.load(std::sync::atomic::Ordering::Relaxed) < total as u64 {
+        assert!(Instant::now() < end, "the eager publisher saw no nacks");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        outbox_rows(&pool).await,
+        total as i64,
+        "a nacked row was deleted"
+    );
+    assert_eq!(
+        stats.published.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // The queue takes messages again; the relay takes over after the lease.
+    let mut taken = blocker.release().await;
+    let relay = relay(&pool, &bus);
+    let t = token.clone();
+    let relay_task = tokio::spawn(async move { relay.run(t).await });
+    until_outbox_empty(&pool, Duration::from_secs(20)).await;
+    let tapped = taken.collect(usize::MAX, Duration::from_secs(2)).await;
+    let mut by_subject: HashMap<String, Vec<i64>> = HashMap::new();
+    for t in &tapped {
+        by_subject
+            .entry(t.event.subject.clone())
+            .or_default()
+            .push(t.event.sequence);
+    }
+    assert_eq!(by_subject.len(), subjects.len(), "{by_subject:?}");
+    for (subject, seqs) in by_subject {
+        let last_first = seqs
+            .iter()
+            .rposition(|&q| q == 1)
+            .unwrap_or_else(|| panic!("subject {subject}: sequence 1 never came: {seqs:?}"));
+        assert_eq!(
+            &seqs[last_first..],
+            [1, 2, 3],
+            "subject {subject}: {seqs:?}"
+        );
+    }
+    token.cancel();
+    relay_task.await.unwrap();
+    drop(taken);
+    bus.channel
+        .queue_delete(&name, Default::default())
+        .await
+        .unwrap();
+}

@@ -29,6 +29,7 @@ fn updated(subject: Uuid, n: usize) -> Envelope {
         customer_id: subject,
         name: format!("renamed {n}"),
         email: format!("c{n}@example.com"),
+        version: None,
     };
     Envelope::new(SERVICE, subject.to_string(), &data)
 }
@@ -756,4 +757,91 @@ async fn the_relay_counts_confirmed_batches_their_events_and_their_wait(pool: Pg
     );
     stop.cancel();
     task.await.unwrap();
+}
+
+/// Events of `tapped` per subject, in the order they came.
+fn sequences_by_subject(tapped: &[Tapped]) -> HashMap<String, Vec<i64>> {
+    let mut out: HashMap<String, Vec<i64>> = HashMap::new();
+    for t in tapped {
+        out.entry(t.event.subject.clone())
+            .or_default()
+            .push(t.event.sequence);
+    }
+    out
+}
+
+/// A queue bound to the events exchange that is full and refuses more
+/// (`x-max-length`, `x-overflow: reject-publish`) makes RabbitMQ nack
+/// every publish routed to it. The relay keeps each nacked row (and the
+/// rows of its subject behind it) and publishes them, in subject order,
+/// once the queue takes messages again.
+#[sqlx::test(migrations = false)]
+async fn nacked_events_stay_in_the_outbox_and_go_out_in_order_once_the_queue_takes_them(
+    pool: PgPool,
+) {
+    install(&pool).await;
+    let bus = TestBus::new().await;
+    let blocker =
+        testkit::Blocker::new(&bus, &format!("{}.full", bus.namespace), Some("customer.*")).await;
+    let subjects: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let expected = append_events(&pool, &subjects, 3).await;
+    let r = relay(&pool, &bus, &amqp_url(), fast_config());
+    let stats = r.stats();
+    let (stop, task) = spawn(r);
+
+    // Every row nacked at least once, and none of them settled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while stats.failed.load(std::sync::atomic::Ordering::Relaxed) < expected.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay saw no nacks: {} failed",
+            stats.failed.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM customers.outbox").await,
+        expected.len() as i64,
+        "every nacked row is still in the outbox"
+    );
+    assert_eq!(
+        stats.published.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // The queue takes messages again: everything goes out, and the queue
+    // that refused them gets each subject's events in order.
+    let mut taken = blocker.release().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(&pool, "SELECT count(*) FROM customers.outbox").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never published the nacked rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A row acked in the moment between the purge and the consumer while
+    // an earlier one of its subject was nacked again is sent once more
+    // after it: the last round of each subject is complete and in order.
+    let tapped = taken.collect(usize::MAX, Duration::from_secs(2)).await;
+    let by_subject = sequences_by_subject(&tapped);
+    assert_eq!(by_subject.len(), subjects.len(), "{by_subject:?}");
+    for (subject, seqs) in by_subject {
+        let last_first = seqs
+            .iter()
+            .rposition(|&q| q == 1)
+            .unwrap_or_else(|| panic!("subject {subject}: sequence 1 never came: {seqs:?}"));
+        assert_eq!(
+            &seqs[last_first..],
+            [1, 2, 3],
+            "subject {subject}: {seqs:?}"
+        );
+    }
+    stop.cancel();
+    task.await.unwrap();
+    drop(taken);
+    bus.channel
+        .queue_delete(&format!("{}.full", bus.namespace), Default::default())
+        .await
+        .unwrap();
 }

@@ -67,6 +67,11 @@ pub struct CustomerUpdated {
     pub customer_id: Uuid,
     pub name: String,
     pub email: String,
+    /// The customer's version after this change (its `ETag` over HTTP).
+    /// Optional, so events written before it existed still read, and
+    /// readers that do not know it ignore it: no new schema version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
 }
 
 /// One line of an order. Amounts are integer cents.

@@ -1,9 +1,10 @@
 //! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
-//! rejections are JSON too, and health, readiness and metrics.
+//! rejections are JSON too, `ETag`/`If-Match` for versioned resources, and
+//! health, readiness and metrics.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -35,6 +36,14 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+
+    /// 412: an `If-Match` named a version that is not the current one.
+    pub fn precondition_failed(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::PRECONDITION_FAILED,
             message: message.into(),
         }
     }
@@ -85,6 +94,67 @@ impl From<producers::OutboxError> for ApiError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 message: other.to_string(),
             },
+        }
+    }
+}
+
+/// The `ETag` of a versioned resource: its version as a strong tag,
+/// `"7"`. Versions only grow, so a tag never comes back for other content.
+pub fn etag(version: i64) -> (header::HeaderName, HeaderValue) {
+    // Digits and quotes only: always a valid header value.
+    let value = HeaderValue::from_str(&format!("\"{version}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+    (header::ETAG, value)
+}
+
+/// What a request's `If-Match` asks for (RFC 9110, 13.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// No `If-Match`: apply unconditionally.
+    Absent,
+    /// `*`: apply if the resource exists, whatever its version.
+    Any,
+    /// Apply only if the current version is one of these. Tags this API
+    /// never gave (weak ones, which `If-Match` never matches, or foreign
+    /// ones) are left out, so an `If-Match` of only such tags matches
+    /// nothing: 412.
+    Versions(Vec<i64>),
+}
+
+impl IfMatch {
+    /// Reads every `If-Match` header of `headers`.
+    pub fn from_headers(headers: &HeaderMap) -> IfMatch {
+        let mut present = false;
+        let mut versions = Vec::new();
+        for value in headers.get_all(header::IF_MATCH) {
+            present = true;
+            // Not visible ASCII: matches nothing.
+            let Ok(text) = value.to_str() else { continue };
+            for tag in text.split(',').map(str::trim) {
+                if tag == "*" {
+                    return IfMatch::Any;
+                }
+                if let Some(v) = tag
+                    .strip_prefix('"')
+                    .and_then(|t| t.strip_suffix('"'))
+                    .and_then(|t| t.parse::<i64>().ok())
+                {
+                    versions.push(v);
+                }
+            }
+        }
+        if present {
+            IfMatch::Versions(versions)
+        } else {
+            IfMatch::Absent
+        }
+    }
+
+    /// Whether a resource currently at `version` may be changed.
+    pub fn allows(&self, version: i64) -> bool {
+        match self {
+            IfMatch::Absent | IfMatch::Any => true,
+            IfMatch::Versions(vs) => vs.contains(&version),
         }
     }
 }
@@ -265,4 +335,39 @@ pub async fn metrics(State(shared): State<Shared>) -> Response {
         );
     }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::IF_MATCH, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn if_match_reads_strong_tags_star_and_lists() {
+        assert_eq!(IfMatch::from_headers(&headers(&[])), IfMatch::Absent);
+        assert_eq!(IfMatch::from_headers(&headers(&["*"])), IfMatch::Any);
+        assert_eq!(
+            IfMatch::from_headers(&headers(&["\"3\", \"5\"", "\"9\""])),
+            IfMatch::Versions(vec![3, 5, 9])
+        );
+        // Weak and foreign tags never match.
+        let weak = IfMatch::from_headers(&headers(&["W/\"3\"", "3", "\"abc\""]));
+        assert_eq!(weak, IfMatch::Versions(vec![]));
+        assert!(!weak.allows(3));
+        assert!(IfMatch::Absent.allows(1));
+        assert!(IfMatch::Versions(vec![2]).allows(2));
+        assert!(!IfMatch::Versions(vec![2]).allows(3));
+    }
+
+    #[test]
+    fn etag_is_the_quoted_version() {
+        assert_eq!(etag(7).1, "\"7\"");
+    }
 }

@@ -7,7 +7,7 @@
 //! - [`catalog`]: the shop's event types, their versions and upcaster: the [`events::Catalog`] it hands warren.
 //! - [`customers`]: sign-ups and changes (`POST /customers`); raises customer.*.
 //! - [`orders`]: orders and a read model of customers; `POST /orders`, `GET /orders/{id}`.
-//! - [`inventory`]: stock with optimistic locking, reservations; `PUT /stock/{sku}`.
+//! - [`inventory`]: stock (row locks for reservations, `If-Match` for `PUT /stock/{sku}`), reservations.
 //! - [`payments`]: charges and refunds through [`gateway`].
 //! - [`gateway`]: the simulated payment gateway behind a timeout and a circuit breaker.
 //! - [`shipping`]: one shipment per confirmed order.

@@ -49,6 +49,7 @@ fn every_catalog_type_round_trips() {
         customer_id: u(),
         name: "Ada L".into(),
         email: "a@x".into(),
+        version: Some(2),
     });
     round_trip(OrderPlaced {
         order_id: u(),

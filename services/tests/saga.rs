@@ -422,7 +422,7 @@ async fn two_hundred_concurrent_orders_for_fifty_units_sell_exactly_fifty(pool: 
 /// a batch touches SKUs in no common order, so two batches could deadlock
 /// on stock rows (each costing a 1 s `deadlock_timeout` and a retry; enough
 /// of them in a row dead-letter the event and strand its stock).
-/// Inventory's stock writers are serialised, so none is ever retried.
+/// Inventory locks a batch's stock rows in SKU order, so none is ever retried.
 #[sqlx::test(migrations = false)]
 async fn concurrent_multi_sku_orders_never_deadlock_inventory(pool: PgPool) {
     let mut t = spawn_app(pool, &ALL).await;

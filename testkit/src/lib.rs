@@ -6,7 +6,7 @@
 //! `x-expires` so even a test killed mid-way is cleaned up by the broker.
 //! [`Proxy`] cuts one test's connections without touching the shared
 //! servers; [`TlsProxy`] gives one test a TLS listener of its own in front
-//! of the plain broker.
+//! of the plain broker; [`Blocker`] makes the broker nack publishes.
 
 pub mod sample;
 
@@ -18,10 +18,13 @@ use std::time::Duration;
 use events::Envelope;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use rand::Rng;
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
@@ -450,4 +453,121 @@ fn localhost_certificate() -> (
         vec![cert.der().clone()],
         tokio_rustls::rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
     )
+}
+
+/// A queue that makes the broker refuse publishes, for tests of what a
+/// publisher does with a nack: `x-max-length: 1` with `x-overflow:
+/// reject-publish`, filled with one message, so the broker nacks every
+/// publish routed to it (RabbitMQ still delivers such a message to the
+/// other queues it was routed to; only the confirm says no). Delete it
+/// with [`Blocker::delete`], or release it and delete it by name; it
+/// expires after 10 unused minutes in any case.
+pub struct Blocker {
+    /// The queue's name.
+    pub name: String,
+    channel: Channel,
+}
+
+impl Blocker {
+    /// Declares a full blocker named `name`, bound to the bus's events
+    /// exchange with `pattern` (or unbound: publishes reach it by name
+    /// through the default exchange), and checks that it really nacks.
+    pub async fn new(bus: &TestBus, name: &str, pattern: Option<&str>) -> Blocker {
+        let channel = bus.conn.create_channel().await.expect("channel");
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+        channel
+            .queue_declare(name, QueueDeclareOptions::default(), args)
+            .await
+            .expect("declare blocker");
+        if let Some(pattern) = pattern {
+            channel
+                .queue_bind(
+                    name,
+                    &bus.topology.exchange(),
+                    pattern,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind blocker");
+        }
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let blocker = Blocker {
+            name: name.to_owned(),
+            channel,
+        };
+        assert!(blocker.offer().await, "the empty blocker takes one message");
+        assert!(
+            !blocker.offer().await,
+            "the full blocker nacks the next publish"
+        );
+        blocker
+    }
+
+    /// Publishes a filler straight to the queue; whether the broker acked.
+    pub async fn offer(&self) -> bool {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "",
+                &self.name,
+                BasicPublishOptions::default(),
+                b"filler",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish filler")
+            .await
+            .expect("filler confirm");
+        match confirm {
+            Confirmation::Ack(_) => true,
+            Confirmation::Nack(_) => false,
+            Confirmation::NotRequested => panic!("confirms not enabled"),
+        }
+    }
+
+    /// Makes the queue take messages again: purges the filler and consumes
+    /// (acking) whatever comes, so it never fills up; the wiretap gives the
+    /// events it takes from now on.
+    pub async fn release(self) -> Wiretap {
+        self.channel
+            .queue_purge(&self.name, QueuePurgeOptions::default())
+            .await
+            .expect("purge blocker");
+        self.channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = self
+            .channel
+            .basic_consume(
+                &self.name,
+                "blocker",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume blocker");
+        Wiretap {
+            _channel: self.channel,
+            consumer,
+        }
+    }
+
+    /// Deletes the queue.
+    pub async fn delete(self) {
+        self.channel
+            .queue_delete(&self.name, QueueDeleteOptions::default())
+            .await
+            .expect("delete blocker");
+    }
 }

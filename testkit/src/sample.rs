@@ -62,6 +62,9 @@ pub struct CustomerUpdated {
     pub customer_id: Uuid,
     pub name: String,
     pub email: String,
+    /// The customer's version after the change, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
 }
 
 /// One line of an order.

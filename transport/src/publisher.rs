@@ -180,3 +180,45 @@ where
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A returned message as lapin hands it over with a confirm.
+    fn returned() -> Box<lapin::message::BasicReturnMessage> {
+        Box::new(lapin::message::BasicReturnMessage {
+            delivery: lapin::message::Delivery {
+                delivery_tag: 0,
+                exchange: "warren.events".into(),
+                routing_key: "thing.happened".into(),
+                redelivered: false,
+                properties: lapin::BasicProperties::default(),
+                data: b"{}".to_vec(),
+                acker: Default::default(),
+            },
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        })
+    }
+
+    #[test]
+    fn confirm_problem_counts_only_a_plain_ack_as_published() {
+        use lapin::publisher_confirm::Confirmation;
+        assert_eq!(confirm_problem(Ok(Confirmation::Ack(None))), None);
+        let nacked = confirm_problem(Ok(Confirmation::Nack(None))).expect("a nack fails");
+        assert!(nacked.contains("nacked"), "{nacked}");
+        assert!(
+            confirm_problem(Ok(Confirmation::Nack(Some(returned())))).is_some(),
+            "a nack with a returned message fails"
+        );
+        let returned = confirm_problem(Ok(Confirmation::Ack(Some(returned()))))
+            .expect("an ack with a returned message fails");
+        assert!(returned.contains("unroutable"), "{returned}");
+        assert!(confirm_problem(Ok(Confirmation::NotRequested)).is_some());
+        assert!(confirm_problem(Err(lapin::Error::InvalidChannelState(
+            lapin::ChannelState::Closed
+        )))
+        .is_some());
+    }
+}
