@@ -17,9 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use consumers::{
-    Batch, HandleBatch, HandleError, Outcome, Router, Stats, Subscription, SubscriptionConfig,
-};
+use consumers::{Batch, HandleBatch, HandleError, Outcome, Stats, SubscriptionConfig};
 use events::Envelope;
 use futures::future::join_all;
 use futures::StreamExt;
@@ -28,13 +26,13 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use producers::{Eager, EagerConfig, Outbox, Relay, RelayConfig};
+use producers::{Eager, EagerConfig, Outbox, RelayConfig};
 use serde::Serialize;
 use services::catalog::{OrderLine, OrderPlaced};
 use sqlx::{Connection, PgPool};
-use tokio_util::sync::CancellationToken;
 use transport::{Outgoing, Publisher, Topology};
 use uuid::Uuid;
+use warren::{Bus, Running, Service};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -207,60 +205,53 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         live_feed: false,
         ..Default::default()
     };
-    // The consumer is another service, `bench_sink`, as in a real system.
-    let router = Router::new(SINK).on_batch::<OrderPlaced, _>(Sink);
-    let sub = Subscription::new(
-        router,
-        services::catalog::catalog(),
-        pool.clone(),
+    // Two services on warren's host, as a user of the library would write
+    // them: the producer `bench` (its relay and eager publisher) and the
+    // consumer `bench_sink`, another service, as in a real system.
+    let bus = Bus::new(
         opts.amqp_url.clone(),
         topology.clone(),
-        config.clone(),
-    )?
-    .with_outcome_capacity(1 << 16);
+        services::catalog::catalog(),
+    );
+    let sink = Service::new(SINK, bus.clone())
+        .pool(pool.clone())
+        .handle_batch::<OrderPlaced, _>(Sink)
+        .subscription(config.clone())
+        .outcome_capacity(1 << 16)
+        .without_relay();
+    sink.declare().await?;
     let setup = transport::connect(&opts.amqp_url, "warren bench setup").await?;
     let setup_ch = setup.create_channel().await?;
-    sub.declare(&setup_ch).await?;
-    let relay = Relay::new(
-        outbox.clone(),
-        pool.clone(),
-        opts.amqp_url.clone(),
-        topology.clone(),
-        RelayConfig::default(),
-    );
+    let producing = Service::new("bench", bus)
+        .pool(pool.clone())
+        .relay(RelayConfig::default())
+        .eager(EagerConfig::default());
 
-    let stop = CancellationToken::new();
     let started = Instant::now();
-    let (s, t) = (sub.clone(), stop.clone());
-    let sub_task = tokio::spawn(async move { s.run(t).await });
-    let (r, t) = (relay.clone(), stop.clone());
-    let relay_task = tokio::spawn(async move { r.run(t).await });
-    let (eager, worker) = Eager::new(
-        outbox.clone(),
-        pool.clone(),
-        opts.amqp_url.clone(),
-        topology.clone(),
-        EagerConfig::default(),
-    );
-    let eager_task = tokio::spawn(worker.run(stop.clone()));
-    let stats = sub.stats();
+    let sink = sink.start().await?;
+    let producing = producing.start().await?;
+    let (eager, relay_stats, eager_stats) = match (
+        producing.eager(),
+        producing.relay_stats(),
+        producing.eager_stats(),
+    ) {
+        (Some(e), Some(r), Some(s)) => (e.clone(), r, s),
+        _ => anyhow::bail!("the bench producer runs a relay and an eager publisher"),
+    };
+    let stats = sink.stats().context("the sink consumes")?;
     until_handled(&stats, opts.events, Duration::from_secs(600))
         .await
         .context("drain")?;
     let drain = opts.events as f64 / started.elapsed().as_secs_f64();
     tracing::info!(events_per_s = drain, "drain measured");
 
-    let publisher_stats = if opts.eager {
-        eager.stats()
-    } else {
-        relay.stats()
-    };
+    let publisher_stats = if opts.eager { eager_stats } else { relay_stats };
     let before = publisher_stats.confirms();
     let producer = Producer {
         outbox: outbox.clone(),
         eager: opts.eager.then(|| eager.clone()),
     };
-    let run = latency(&pool, &producer, &sub, opts.rate, opts.duration).await?;
+    let run = latency(&pool, &producer, &sink, opts.rate, opts.duration).await?;
     let relayed = publisher_stats.confirms().since(before);
     let LatencyRun {
         latencies,
@@ -277,10 +268,8 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     until_handled(&stats, committed, Duration::from_secs(30))
         .await
         .context("after the last commit")?;
-    stop.cancel();
-    let _ = sub_task.await;
-    let _ = relay_task.await;
-    let _ = eager_task.await;
+    sink.stop().await;
+    producing.stop().await;
     topology
         .delete_service(&setup_ch, SINK, &config.retry_delays())
         .await?;
@@ -510,11 +499,11 @@ impl Producer {
 async fn latency(
     pool: &PgPool,
     producer: &Producer,
-    sub: &Subscription,
+    sink: &Running,
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
-    let mut outcomes = sub.outcomes();
+    let mut outcomes = sink.outcomes().context("the sink consumes")?;
     // Wall-clock instants on both ends: "handled" is the time the consumer
     // stamped on its outcome after the ack (`OutcomeRecord::at`), not when
     // this collector task got round to reading it, which added the

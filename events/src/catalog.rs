@@ -184,3 +184,28 @@ pub fn typed_data<E: DeserializeOwned>(event_type: &str, data: &Value) -> Result
         reason: e.inner().to_string(),
     })
 }
+
+/// Implements [`EventData`] for payload types: their CloudEvents `type`,
+/// current `dataversion` and source service, one line each.
+///
+/// ```
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct TicketOpened { title: String }
+/// warren_events::event_data! {
+///     TicketOpened = "ticket.opened", version 1, from "helpdesk";
+/// }
+/// # use warren_events::EventData;
+/// assert_eq!(TicketOpened::TYPE, "ticket.opened");
+/// ```
+#[macro_export]
+macro_rules! event_data {
+    ($( $ty:ty = $name:literal, version $ver:literal, from $src:literal );+ $(;)?) => {
+        $(
+            impl $crate::EventData for $ty {
+                const TYPE: &'static str = $name;
+                const VERSION: u32 = $ver;
+                const SOURCE: &'static str = $src;
+            }
+        )+
+    };
+}

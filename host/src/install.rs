@@ -19,3 +19,16 @@ pub async fn install(pool: &sqlx::PgPool, schema: &str) -> Result<(), InstallErr
     producers::install::install(pool, schema).await?;
     consumers::install::install(pool, schema).await
 }
+
+/// `DATABASE_URL` (default
+/// `postgres://postgres:postgres@127.0.0.1:5432/warren`, as `warren`
+/// uses), with the database created when it does not exist yet.
+pub async fn database_from_env() -> Result<String, sqlx::Error> {
+    use sqlx::migrate::MigrateDatabase as _;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/warren".to_owned());
+    if !sqlx::Postgres::database_exists(&url).await? {
+        sqlx::Postgres::create_database(&url).await?;
+    }
+    Ok(url)
+}

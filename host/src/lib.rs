@@ -71,7 +71,7 @@ pub use consumers::{
     SubscriptionConfig,
 };
 pub use events;
-pub use events::{Catalog, Codec, Envelope, EventData};
+pub use events::{event_data, Catalog, Codec, Envelope, EventData};
 pub use producers;
 pub use producers::{Eager, EagerConfig, Outbox, RelayConfig};
 pub use service::{Bus, Running, Service, ServiceError};

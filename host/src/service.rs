@@ -41,6 +41,9 @@ use transport::Topology;
 
 use crate::install::InstallError;
 
+/// The broker's stock credentials on this machine.
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Connections a service keeps for the application's own use (HTTP
 /// handlers, commands) on top of what its workers need.
 const DEFAULT_EXTRA_CONNECTIONS: u32 = 4;
@@ -69,6 +72,18 @@ impl Bus {
             topology,
             catalog: catalog.into(),
         }
+    }
+
+    /// A bus configured as `warren` is: `AMQP_URL` (default
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`) and `WARREN_NAMESPACE`
+    /// (default `warren`).
+    pub fn from_env(catalog: impl Into<Arc<Catalog>>) -> Self {
+        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+        Bus::new(
+            var("AMQP_URL", DEFAULT_AMQP_URL),
+            Topology::new(var("WARREN_NAMESPACE", "warren")),
+            catalog,
+        )
     }
 
     /// The broker's URL.
@@ -137,6 +152,8 @@ pub struct Service {
     relay: Option<RelayConfig>,
     eager: Option<EagerConfig>,
     extra_connections: u32,
+    /// How many outcome records an in-process listener may lag.
+    outcome_capacity: Option<usize>,
     /// When cancelled, the service stops (its own token is a child).
     shutdown: CancellationToken,
 }
@@ -156,6 +173,7 @@ impl Service {
             relay: Some(RelayConfig::default()),
             eager: None,
             extra_connections: DEFAULT_EXTRA_CONNECTIONS,
+            outcome_capacity: None,
             shutdown: CancellationToken::new(),
         }
     }
@@ -225,6 +243,14 @@ impl Service {
     /// builds its pool (default 4).
     pub fn extra_connections(mut self, n: u32) -> Self {
         self.extra_connections = n;
+        self
+    }
+
+    /// How many outcome records a slow in-process listener of
+    /// [`Running::outcomes`] may lag before it loses the oldest (1,024 by
+    /// default).
+    pub fn outcome_capacity(mut self, capacity: usize) -> Self {
+        self.outcome_capacity = Some(capacity);
         self
     }
 
@@ -334,6 +360,10 @@ impl Service {
                 name: self.name.clone(),
                 reason: e.to_string(),
             })?;
+            let sub = match self.outcome_capacity {
+                Some(capacity) => sub.with_outcome_capacity(capacity),
+                None => sub,
+            };
             let (s, stop) = (sub.clone(), shutdown.clone());
             tasks.spawn(async move { s.run(stop).await });
             Some(sub)
@@ -464,6 +494,31 @@ impl Running {
             }
             Err(_) => false,
         }
+    }
+
+    /// Waits until the consumer has settled `n` deliveries for good
+    /// (handled, duplicate, skipped or dead-lettered), at most `timeout`;
+    /// whether it did. For scripts, examples and tests.
+    pub async fn settled(&self, n: u64, timeout: Duration) -> bool {
+        let Some(stats) = self.stats() else {
+            return n == 0;
+        };
+        let done = || {
+            use consumers::Outcome::*;
+            [Handled, Duplicate, Skipped, DeadLettered]
+                .iter()
+                .map(|o| stats.count(*o))
+                .sum::<u64>()
+                >= n
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Stops: the consumer finishes its in-flight handlers and acks, the

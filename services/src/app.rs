@@ -7,15 +7,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use consumers::{Router, Stats, Subscription, SubscriptionConfig};
+use consumers::{Router, Stats, SubscriptionConfig};
 use producers::relay::RelayStats;
-use producers::{Outbox, Relay, RelayConfig};
+use producers::{Outbox, RelayConfig};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use transport::Topology;
+use warren::{Bus, Running, Service};
 
 use crate::gateway::{Gateway, GatewayConfig};
+use crate::http::{Outboxes, Shared};
 use crate::{customers, http, inventory, orders, payments, shipping, ALL};
 
 /// What to run and how.
@@ -45,6 +47,9 @@ pub enum AppError {
         "unknown service {0:?}; services are: customers, orders, inventory, payments, shipping"
     )]
     UnknownService(String),
+    /// A service could not be declared or started.
+    #[error(transparent)]
+    Service(#[from] warren::ServiceError),
     /// The broker could not be reached or refused the topology.
     #[error(transparent)]
     Connect(#[from] transport::ConnectError),
@@ -63,32 +68,6 @@ pub enum AppError {
     Outbox(#[from] producers::OutboxError),
 }
 
-/// Each service's outbox, built once.
-#[derive(Debug)]
-pub struct Outboxes {
-    /// customers schema
-    pub customers: Outbox,
-    /// orders schema
-    pub orders: Outbox,
-}
-
-/// State shared by the HTTP handlers.
-#[derive(Clone)]
-pub struct Shared {
-    /// The database.
-    pub pool: PgPool,
-    /// For readiness checks.
-    pub amqp_url: String,
-    /// Outboxes of the services that take HTTP commands.
-    pub outboxes: Arc<Outboxes>,
-    /// Consumer counters per service.
-    pub consumer_stats: Arc<BTreeMap<String, Arc<Stats>>>,
-    /// Relay counters per service.
-    pub relay_stats: Arc<BTreeMap<String, Arc<RelayStats>>>,
-    /// The gateway, when payments runs here.
-    pub gateway: Option<Arc<Gateway>>,
-}
-
 /// Running services.
 pub struct App {
     /// Where HTTP listens, when it does.
@@ -99,7 +78,10 @@ pub struct App {
     /// state, and a switch for its failure rate).
     pub gateway: Arc<Gateway>,
     shutdown: CancellationToken,
+    /// The HTTP server.
     tasks: JoinSet<()>,
+    /// The services on warren's host.
+    running: Vec<Running>,
 }
 
 /// The router of a consuming service (`None` for customers, which
@@ -115,8 +97,9 @@ pub fn router_of(service: &str, gateway: &Arc<Gateway>) -> Option<Router> {
 }
 
 impl App {
-    /// Declares the topology of the chosen services, then starts their
-    /// relays, consumers and HTTP routes.
+    /// Declares the topology of the chosen services, then starts each on
+    /// warren's service host (consumer, relay) and serves their HTTP
+    /// routes.
     pub async fn start(pool: PgPool, config: AppConfig) -> Result<App, AppError> {
         for s in &config.services {
             if !ALL.contains(&s.as_str()) {
@@ -126,49 +109,39 @@ impl App {
         let gateway = Arc::new(Gateway::new(config.gateway.clone(), pool.clone()));
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let mut consumer_stats = BTreeMap::new();
-        let mut relay_stats = BTreeMap::new();
+        let bus = Bus::new(
+            config.amqp_url.clone(),
+            config.topology.clone(),
+            crate::catalog::catalog(),
+        );
 
-        // Queues first, so nothing the relays publish before a consumer
-        // connects is unroutable.
-        let conn = transport::connect(&config.amqp_url, "warren setup").await?;
-        let ch = conn.create_channel().await?;
-        config.topology.declare_exchange(&ch).await?;
-        let mut subscriptions = Vec::new();
-        let catalog = std::sync::Arc::new(crate::catalog::catalog());
+        // Every queue first, so nothing a relay publishes before the
+        // consumer of its type connects comes back unroutable.
+        let mut declared = Vec::new();
         for s in &config.services {
+            let mut service = Service::new(s.clone(), bus.clone())
+                .pool(pool.clone())
+                .subscription(config.subscription.clone())
+                .relay(config.relay.clone())
+                .shutdown_on(&shutdown);
             if let Some(router) = router_of(s, &gateway) {
-                let sub = Subscription::new(
-                    router,
-                    catalog.clone(),
-                    pool.clone(),
-                    config.amqp_url.clone(),
-                    config.topology.clone(),
-                    config.subscription.clone(),
-                )?;
-                sub.declare(&ch).await?;
-                subscriptions.push(sub);
+                service = service.router(router);
             }
+            service.declare().await?;
+            declared.push(service);
         }
-        let _ = conn.close(200, "setup done").await;
-
-        for sub in subscriptions {
-            consumer_stats.insert(sub.service().to_owned(), sub.stats());
-            let stop = shutdown.clone();
-            tasks.spawn(async move { sub.run(stop).await });
+        let mut running = Vec::new();
+        for service in declared {
+            running.push(service.start().await?);
         }
-        for s in &config.services {
-            let relay = Relay::new(
-                Outbox::new(s)?,
-                pool.clone(),
-                config.amqp_url.clone(),
-                config.topology.clone(),
-                config.relay.clone(),
-            );
-            relay_stats.insert(s.clone(), relay.stats());
-            let stop = shutdown.clone();
-            tasks.spawn(async move { relay.run(stop).await });
-        }
+        let consumer_stats: BTreeMap<String, Arc<Stats>> = running
+            .iter()
+            .filter_map(|r| Some((r.name().to_owned(), r.stats()?)))
+            .collect();
+        let relay_stats: BTreeMap<String, Arc<RelayStats>> = running
+            .iter()
+            .filter_map(|r| Some((r.name().to_owned(), r.relay_stats()?)))
+            .collect();
 
         let mut http_addr = None;
         if let Some(addr) = config.http {
@@ -226,6 +199,7 @@ impl App {
             gateway,
             shutdown,
             tasks,
+            running,
         })
     }
 
@@ -238,6 +212,9 @@ impl App {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        for service in self.running {
+            service.stop().await;
+        }
     }
 
     /// Waits until the shutdown token is cancelled (by a signal handler),

@@ -9,7 +9,15 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::app::Shared;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use consumers::Stats;
+use producers::relay::RelayStats;
+use producers::Outbox;
+use sqlx::PgPool;
+
+use crate::gateway::Gateway;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -370,4 +378,30 @@ mod tests {
     fn etag_is_the_quoted_version() {
         assert_eq!(etag(7).1, "\"7\"");
     }
+}
+
+/// Each service's outbox, built once.
+#[derive(Debug)]
+pub struct Outboxes {
+    /// customers schema
+    pub customers: Outbox,
+    /// orders schema
+    pub orders: Outbox,
+}
+
+/// State shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct Shared {
+    /// The database.
+    pub pool: PgPool,
+    /// For readiness checks.
+    pub amqp_url: String,
+    /// Outboxes of the services that take HTTP commands.
+    pub outboxes: Arc<Outboxes>,
+    /// Consumer counters per service.
+    pub consumer_stats: Arc<BTreeMap<String, Arc<Stats>>>,
+    /// Relay counters per service.
+    pub relay_stats: Arc<BTreeMap<String, Arc<RelayStats>>>,
+    /// The gateway, when payments runs here.
+    pub gateway: Option<Arc<Gateway>>,
 }

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgConnection;
 
-use crate::app::Shared;
+use crate::http::Shared;
 use crate::http::{etag, ApiError, IfMatch, Json};
 
 /// The service name: schema, queue and event source.

@@ -24,7 +24,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::app::Shared;
+use crate::http::Shared;
 use crate::http::{ApiError, Json};
 
 /// The service name: schema, queue and event source.
