@@ -17,19 +17,27 @@ use services::{App, AppConfig, ALL};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::{PgPool, Postgres};
 
-use crate::commands::replay::{replay, ReplayArgs};
+use crate::commands::replay::{replay, replay_lines, ReplayArgs};
 use crate::commands::status::queue_counts;
 use crate::config::{connect_db, migrate, Settings};
+use crate::error::InvalidInput;
+
+/// fixtures/demo.jsonl and demo-stock.json, built in: `warren demo` runs
+/// wherever the binary is (a container image, another machine), not only
+/// in a checkout of the repository.
+const DEMO_FIXTURE: &str = include_str!("../../../fixtures/demo.jsonl");
+const DEMO_STOCK: &str = include_str!("../../../fixtures/demo-stock.json");
 
 /// Arguments of `warren demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// The story to replay.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/demo.jsonl"))]
-    pub fixture: PathBuf,
-    /// Stock levels to set first (JSON object SKU → units).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/demo-stock.json"))]
-    pub stock: PathBuf,
+    /// The story to replay [default: fixtures/demo.jsonl, built in].
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
+    /// Stock levels to set first (JSON object SKU → units)
+    /// [default: fixtures/demo-stock.json, built in].
+    #[arg(long)]
+    pub stock: Option<PathBuf>,
     /// Longest wait for the story to settle, in seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -87,33 +95,41 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     let retry_delays = config.subscription.retry_delays();
     let app = App::start(pool.clone(), config).await?;
 
-    let stock: BTreeMap<String, i32> = serde_json::from_str(
-        &std::fs::read_to_string(&args.stock)
-            .with_context(|| format!("reading {}", args.stock.display()))?,
-    )
-    .with_context(|| {
-        format!(
-            "{} must be a JSON object of SKU → units",
-            args.stock.display()
-        )
-    })?;
+    let (stock_name, stock_text) = match &args.stock {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => ("fixtures/demo-stock.json".to_owned(), DEMO_STOCK.to_owned()),
+    };
+    let stock: BTreeMap<String, i32> = serde_json::from_str(&stock_text)
+        .with_context(|| format!("{stock_name} must be a JSON object of SKU → units"))?;
     for (sku, units) in &stock {
         services::inventory::set_level(&pool, sku, *units).await?;
         tracing::info!(sku, units, "stock set");
     }
 
-    let summary = replay(
-        &settings,
-        &ReplayArgs {
-            files: vec![args.fixture.clone()],
-            rate: Some(20),
-            dry_run: false,
-            to: None,
-            strict: false,
-            raw_invalid: true,
-        },
-    )
-    .await?;
+    let replay_args = ReplayArgs {
+        files: args.fixture.iter().cloned().collect(),
+        rate: Some(20),
+        dry_run: false,
+        to: None,
+        strict: false,
+        raw_invalid: true,
+    };
+    let summary = match &args.fixture {
+        Some(_) => replay(&settings, &replay_args).await?,
+        None => {
+            let codec = settings.codec();
+            let lines = events::fixtures::parse(
+                std::path::Path::new("fixtures/demo.jsonl"),
+                DEMO_FIXTURE.as_bytes(),
+                &codec,
+            )
+            .map_err(|e| InvalidInput(e.to_string()))?;
+            replay_lines(&settings, &replay_args, lines).await?
+        }
+    };
     tracing::info!(
         published = summary.published,
         invalid = summary.invalid,

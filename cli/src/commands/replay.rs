@@ -59,6 +59,17 @@ pub async fn replay(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<Re
     for file in &args.files {
         lines.extend(fixtures::read(file, &codec).map_err(|e| InvalidInput(e.to_string()))?);
     }
+    replay_lines(settings, args, lines).await
+}
+
+/// [`replay`] of lines already read (`args.files` unused), such as the
+/// fixture built into the binary for `warren demo`.
+pub async fn replay_lines(
+    settings: &Settings,
+    args: &ReplayArgs,
+    lines: Vec<FixtureLine>,
+) -> anyhow::Result<ReplaySummary> {
+    let codec = settings.codec();
     let mut summary = ReplaySummary::default();
     for l in &lines {
         match &l.event {
