@@ -30,6 +30,8 @@
 //!
 //! [`access`] serialises its grants on the one-key `hashtext('warren access setup')`.
 
+#![warn(missing_docs)]
+
 pub mod access;
 pub mod eager;
 pub mod install;
