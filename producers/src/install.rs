@@ -22,9 +22,9 @@
 //! of a step that databases have already run.
 //!
 //! ```no_run
-//! # async fn f(pool: sqlx::PgPool) -> Result<(), producers::install::InstallError> {
+//! # async fn f(pool: sqlx::PgPool) -> Result<(), warren_producers::install::InstallError> {
 //! // At start-up, with a role that may create tables in the schema:
-//! producers::install::install(&pool, "orders").await?;
+//! warren_producers::install::install(&pool, "orders").await?;
 //! # Ok(()) }
 //! ```
 
