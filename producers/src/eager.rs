@@ -32,27 +32,25 @@
 //! consumers apply them in that order anyway (an early event is deferred
 //! until its predecessor is applied: `max_deferrals` × `defer_delay`, 10 s
 //! by default, which is why the default lease is a few seconds).
+//!
+//! Here the producer's side ([`Eager`]); the worker's loop, one step per
+//! turn, in `eager/worker.rs` ([`EagerWorker`]).
 
-use std::collections::VecDeque;
-use std::pin::Pin;
+mod worker;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use events::Envelope;
-use futures::future::{join_all, JoinAll};
-use futures::FutureExt as _;
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::relay::{RelayError, RelayStats};
+use crate::relay::RelayStats;
 use crate::{Outbox, OutboxError};
-use transport::{
-    confirm_problem, event_properties, Backoff, Outgoing, Publisher, Reconnect, Topology,
-};
+use transport::Topology;
+pub use worker::EagerWorker;
 
 /// Tuning of an eager publisher.
 #[derive(Debug, Clone)]
@@ -129,25 +127,6 @@ pub struct Eager {
     stats: Arc<RelayStats>,
 }
 
-/// The worker that publishes what [`Eager::publish`] queued; run it with
-/// [`EagerWorker::run`].
-pub struct EagerWorker {
-    outbox: Outbox,
-    pool: PgPool,
-    amqp_url: String,
-    topology: Topology,
-    config: EagerConfig,
-    queue: mpsc::Receiver<Appended>,
-    stats: Arc<RelayStats>,
-    /// Deletes the confirmed rows; built once.
-    delete_sql: String,
-    /// Confirmed rows not deleted yet. Kept across sessions, so rows
-    /// confirmed before a lost database connection are deleted after it.
-    confirmed: Vec<Uuid>,
-    /// When `confirmed` must be deleted at the latest.
-    delete_due: Option<tokio::time::Instant>,
-}
-
 impl Eager {
     /// An eager publisher for `outbox` and its worker.
     pub fn new(
@@ -166,21 +145,7 @@ impl Eager {
                 queue: tx,
                 stats: stats.clone(),
             },
-            EagerWorker {
-                delete_sql: format!(
-                    "DELETE FROM {}.outbox WHERE event_id = ANY($1)",
-                    outbox.service()
-                ),
-                outbox,
-                pool,
-                amqp_url: amqp_url.into(),
-                topology,
-                config,
-                queue: rx,
-                stats,
-                confirmed: Vec::new(),
-                delete_due: None,
-            },
+            EagerWorker::new(outbox, pool, amqp_url.into(), topology, config, rx, stats),
         )
     }
 
@@ -221,241 +186,5 @@ impl Eager {
     /// the relay) and the confirm counters, as the relay keeps them.
     pub fn stats(&self) -> Arc<RelayStats> {
         self.stats.clone()
-    }
-}
-
-/// Published events awaiting their confirms.
-struct InFlight {
-    ids: Vec<Uuid>,
-    confirms: Pin<Box<JoinAll<PublisherConfirm>>>,
-    published: Instant,
-}
-
-impl EagerWorker {
-    /// Runs until `shutdown`, reconnecting with backoff; on shutdown what
-    /// is queued is published and settled first (bounded by the lease).
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let service = self.outbox.service().to_owned();
-        // A session even when shut down already, so what was handed over
-        // goes out; after a failure, none once shut down (the relay takes
-        // what it left).
-        let mut reconnect = Reconnect::new(
-            "eager publisher",
-            service.clone(),
-            self.config.retry_initial,
-            self.config.retry_max,
-        )
-        .first_even_if_stopped();
-        while reconnect.should_start(&shutdown) {
-            let result = self.session(&shutdown, reconnect.backoff()).await;
-            self.stats.active.store(false, Ordering::Relaxed);
-            if !reconnect.ended(result, &shutdown).await {
-                break;
-            }
-        }
-        tracing::info!(service, "eager publisher stopped");
-    }
-
-    async fn session(
-        &mut self,
-        shutdown: &CancellationToken,
-        backoff: &mut Backoff,
-    ) -> Result<(), RelayError> {
-        let service = self.outbox.service().to_owned();
-        let mut db = self.db_timeout(self.pool.acquire()).await?.detach();
-        // Deletes need not wait for the WAL flush (see the module docs).
-        self.db_timeout(sqlx::query("SET synchronous_commit = off").execute(&mut db))
-            .await?;
-        let conn = transport::connect(&self.amqp_url, &format!("warren eager {service}")).await?;
-        let result = self.publish_loop(shutdown, backoff, &mut db, &conn).await;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "eager publisher stopped"),
-        )
-        .await;
-        let _ = db.close().await;
-        result
-    }
-
-    async fn publish_loop(
-        &mut self,
-        shutdown: &CancellationToken,
-        backoff: &mut Backoff,
-        db: &mut PgConnection,
-        conn: &lapin::Connection,
-    ) -> Result<(), RelayError> {
-        let publisher = Publisher::open(conn).await?;
-        self.topology.declare_exchange(publisher.channel()).await?;
-        self.stats.active.store(true, Ordering::Relaxed);
-        tracing::info!(service = self.outbox.service(), "eager publisher active");
-        backoff.reset();
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut stopping = false;
-        loop {
-            if stopping && in_flight.is_empty() {
-                // What was queued before the shutdown goes out first.
-                let rest = self.take_queued(usize::MAX);
-                if rest.is_empty() {
-                    self.delete(db).await?;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        publisher.channel().close(200, "eager publisher stopping"),
-                    )
-                    .await;
-                    return Ok(());
-                }
-                in_flight.extend(self.publish(&publisher, rest).await?);
-                continue;
-            }
-            let outstanding: usize = in_flight.iter().map(|b| b.ids.len()).sum();
-            let room = outstanding < self.config.max_in_flight && !stopping;
-            let oldest = in_flight.front_mut();
-            let has_oldest = oldest.is_some();
-            let wait = async {
-                match oldest {
-                    Some(b) => {
-                        let deadline =
-                            tokio::time::Instant::from_std(b.published + self.config.lease);
-                        tokio::time::timeout_at(deadline, &mut b.confirms).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let due = self.delete_due;
-            tokio::select! {
-                biased;
-                confirms = wait, if has_oldest => {
-                    let confirms = confirms
-                        .map_err(|_| RelayError::ConfirmTimeout(self.config.lease))?;
-                    let Some(batch) = in_flight.pop_front() else { continue };
-                    self.confirmed(batch, confirms);
-                    // Batches confirmed meanwhile join it.
-                    while let Some(next) = in_flight.front_mut() {
-                        let Some(confirms) = (&mut next.confirms).now_or_never() else { break };
-                        if let Some(batch) = in_flight.pop_front() {
-                            self.confirmed(batch, confirms);
-                        }
-                    }
-                    if self.confirmed.len() >= self.config.delete_batch.max(1) {
-                        self.delete(db).await?;
-                    }
-                }
-                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                    self.delete(db).await?;
-                }
-                Some(first) = self.queue.recv(), if room => {
-                    let room = self.config.max_in_flight - outstanding;
-                    let mut events = vec![first];
-                    events.extend(self.take_queued(self.config.batch_size.min(room).saturating_sub(1)));
-                    in_flight.extend(self.publish(&publisher, events).await?);
-                }
-                _ = shutdown.cancelled(), if !stopping => stopping = true,
-            }
-        }
-    }
-
-    /// Up to `n` queued events whose lease has not run out; the others
-    /// are the relay's now.
-    fn take_queued(&mut self, n: usize) -> Vec<Appended> {
-        let now = Instant::now();
-        let mut out = Vec::new();
-        while out.len() < n {
-            let Ok(a) = self.queue.try_recv() else { break };
-            if a.lease_ends > now {
-                out.push(a);
-            } else {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        out
-    }
-
-    /// Publishes `events` together, in order; `None` when every one of
-    /// them had run out of lease.
-    async fn publish(
-        &mut self,
-        publisher: &Publisher,
-        events: Vec<Appended>,
-    ) -> Result<Option<InFlight>, RelayError> {
-        let now = Instant::now();
-        let (events, expired): (Vec<_>, Vec<_>) =
-            events.into_iter().partition(|a| a.lease_ends > now);
-        self.stats
-            .failed
-            .fetch_add(expired.len() as u64, Ordering::Relaxed);
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let exchange = self.topology.exchange();
-        let service = self.outbox.service();
-        let messages = events.iter().map(|a| Outgoing {
-            exchange: &exchange,
-            routing_key: &a.event_type,
-            body: a.payload.as_bytes(),
-            properties: event_properties(
-                &a.event_id.to_string(),
-                &a.event_type,
-                a.correlation_id.as_deref(),
-                a.timestamp,
-                service,
-            ),
-        });
-        let mut pending = Vec::with_capacity(events.len());
-        for sent in publisher.send(messages).await {
-            pending.push(sent?);
-        }
-        Ok(Some(InFlight {
-            ids: events.iter().map(|a| a.event_id).collect(),
-            confirms: Box::pin(join_all(pending)),
-            published: Instant::now(),
-        }))
-    }
-
-    /// Queues the rows of a batch the broker took for their delete; the
-    /// others stay leased, for the relay.
-    fn confirmed(&mut self, batch: InFlight, confirms: Vec<Result<Confirmation, lapin::Error>>) {
-        let waited = batch.published.elapsed();
-        self.stats
-            .confirm_wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .confirmed_events
-            .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
-        for (id, confirm) in batch.ids.into_iter().zip(confirms) {
-            let Some(problem) = confirm_problem(confirm) else {
-                self.confirmed.push(id);
-                continue;
-            };
-            tracing::warn!(event_id = %id, "not published eagerly, left to the relay: {problem}");
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        if !self.confirmed.is_empty() && self.delete_due.is_none() {
-            self.delete_due = Some(tokio::time::Instant::now() + self.config.delete_every);
-        }
-    }
-
-    /// Deletes the confirmed rows, `delete_batch` per statement.
-    async fn delete(&mut self, db: &mut PgConnection) -> Result<(), RelayError> {
-        while !self.confirmed.is_empty() {
-            let n = self.confirmed.len().min(self.config.delete_batch.max(1));
-            let ids = &self.confirmed[..n];
-            self.db_timeout(sqlx::query(&self.delete_sql).bind(ids).execute(&mut *db))
-                .await?;
-            self.stats.published.fetch_add(n as u64, Ordering::Relaxed);
-            self.confirmed.drain(..n);
-        }
-        self.delete_due = None;
-        Ok(())
-    }
-
-    async fn db_timeout<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, RelayError> {
-        tokio::time::timeout(self.config.db_timeout, fut)
-            .await
-            .map_err(|_| RelayError::DatabaseTimeout(self.config.db_timeout))?
-            .map_err(RelayError::from)
     }
 }

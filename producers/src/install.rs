@@ -22,9 +22,9 @@
 //! of a step that databases have already run.
 //!
 //! ```no_run
-//! # async fn f(pool: sqlx::PgPool) -> Result<(), producers::install::InstallError> {
+//! # async fn f(pool: sqlx::PgPool) -> Result<(), warren_producers::install::InstallError> {
 //! // At start-up, with a role that may create tables in the schema:
-//! producers::install::install(&pool, "orders").await?;
+//! warren_producers::install::install(&pool, "orders").await?;
 //! # Ok(()) }
 //! ```
 
@@ -58,18 +58,25 @@ pub enum InstallError {
         "schema {schema} has warren's {part} tables at version {installed}, but this warren knows versions up to {known}: run a warren at least as new as the one that installed them"
     )]
     TooNew {
+        /// The schema installed in.
         schema: String,
+        /// Which part's tables (`outbox`, `inbox`).
         part: &'static str,
+        /// The version the schema's tables are at.
         installed: i32,
+        /// The newest version this code knows.
         known: i32,
     },
     /// The database refused a statement (or could not be reached).
     #[error("installing warren's {part} tables in schema {schema}: {what}: {source}")]
     Database {
+        /// The schema installed in.
         schema: String,
+        /// Which part's tables (`outbox`, `inbox`).
         part: &'static str,
         /// What the installer was doing, e.g. `step 2 of 3`.
         what: String,
+        /// What the database said.
         #[source]
         source: sqlx::Error,
     },

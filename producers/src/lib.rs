@@ -12,7 +12,8 @@
 //! - [`access`]: least privilege: per-service PostgreSQL roles and RabbitMQ permissions.
 //! - [`install`]: the versioned installer of warren's tables, and the outbox's part.
 //! - [`outbox`]: appending events in the caller's transaction; backlog and retention.
-//! - [`relay`]: the worker that publishes the outbox, with leader election.
+//! - [`relay`]: the worker that publishes the outbox: its loop, batches and counters.
+//! - [`leader`]: which relay of a service is active: the advisory lock, standing by.
 //! - [`eager`]: a producer publishing its own events right after its commit, the relay as safety net.
 //! - [`wake`]: how the relay is woken: `NOTIFY` while idle, none while busy.
 //! - `testkit` (feature): fault points for the integration tests.
@@ -21,7 +22,7 @@
 //! PostgreSQL advisory lock keys are one space per database, shared with
 //! the application; warren's are two-key locks whose first key spells its
 //! role and whose second is `hashtext(schema) & 2147483647`:
-//! - `0x5741` (`'WA'`, [`relay::RELAY_LOCK_CLASS`]): the active relay of a schema (session lock).
+//! - `0x5741` (`'WA'`, [`leader::LEADER_LOCK_CLASS`]): the active relay of a schema (session lock).
 //! - `0x5757` (`'WW'`, [`wake::WRITERS_LOCK_CLASS`]): the outbox writers, shared, against the relay's
 //!   handshake before it sleeps (transaction lock in the trigger; tried by the relay).
 //! - `0x5749` (`'WI'`, [`install::INSTALL_LOCK_CLASS`]): one installer at a time per schema
@@ -29,9 +30,12 @@
 //!
 //! [`access`] serialises its grants on the one-key `hashtext('warren access setup')`.
 
+#![warn(missing_docs)]
+
 pub mod access;
 pub mod eager;
 pub mod install;
+pub mod leader;
 pub mod outbox;
 pub mod relay;
 pub mod wake;

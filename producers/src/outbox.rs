@@ -20,7 +20,9 @@ pub enum OutboxError {
     /// The database refused or could not be reached.
     #[error("outbox of schema {schema}: {source}")]
     Database {
+        /// The service schema whose outbox it was.
         schema: String,
+        /// What the database said.
         #[source]
         source: sqlx::Error,
     },

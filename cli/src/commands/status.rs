@@ -76,7 +76,7 @@ pub async fn gather(
             "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND granted \
              AND classid = $1::oid AND objid = (hashtext($2) & 2147483647)::oid",
         )
-        .bind(producers::relay::RELAY_LOCK_CLASS)
+        .bind(producers::leader::LEADER_LOCK_CLASS)
         .bind(service)
         .fetch_one(pool)
         .await?;
