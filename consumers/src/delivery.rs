@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use events::{Codec, DecodeError, Envelope};
 use lapin::message::Delivery;
@@ -36,15 +36,16 @@ use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
-use transport::Backoff;
 
 use crate::acks::Acks;
+use crate::config::SubscriptionConfig;
 use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
 use crate::inbox::Inbox;
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
-use crate::{HandleError, Router, SubscriptionConfig};
+use crate::retry::Decision;
+use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
 /// redelivers it, and the inbox absorbs what had already been applied).
@@ -147,8 +148,11 @@ impl Processor {
                 Ok(e) => good.push((delivery, e)),
                 Err(e) => {
                     let mut record = self.record_for(&delivery, None);
-                    self.dead_letter(&delivery, &mut record, e.kind(), e.to_string())
-                        .await?;
+                    let undecodable = Decision::DeadLetter {
+                        reason: e.kind(),
+                        error: e.to_string(),
+                    };
+                    self.carry_out(&delivery, &mut record, undecodable).await?;
                     settled.push((delivery, record));
                 }
             }
@@ -191,10 +195,7 @@ impl Processor {
         events: &[&Envelope],
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(100),
-            self.config.retry_max.max(Duration::from_millis(200)),
-        );
+        let mut backoff = self.config.retry.hold_backoff();
         loop {
             match self.apply(conn, events).await {
                 Err(HandleError::Unavailable(e)) => {
@@ -326,7 +327,7 @@ impl Processor {
         }
         tx.commit().await?;
         #[cfg(feature = "testkit")]
-        if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
+        if self.config.crash_at == Some(crate::config::CrashPoint::AfterCommit) {
             tracing::error!(
                 service = self.router.service(),
                 events = events.len(),
@@ -347,74 +348,74 @@ impl Processor {
         envelope: &Envelope,
         result: Result<Applied, HandleError>,
     ) -> Result<OutcomeRecord, SettleError> {
-        let c = &self.config;
         let mut record = self.record_for(delivery, Some(envelope));
-        let attempt = record.attempt;
-        match result {
-            Ok(Applied::Handled) => record.outcome = Outcome::Handled,
-            Ok(Applied::Skipped) => record.outcome = Outcome::Skipped,
-            Ok(Applied::Duplicate) => record.outcome = Outcome::Duplicate,
+        let retry = &self.config.retry;
+        let decision = match result {
+            Ok(Applied::Handled) => return Ok(record.with_outcome(Outcome::Handled)),
+            Ok(Applied::Skipped) => return Ok(record.with_outcome(Outcome::Skipped)),
+            Ok(Applied::Duplicate) => return Ok(record.with_outcome(Outcome::Duplicate)),
             Ok(Applied::Early { expected }) => {
-                let deferrals = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0) + 1;
+                let deferred = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0);
                 let why = format!(
                     "sequence {} of subject {} from {} arrived before {expected}",
                     envelope.sequence, envelope.subject, envelope.source
                 );
-                if deferrals > c.max_deferrals {
-                    let error = format!("{why}; gave up after {} deferrals", c.max_deferrals);
-                    self.dead_letter(delivery, &mut record, "sequence_gap", error)
-                        .await?;
-                } else {
-                    self.forwarder
-                        .retry(delivery, c.defer_delay, H_DEFERRALS, deferrals)
-                        .await?;
-                    record.outcome = Outcome::Deferred;
-                    record.reason = Some("sequence_gap".into());
-                    record.error = Some(why);
-                }
+                retry.after_early(deferred, why)
             }
-            Ok(Applied::Stale { last }) => {
-                let error = format!(
+            Ok(Applied::Stale { last }) => Decision::DeadLetter {
+                reason: "stale_sequence",
+                error: format!(
                     "sequence {} of subject {} from {} is at or below the applied sequence {last}, under a new event id",
                     envelope.sequence, envelope.subject, envelope.source
-                );
-                self.dead_letter(delivery, &mut record, "stale_sequence", error)
-                    .await?;
-            }
-            // Unavailable is waited out before we get here; should it
-            // arrive anyway, a broker retry is the safe place for it.
-            Err(HandleError::Transient(e) | HandleError::Unavailable(e))
-                if attempt < c.max_attempts =>
-            {
-                let delay = c.retry_delay(attempt);
-                self.forwarder
-                    .retry(delivery, delay, H_ATTEMPT, attempt + 1)
-                    .await?;
-                record.outcome = Outcome::Retried;
-                record.reason = Some("transient".into());
-                record.error = Some(format!("{e}; retry in {delay:?}"));
-            }
-            Err(HandleError::Throttled(e)) => {
-                // Same attempt number: nothing was tried, so nothing spent.
-                let delay = c.retry_delay(attempt);
+                ),
+            },
+            Err(e) => retry.after_failure(record.attempt, &e),
+        };
+        self.carry_out(delivery, &mut record, decision).await?;
+        Ok(record)
+    }
+
+    /// Forwards a delivery as `decision` says and records it as its
+    /// outcome.
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        record: &mut OutcomeRecord,
+        decision: Decision,
+    ) -> Result<(), SettleError> {
+        let (outcome, reason, error) = match decision {
+            Decision::RetryIn {
+                delay,
+                attempt,
+                reason,
+                error,
+            } => {
                 self.forwarder
                     .retry(delivery, delay, H_ATTEMPT, attempt)
                     .await?;
-                record.outcome = Outcome::Retried;
-                record.reason = Some("throttled".into());
-                record.error = Some(format!("{e}; retry in {delay:?}"));
+                (Outcome::Retried, reason, error)
             }
-            Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {
-                let error = format!("{e} (after {attempt} attempts)");
-                self.dead_letter(delivery, &mut record, "retries_exhausted", error)
+            Decision::DeferIn {
+                delay,
+                deferrals,
+                error,
+            } => {
+                self.forwarder
+                    .retry(delivery, delay, H_DEFERRALS, deferrals)
                     .await?;
+                (Outcome::Deferred, "sequence_gap", error)
             }
-            Err(HandleError::Permanent(e)) => {
-                self.dead_letter(delivery, &mut record, "handler_rejected", e)
+            Decision::DeadLetter { reason, error } => {
+                self.forwarder
+                    .dead_letter(delivery, reason, &error, record.attempt)
                     .await?;
+                (Outcome::DeadLettered, reason, error)
             }
-        }
-        Ok(record)
+        };
+        record.outcome = outcome;
+        record.reason = Some(reason.to_owned());
+        record.error = Some(error);
+        Ok(())
     }
 
     /// The outcome record of a delivery, before its outcome is known.
@@ -444,22 +445,6 @@ impl Processor {
             error: None,
             at: chrono::Utc::now(),
         }
-    }
-
-    async fn dead_letter(
-        &self,
-        delivery: &Delivery,
-        record: &mut OutcomeRecord,
-        reason: &str,
-        error: String,
-    ) -> Result<(), SettleError> {
-        self.forwarder
-            .dead_letter(delivery, reason, &error, record.attempt)
-            .await?;
-        record.outcome = Outcome::DeadLettered;
-        record.reason = Some(reason.to_owned());
-        record.error = Some(error);
-        Ok(())
     }
 
     /// Acknowledges a batch's deliveries, all of them after their commit

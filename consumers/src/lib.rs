@@ -22,15 +22,21 @@
 //!   (`subscription::CrashPoint`), inert unless a test sets it.
 
 mod acks;
+pub mod config;
 pub mod deadletter;
 pub mod delivery;
 pub mod handler;
 pub mod inbox;
 pub mod outcome;
+pub mod retry;
 pub mod router;
 pub mod subscription;
 
+#[cfg(feature = "testkit")]
+pub use config::CrashPoint;
+pub use config::SubscriptionConfig;
 pub use handler::{Batch, Context, Handle, HandleBatch, HandleError};
 pub use outcome::{Outcome, OutcomeRecord, Stats};
+pub use retry::{Decision, RetryPolicy};
 pub use router::Router;
-pub use subscription::{Subscription, SubscriptionConfig};
+pub use subscription::Subscription;

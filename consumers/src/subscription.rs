@@ -29,6 +29,7 @@ use transport::{self, ConnectError};
 use transport::{Backoff, Publisher, Reconnect, Topology};
 
 use crate::acks::Acks;
+use crate::config::SubscriptionConfig;
 use crate::deadletter::Forwarder;
 use crate::delivery::{decode, Held, Item, Processor, SettleError};
 use crate::inbox::Inbox;
@@ -39,90 +40,6 @@ use crate::Router;
 /// handle. Long enough to span the gaps of a steady stream, short enough
 /// that lanes of a quiet service leave the pool to others.
 const HOLD_IDLE: Duration = Duration::from_millis(100);
-
-/// Tuning of a subscription.
-#[derive(Debug, Clone)]
-pub struct SubscriptionConfig {
-    /// Most unacknowledged deliveries the broker sends this consumer.
-    pub prefetch: u16,
-    /// Deliveries handled concurrently (one per lane; a subject keeps its lane).
-    pub lanes: usize,
-    /// Most deliveries of a lane applied in one transaction.
-    pub batch_size: usize,
-    /// Attempts of a transiently failing event before it is dead-lettered.
-    pub max_attempts: u32,
-    /// Delay before the first retry; doubles per attempt.
-    pub retry_initial: Duration,
-    /// Cap of the retry delay.
-    pub retry_max: Duration,
-    /// Delay before an early event (predecessor missing) is tried again.
-    pub defer_delay: Duration,
-    /// Deferrals before an early event is dead-lettered as `sequence_gap`.
-    pub max_deferrals: u32,
-    /// Longest a handler may run on one event (a batch handler: on one run)
-    /// before it counts as a transient failure.
-    pub handler_timeout: Duration,
-    /// Largest body accepted; larger ones are dead-lettered unread.
-    pub max_body: usize,
-    /// Inbox rows older than this are pruned.
-    pub inbox_retention: Duration,
-    /// Whether to publish outcomes on the live feed for `warren tail`.
-    pub live_feed: bool,
-    /// Test-only fault injection: stop dead at this point, as a process
-    /// that is about to be killed would.
-    #[cfg(feature = "testkit")]
-    pub crash_at: Option<CrashPoint>,
-}
-
-/// Where a test makes a consumer stop dead (feature `testkit`).
-#[cfg(feature = "testkit")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// The transaction committed, the ack not sent: the lane never goes
-    /// further (it does not return an error, which would let the session
-    /// clean up), so the test can kill the process with the delivery
-    /// still unacknowledged.
-    AfterCommit,
-}
-
-impl Default for SubscriptionConfig {
-    fn default() -> Self {
-        SubscriptionConfig {
-            prefetch: 64,
-            lanes: 8,
-            batch_size: 64,
-            max_attempts: 5,
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(30),
-            defer_delay: Duration::from_millis(250),
-            max_deferrals: 40,
-            handler_timeout: Duration::from_secs(10),
-            max_body: events::DEFAULT_MAX_BODY,
-            inbox_retention: Duration::from_secs(7 * 24 * 3600),
-            live_feed: true,
-            #[cfg(feature = "testkit")]
-            crash_at: None,
-        }
-    }
-}
-
-impl SubscriptionConfig {
-    /// Delay after failed attempt `attempt` (1-based): capped exponential.
-    pub fn retry_delay(&self, attempt: u32) -> Duration {
-        Backoff::delay_for(self.retry_initial, self.retry_max, attempt)
-    }
-
-    /// Every retry queue delay this configuration uses (one queue each).
-    pub fn retry_delays(&self) -> Vec<Duration> {
-        let mut d: Vec<Duration> = (1..self.max_attempts.max(2))
-            .map(|a| self.retry_delay(a))
-            .collect();
-        d.push(self.defer_delay);
-        d.sort();
-        d.dedup();
-        d
-    }
-}
 
 /// Why a session ended (the runtime reconnects by itself).
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +142,7 @@ impl Subscription {
                 ch,
                 self.router.service(),
                 &self.catalog.bindings(&self.router.handled_types()),
-                &self.config.retry_delays(),
+                &self.config.retry.delays(),
             )
             .await
     }

@@ -20,7 +20,7 @@ use warren_consumers::deadletter::{
     H_ATTEMPT, H_DEAD_LETTERED_AT, H_ERROR, H_REASON, H_ROUTING_KEY, H_SERVICE,
 };
 use warren_consumers::{
-    Batch, Context, Handle, HandleBatch, HandleError, Outcome, Router, Subscription,
+    Batch, Context, Handle, HandleBatch, HandleError, Outcome, RetryPolicy, Router, Subscription,
     SubscriptionConfig,
 };
 
@@ -100,11 +100,13 @@ fn config() -> SubscriptionConfig {
     SubscriptionConfig {
         prefetch: 16,
         lanes: 4,
-        max_attempts: 3,
-        retry_initial: Duration::from_millis(100),
-        retry_max: Duration::from_millis(400),
-        defer_delay: Duration::from_millis(100),
-        max_deferrals: 20,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            defer_delay: Duration::from_millis(100),
+            max_deferrals: 20,
+        },
         max_body: 4096,
         ..Default::default()
     }
@@ -158,7 +160,7 @@ async fn start_routed(
     )
     .unwrap();
     sub.declare(&bus.channel).await.unwrap();
-    bus.remember(SERVICE, &cfg.retry_delays());
+    bus.remember(SERVICE, &cfg.retry.delays());
     let stop = CancellationToken::new();
     let (s, t) = (sub.clone(), stop.clone());
     let task = tokio::spawn(async move { s.run(t).await });
@@ -662,7 +664,10 @@ async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_c
     let cfg = SubscriptionConfig {
         prefetch: 32,
         lanes: 4,
-        max_deferrals: SubscriptionConfig::default().max_deferrals,
+        retry: RetryPolicy {
+            max_deferrals: RetryPolicy::default().max_deferrals,
+            ..config().retry
+        },
         ..config()
     };
     let mut f = start_with(pool.clone(), Recorder::default(), None, cfg.clone()).await;
