@@ -27,6 +27,7 @@ pub mod deadletter;
 pub mod delivery;
 pub mod handler;
 pub mod inbox;
+mod lanes;
 pub mod outcome;
 pub mod retry;
 pub mod router;
