@@ -11,21 +11,9 @@
 //! 3. only then acknowledge each delivery, or forward it (retry, deferral,
 //!    dead letter) and then acknowledge it.
 //!
-//! # Per-subject order
-//! Events of one (source, subject) apply in `sequence` order. Inside a
-//! process, a subject always maps to the same lane, so deliveries of one
-//! subject are handled one after another in queue order. Across processes
-//! and after retries, the progress row decides: its row lock serialises
-//! handlers of the subject, and an event whose predecessor has not been
-//! applied is *deferred* (sent through the short retry queue) instead of
-//! applied. Limits: a predecessor that never comes (dead-lettered, or
-//! never published) holds its successors back `max_deferrals` times, then
-//! they are dead-lettered with reason `sequence_gap`; redriving the
-//! predecessor first and then them restores the order. An event at or
-//! below the applied sequence with a new id is dead-lettered as
-//! `stale_sequence`, never applied out of order.
+//! Which events of a batch apply now and in which runs is `order`'s
+//! call; what follows a failure or an early event is [`crate::retry`]'s.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +31,7 @@ use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
 use crate::inbox::Inbox;
+use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
 use crate::{HandleError, Router};
@@ -60,16 +49,6 @@ pub enum SettleError {
     /// Shut down while waiting for the database to come back.
     #[error("shut down before the delivery could be handled")]
     ShutDown,
-}
-
-/// What the transaction did with one event.
-#[derive(Debug, Clone, Copy)]
-enum Applied {
-    Handled,
-    Skipped,
-    Duplicate,
-    Early { expected: i64 },
-    Stale { last: i64 },
 }
 
 /// Everything a lane needs to settle deliveries.
@@ -147,44 +126,60 @@ impl Processor {
             match decoded {
                 Ok(e) => good.push((delivery, e)),
                 Err(e) => {
-                    let mut record = self.record_for(&delivery, None);
-                    let undecodable = Decision::DeadLetter {
-                        reason: e.kind(),
-                        error: e.to_string(),
-                    };
-                    self.carry_out(&delivery, &mut record, undecodable).await?;
+                    let record = self.dead_letter_undecodable(&delivery, &e).await?;
                     settled.push((delivery, record));
                 }
             }
         }
-        if good.is_empty() {
-            return self.finish(settled, started).await;
-        }
-        let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
-        let results: Vec<Result<Applied, HandleError>> = match self
-            .apply_waiting(conn, &envelopes, shutdown)
-            .await?
-        {
-            Ok(applied) => applied.into_iter().map(Ok).collect(),
-            Err(e) if envelopes.len() == 1 => vec![Err(e)],
-            Err(e) => {
-                tracing::debug!(error = %e, size = envelopes.len(), "batch failed; applying one by one");
-                let mut one_by_one = Vec::with_capacity(envelopes.len());
-                for env in &envelopes {
-                    one_by_one.push(
-                        self.apply_waiting(conn, &[env], shutdown)
-                            .await?
-                            .map(|a| a[0]),
-                    );
-                }
-                one_by_one
+        if !good.is_empty() {
+            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+            let results = self.apply_batch(conn, &envelopes, shutdown).await?;
+            for ((delivery, envelope), result) in good.into_iter().zip(results) {
+                let record = self.settle(&delivery, &envelope, result).await?;
+                settled.push((delivery, record));
             }
-        };
-        for ((delivery, envelope), result) in good.into_iter().zip(results) {
-            let record = self.settle(&delivery, &envelope, result).await?;
-            settled.push((delivery, record));
         }
         self.finish(settled, started).await
+    }
+
+    /// Dead-letters a delivery that did not decode, with the decoder's
+    /// reason.
+    async fn dead_letter_undecodable(
+        &self,
+        delivery: &Delivery,
+        error: &DecodeError,
+    ) -> Result<OutcomeRecord, SettleError> {
+        let mut record = self.record_for(delivery, None);
+        let decision = Decision::DeadLetter {
+            reason: error.kind(),
+            error: error.to_string(),
+        };
+        self.carry_out(delivery, &mut record, decision).await?;
+        Ok(record)
+    }
+
+    /// Applies `events` in one transaction and, if that fails, each in a
+    /// transaction of its own, so the error lands on the event that causes
+    /// it: one result per event.
+    async fn apply_batch(
+        &self,
+        conn: &mut Held,
+        events: &[&Envelope],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Result<Applied, HandleError>>, SettleError> {
+        match self.apply_waiting(conn, events, shutdown).await? {
+            Ok(applied) => Ok(applied.into_iter().map(Ok).collect()),
+            Err(e) if events.len() == 1 => Ok(vec![Err(e)]),
+            Err(e) => {
+                tracing::debug!(error = %e, size = events.len(), "batch failed; applying one by one");
+                let mut one_by_one = Vec::with_capacity(events.len());
+                for event in events {
+                    let alone = self.apply_waiting(conn, &[event], shutdown).await?;
+                    one_by_one.push(alone.map(|a| a[0]));
+                }
+                Ok(one_by_one)
+            }
+        }
     }
 
     /// Applies, waiting in place (with backoff) while the database is
@@ -241,104 +236,61 @@ impl Processor {
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
         let admissions = self.inbox.admit(&mut tx, events).await?;
-
-        // Each event's fate. An admitted event whose id an earlier event of
-        // this batch already took is a duplicate, whatever the inbox said.
-        let mut plan: Vec<Option<Applied>> = Vec::with_capacity(events.len());
-        let mut taken: HashSet<uuid::Uuid> = HashSet::new();
-        let mut candidates: Vec<usize> = Vec::new();
-        let mut behind: Vec<uuid::Uuid> = Vec::new();
-        for (i, (e, a)) in events.iter().zip(&admissions).enumerate() {
-            if a.admitted {
-                if a.new && taken.insert(e.id) {
-                    candidates.push(i);
-                    plan.push(None);
-                } else {
-                    plan.push(Some(Applied::Duplicate));
-                }
-            } else if e.sequence <= a.last {
-                if taken.contains(&e.id) {
-                    plan.push(Some(Applied::Duplicate));
-                } else {
-                    behind.push(e.id);
-                    plan.push(Some(Applied::Stale { last: a.last }));
-                }
-            } else {
-                plan.push(Some(Applied::Early {
-                    expected: a.last + 1,
-                }));
-            }
-        }
+        let mut plan = order::plan(events, &admissions);
         // Rare: at or below the applied sequence. Asked in a statement of
         // its own, whose snapshot is taken with the progress rows locked,
         // so a copy applied by another consumer just before counts as seen.
-        if !behind.is_empty() {
-            let seen = self.inbox.existing(&mut tx, &behind).await?;
-            for (e, slot) in events.iter().zip(plan.iter_mut()) {
-                if matches!(slot, Some(Applied::Stale { .. })) && seen.contains(&e.id) {
-                    *slot = Some(Applied::Duplicate);
-                }
-            }
+        if !plan.behind.is_empty() {
+            let seen = self.inbox.existing(&mut tx, &plan.behind).await?;
+            plan.mark_seen(events, &seen);
         }
-
-        // Handlers get runs: consecutive events (in stream order) of one
-        // type, so a batch handler writes a run in one statement. Our own
-        // events coming back (or ours replayed from elsewhere) go alone,
-        // after keeping our sequence counter past them.
-        let order = in_stream_order(events, candidates);
-        let mut rest = &order[..];
-        while let Some(&first) = rest.first() {
-            let head = events[first];
-            let own = head.source == self.own_source;
-            let len = if own {
-                1
-            } else {
-                rest.iter()
-                    .take_while(|&&i| {
-                        events[i].event_type == head.event_type
-                            && events[i].source != self.own_source
-                    })
-                    .count()
-            };
-            let (run, tail) = rest.split_at(len);
-            rest = tail;
-            if own {
-                self.outbox
-                    .observe(&mut tx, &head.subject, head.sequence)
-                    .await?;
-            }
-            let outcome = match self.router.handler(&head.event_type) {
-                Some(h) => {
-                    let run_events: Vec<&Envelope> = run.iter().map(|&i| events[i]).collect();
-                    h.call(
-                        &mut tx,
-                        &self.outbox,
-                        &run_events,
-                        self.config.handler_timeout,
-                    )
-                    .await?;
-                    Applied::Handled
-                }
-                None => Applied::Skipped,
-            };
-            for &i in run {
-                plan[i] = Some(outcome);
-            }
+        for run in order::runs(events, &plan.candidates, &self.own_source) {
+            let outcome = self.handle_run(&mut tx, events, &run).await?;
+            plan.ran(&run, outcome);
         }
         tx.commit().await?;
         #[cfg(feature = "testkit")]
+        self.crash_point_after_commit(events.len()).await;
+        Ok(plan.fates())
+    }
+
+    /// Runs the handler of a run's type on its events, in the open
+    /// transaction. An event of our own first keeps the outbox's sequence
+    /// counter past it, so the next append on its subject numbers after it.
+    async fn handle_run(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Envelope],
+        run: &Run,
+    ) -> Result<Applied, HandleError> {
+        let head = events[run.events[0]];
+        if run.own {
+            self.outbox
+                .observe(tx, &head.subject, head.sequence)
+                .await?;
+        }
+        let Some(handler) = self.router.handler(&head.event_type) else {
+            return Ok(Applied::Skipped);
+        };
+        let run_events: Vec<&Envelope> = run.events.iter().map(|&i| events[i]).collect();
+        handler
+            .call(tx, &self.outbox, &run_events, self.config.handler_timeout)
+            .await?;
+        Ok(Applied::Handled)
+    }
+
+    /// Test-only fault injection: halts the lane for good after a commit,
+    /// before any ack, when the test asked for it.
+    #[cfg(feature = "testkit")]
+    async fn crash_point_after_commit(&self, events: usize) {
         if self.config.crash_at == Some(crate::config::CrashPoint::AfterCommit) {
             tracing::error!(
                 service = self.router.service(),
-                events = events.len(),
+                events,
                 "crash point after commit reached; halting before the ack"
             );
             std::future::pending::<()>().await;
         }
-        Ok(plan
-            .into_iter()
-            .map(|a| a.unwrap_or(Applied::Duplicate))
-            .collect())
     }
 
     /// Acts on one event's result: ack, retry, defer or dead-letter.
@@ -475,32 +427,6 @@ impl Processor {
     }
 }
 
-/// The order to run the admitted events (`candidates`, indexes into
-/// `events` in delivery order) in: delivery order, except that within a
-/// stream the sequences go up. A batch may bring 7 before 6; both are
-/// admitted, and 6 must apply first; other streams keep their places.
-fn in_stream_order(events: &[&Envelope], candidates: Vec<usize>) -> Vec<usize> {
-    let mut by_stream: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-    for &i in &candidates {
-        by_stream
-            .entry((events[i].source.as_str(), events[i].subject.as_str()))
-            .or_default()
-            .push(i);
-    }
-    let mut order = candidates.clone();
-    for slots in by_stream.values() {
-        let mut sorted = slots.clone();
-        sorted.sort_by_key(|&i| events[i].sequence);
-        // `slots` are in delivery order, so are the places in `order`.
-        for (slot, i) in slots.iter().zip(sorted) {
-            if let Ok(place) = candidates.binary_search(slot) {
-                order[place] = i;
-            }
-        }
-    }
-    order
-}
-
 /// AMQP header values as JSON, for binary-mode attributes.
 fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
     use serde_json::Value;
@@ -523,44 +449,5 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
         }
         AMQPValue::Timestamp(t) => (*t).into(),
         _ => Value::Null,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(subject: &str, sequence: i64) -> Envelope {
-        #[derive(serde::Serialize, serde::Deserialize)]
-        struct Noted {}
-        impl events::EventData for Noted {
-            const TYPE: &'static str = "thing.noted";
-            const VERSION: u32 = 1;
-            const SOURCE: &'static str = "t";
-        }
-        let mut e = Envelope::new("t", subject.to_owned(), &Noted {});
-        e.sequence = sequence;
-        e
-    }
-
-    #[test]
-    fn in_stream_order_sorts_sequences_within_a_stream_and_keeps_other_places() {
-        let evs = [
-            event("a", 7),
-            event("b", 1),
-            event("a", 6),
-            event("c", 3),
-            event("a", 8),
-        ];
-        let refs: Vec<&Envelope> = evs.iter().collect();
-        // Every event admitted: a's slots 0, 2, 4 take 6, 7, 8 (indexes
-        // 2, 0, 4); b and c stay where they were.
-        assert_eq!(
-            in_stream_order(&refs, vec![0, 1, 2, 3, 4]),
-            vec![2, 1, 0, 3, 4]
-        );
-        // Only some admitted.
-        assert_eq!(in_stream_order(&refs, vec![0, 2, 3]), vec![2, 0, 3]);
-        assert!(in_stream_order(&refs, vec![]).is_empty());
     }
 }

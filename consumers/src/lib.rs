@@ -28,6 +28,7 @@ pub mod delivery;
 pub mod handler;
 pub mod inbox;
 mod lanes;
+mod order;
 pub mod outcome;
 pub mod retry;
 pub mod router;
