@@ -19,7 +19,7 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use producers::{Outbox, OutboxError};
+use producers::Outbox;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use transport::{self, ConnectError};
@@ -34,9 +34,13 @@ use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
 use crate::Router;
 
-/// Why a session ended (the runtime reconnects by itself).
+/// Why a subscription could not be built, or why a session ended (the
+/// runtime reconnects by itself then).
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriptionError {
+    /// The service's name cannot name its schema and queues.
+    #[error("invalid service name {0:?}: use lower-case letters, digits and _")]
+    InvalidService(String),
     /// Could not reach the broker.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -79,8 +83,11 @@ impl Subscription {
         amqp_url: impl Into<String>,
         topology: Topology,
         config: SubscriptionConfig,
-    ) -> Result<Self, OutboxError> {
-        let outbox = Outbox::new(router.service())?;
+    ) -> Result<Self, SubscriptionError> {
+        // The outbox checks the name (it becomes SQL); that is the only
+        // way its constructor fails.
+        let outbox = Outbox::new(router.service())
+            .map_err(|_| SubscriptionError::InvalidService(router.service().to_owned()))?;
         Ok(Subscription {
             inbox: Inbox::new(router.service()),
             outbox,
@@ -302,6 +309,32 @@ impl Subscription {
             Ok(0) => {}
             Ok(n) => tracing::info!(service, deleted = n, "pruned inbox rows"),
             Err(e) => tracing::warn!(service, error = %e, "inbox retention failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_name_that_cannot_name_a_schema_is_refused_with_our_error() {
+        // Lazy: nothing connects, the name is refused before.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://postgres@127.0.0.1/unused")
+            .expect("a well-formed URL");
+        let built = Subscription::new(
+            Router::new("Orders; DROP"),
+            Catalog::new(),
+            pool,
+            "amqp://127.0.0.1",
+            Topology::new("t"),
+            SubscriptionConfig::default(),
+        );
+        match built {
+            Err(SubscriptionError::InvalidService(name)) => assert_eq!(name, "Orders; DROP"),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("accepted"),
         }
     }
 }
