@@ -13,7 +13,7 @@
 //! |---|---|
 //! | [`HandleError::Transient`] (or `Unavailable`), attempts left | retry after a capped exponential delay, as the next attempt |
 //! | the same, at `max_attempts` | dead letter, `retries_exhausted` |
-//! | [`HandleError::Throttled`] | retry after the same delay, as the same attempt (nothing was tried) |
+//! | [`HandleError::Throttled`] | retry after the attempt's delay (at most the last tier's), as the same attempt (nothing was tried) |
 //! | [`HandleError::Permanent`] | dead letter, `handler_rejected` |
 //! | early event, deferrals left | defer by `defer_delay` |
 //! | early event, `max_deferrals` used up | dead letter, `sequence_gap` |
@@ -127,7 +127,10 @@ impl RetryPolicy {
             }
             HandleError::Throttled(e) => {
                 // Same attempt number: nothing was tried, so nothing spent.
-                let delay = self.delay_for(attempt);
+                // At or past the last attempt, the last declared tier: a
+                // delay with no queue would make the forward fail.
+                let last_tier = self.max_attempts.max(2) - 1;
+                let delay = self.delay_for(attempt.min(last_tier));
                 Decision::RetryIn {
                     delay,
                     attempt,
@@ -250,6 +253,29 @@ mod tests {
                 error: "no such order".into(),
             }
         );
+    }
+
+    #[test]
+    fn every_retry_goes_to_a_declared_queue_even_throttled_at_the_last_attempt() {
+        for p in [policy(), RetryPolicy::default()] {
+            let declared = p.delays();
+            for attempt in 1..=p.max_attempts + 2 {
+                for e in [
+                    HandleError::transient("x"),
+                    HandleError::Throttled("x".into()),
+                ] {
+                    if let Decision::RetryIn { delay, .. } = p.after_failure(attempt, &e) {
+                        assert!(
+                            declared.contains(&delay),
+                            "{delay:?} after attempt {attempt}"
+                        );
+                    }
+                }
+                if let Decision::DeferIn { delay, .. } = p.after_early(attempt, "w".into()) {
+                    assert!(declared.contains(&delay));
+                }
+            }
+        }
     }
 
     #[test]
