@@ -271,7 +271,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     sink.stop().await;
     producing.stop().await;
     topology
-        .delete_service(&setup_ch, SINK, &config.retry_delays())
+        .delete_service(&setup_ch, SINK, &config.retry.delays())
         .await?;
     topology.delete_exchange(&setup_ch).await?;
     let _ = setup.close(200, "bench done").await;

@@ -9,7 +9,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use consumers::SubscriptionConfig;
+use consumers::{RetryPolicy, SubscriptionConfig};
 use events::{Codec, Envelope};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -333,11 +333,14 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
     // The whole shipping service on its own credentials: it declares its
     // queues, consumes, handles in its schema and relays what it raises.
     let subscription = SubscriptionConfig {
-        retry_initial: Duration::from_millis(100),
-        retry_max: Duration::from_millis(400),
+        retry: RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    bus.remember("shipping", &subscription.retry_delays());
+    bus.remember("shipping", &subscription.retry.delays());
     let own_pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_with(role_options(&pool, &shipping, &pw))

@@ -6,6 +6,9 @@
 //! `<ns>.<service>.dlq` with headers that say why. In both cases the
 //! original is acknowledged only after the copy is confirmed, so a crash in
 //! between leaves a duplicate (absorbed by the inbox), never a loss.
+//!
+//! When to retry, after what delay and when to give up is the
+//! [`crate::retry`] policy's call; this module only carries it out.
 
 use std::time::Duration;
 

@@ -11,23 +11,11 @@
 //! 3. only then acknowledge each delivery, or forward it (retry, deferral,
 //!    dead letter) and then acknowledge it.
 //!
-//! # Per-subject order
-//! Events of one (source, subject) apply in `sequence` order. Inside a
-//! process, a subject always maps to the same lane, so deliveries of one
-//! subject are handled one after another in queue order. Across processes
-//! and after retries, the progress row decides: its row lock serialises
-//! handlers of the subject, and an event whose predecessor has not been
-//! applied is *deferred* (sent through the short retry queue) instead of
-//! applied. Limits: a predecessor that never comes (dead-lettered, or
-//! never published) holds its successors back `max_deferrals` times, then
-//! they are dead-lettered with reason `sequence_gap`; redriving the
-//! predecessor first and then them restores the order. An event at or
-//! below the applied sequence with a new id is dead-lettered as
-//! `stale_sequence`, never applied out of order.
+//! Which events of a batch apply now and in which runs is `order`'s
+//! call; what follows a failure or an early event is [`crate::retry`]'s.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use events::{Codec, DecodeError, Envelope};
 use lapin::message::Delivery;
@@ -36,15 +24,17 @@ use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
-use transport::Backoff;
 
 use crate::acks::Acks;
+use crate::config::SubscriptionConfig;
 use crate::deadletter::{
     header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
 use crate::inbox::Inbox;
+use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
-use crate::{HandleError, Router, SubscriptionConfig};
+use crate::retry::Decision;
+use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
 /// redelivers it, and the inbox absorbs what had already been applied).
@@ -59,16 +49,6 @@ pub enum SettleError {
     /// Shut down while waiting for the database to come back.
     #[error("shut down before the delivery could be handled")]
     ShutDown,
-}
-
-/// What the transaction did with one event.
-#[derive(Debug, Clone, Copy)]
-enum Applied {
-    Handled,
-    Skipped,
-    Duplicate,
-    Early { expected: i64 },
-    Stale { last: i64 },
 }
 
 /// Everything a lane needs to settle deliveries.
@@ -146,41 +126,60 @@ impl Processor {
             match decoded {
                 Ok(e) => good.push((delivery, e)),
                 Err(e) => {
-                    let mut record = self.record_for(&delivery, None);
-                    self.dead_letter(&delivery, &mut record, e.kind(), e.to_string())
-                        .await?;
+                    let record = self.dead_letter_undecodable(&delivery, &e).await?;
                     settled.push((delivery, record));
                 }
             }
         }
-        if good.is_empty() {
-            return self.finish(settled, started).await;
-        }
-        let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
-        let results: Vec<Result<Applied, HandleError>> = match self
-            .apply_waiting(conn, &envelopes, shutdown)
-            .await?
-        {
-            Ok(applied) => applied.into_iter().map(Ok).collect(),
-            Err(e) if envelopes.len() == 1 => vec![Err(e)],
-            Err(e) => {
-                tracing::debug!(error = %e, size = envelopes.len(), "batch failed; applying one by one");
-                let mut one_by_one = Vec::with_capacity(envelopes.len());
-                for env in &envelopes {
-                    one_by_one.push(
-                        self.apply_waiting(conn, &[env], shutdown)
-                            .await?
-                            .map(|a| a[0]),
-                    );
-                }
-                one_by_one
+        if !good.is_empty() {
+            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+            let results = self.apply_batch(conn, &envelopes, shutdown).await?;
+            for ((delivery, envelope), result) in good.into_iter().zip(results) {
+                let record = self.settle(&delivery, &envelope, result).await?;
+                settled.push((delivery, record));
             }
-        };
-        for ((delivery, envelope), result) in good.into_iter().zip(results) {
-            let record = self.settle(&delivery, &envelope, result).await?;
-            settled.push((delivery, record));
         }
         self.finish(settled, started).await
+    }
+
+    /// Dead-letters a delivery that did not decode, with the decoder's
+    /// reason.
+    async fn dead_letter_undecodable(
+        &self,
+        delivery: &Delivery,
+        error: &DecodeError,
+    ) -> Result<OutcomeRecord, SettleError> {
+        let mut record = self.record_for(delivery, None);
+        let decision = Decision::DeadLetter {
+            reason: error.kind(),
+            error: error.to_string(),
+        };
+        self.carry_out(delivery, &mut record, decision).await?;
+        Ok(record)
+    }
+
+    /// Applies `events` in one transaction and, if that fails, each in a
+    /// transaction of its own, so the error lands on the event that causes
+    /// it: one result per event.
+    async fn apply_batch(
+        &self,
+        conn: &mut Held,
+        events: &[&Envelope],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Result<Applied, HandleError>>, SettleError> {
+        match self.apply_waiting(conn, events, shutdown).await? {
+            Ok(applied) => Ok(applied.into_iter().map(Ok).collect()),
+            Err(e) if events.len() == 1 => Ok(vec![Err(e)]),
+            Err(e) => {
+                tracing::debug!(error = %e, size = events.len(), "batch failed; applying one by one");
+                let mut one_by_one = Vec::with_capacity(events.len());
+                for event in events {
+                    let alone = self.apply_waiting(conn, &[event], shutdown).await?;
+                    one_by_one.push(alone.map(|a| a[0]));
+                }
+                Ok(one_by_one)
+            }
+        }
     }
 
     /// Applies, waiting in place (with backoff) while the database is
@@ -191,10 +190,7 @@ impl Processor {
         events: &[&Envelope],
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(100),
-            self.config.retry_max.max(Duration::from_millis(200)),
-        );
+        let mut backoff = self.config.retry.hold_backoff();
         loop {
             match self.apply(conn, events).await {
                 Err(HandleError::Unavailable(e)) => {
@@ -240,53 +236,19 @@ impl Processor {
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
         let admissions = self.inbox.admit(&mut tx, events).await?;
-
-        // Each event's fate. An admitted event whose id an earlier event of
-        // this batch already took is a duplicate, whatever the inbox said.
-        let mut plan: Vec<Option<Applied>> = Vec::with_capacity(events.len());
-        let mut taken: HashSet<uuid::Uuid> = HashSet::new();
-        let mut candidates: Vec<usize> = Vec::new();
-        let mut behind: Vec<uuid::Uuid> = Vec::new();
-        for (i, (e, a)) in events.iter().zip(&admissions).enumerate() {
-            if a.admitted {
-                if a.new && taken.insert(e.id) {
-                    candidates.push(i);
-                    plan.push(None);
-                } else {
-                    plan.push(Some(Applied::Duplicate));
-                }
-            } else if e.sequence <= a.last {
-                if taken.contains(&e.id) {
-                    plan.push(Some(Applied::Duplicate));
-                } else {
-                    behind.push(e.id);
-                    plan.push(Some(Applied::Stale { last: a.last }));
-                }
-            } else {
-                plan.push(Some(Applied::Early {
-                    expected: a.last + 1,
-                }));
-            }
-        }
+        let mut plan = order::plan(events, &admissions);
         // Rare: at or below the applied sequence. Asked in a statement of
         // its own, whose snapshot is taken with the progress rows locked,
         // so a copy applied by another consumer just before counts as seen.
-        if !behind.is_empty() {
-            let seen = self.inbox.existing(&mut tx, &behind).await?;
-            for (e, slot) in events.iter().zip(plan.iter_mut()) {
-                if matches!(slot, Some(Applied::Stale { .. })) && seen.contains(&e.id) {
-                    *slot = Some(Applied::Duplicate);
-                }
-            }
+        if !plan.behind.is_empty() {
+            let seen = self.inbox.existing(&mut tx, &plan.behind).await?;
+            plan.mark_seen(events, &seen);
         }
-
-        // Handlers get runs: consecutive events (in stream order) of one
-        // type, so a batch handler writes a run in one statement. Our own
-        // events coming back (or ours replayed from elsewhere) go alone,
-        // after keeping our sequence counter past them.
-        let order = in_stream_order(events, candidates);
+        // A preparer (e.g. locking every row the batch will touch, in one
+        // order) sees the events about to be handled, once, first.
         if let Some(preparer) = self.router.preparer() {
-            let handled: Vec<&Envelope> = order
+            let handled: Vec<&Envelope> = plan
+                .candidates
                 .iter()
                 .map(|&i| events[i])
                 .filter(|e| self.router.handler(&e.event_type).is_some())
@@ -299,59 +261,53 @@ impl Processor {
                 .await?;
             }
         }
-        let mut rest = &order[..];
-        while let Some(&first) = rest.first() {
-            let head = events[first];
-            let own = head.source == self.own_source;
-            let len = if own {
-                1
-            } else {
-                rest.iter()
-                    .take_while(|&&i| {
-                        events[i].event_type == head.event_type
-                            && events[i].source != self.own_source
-                    })
-                    .count()
-            };
-            let (run, tail) = rest.split_at(len);
-            rest = tail;
-            if own {
-                self.outbox
-                    .observe(&mut tx, &head.subject, head.sequence)
-                    .await?;
-            }
-            let outcome = match self.router.handler(&head.event_type) {
-                Some(h) => {
-                    let run_events: Vec<&Envelope> = run.iter().map(|&i| events[i]).collect();
-                    h.call(
-                        &mut tx,
-                        &self.outbox,
-                        &run_events,
-                        self.config.handler_timeout,
-                    )
-                    .await?;
-                    Applied::Handled
-                }
-                None => Applied::Skipped,
-            };
-            for &i in run {
-                plan[i] = Some(outcome);
-            }
+        for run in order::runs(events, &plan.candidates, &self.own_source) {
+            let outcome = self.handle_run(&mut tx, events, &run).await?;
+            plan.ran(&run, outcome);
         }
         tx.commit().await?;
         #[cfg(feature = "testkit")]
-        if self.config.crash_at == Some(crate::subscription::CrashPoint::AfterCommit) {
+        self.crash_point_after_commit(events.len()).await;
+        Ok(plan.fates())
+    }
+
+    /// Runs the handler of a run's type on its events, in the open
+    /// transaction. An event of our own first keeps the outbox's sequence
+    /// counter past it, so the next append on its subject numbers after it.
+    async fn handle_run(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Envelope],
+        run: &Run,
+    ) -> Result<Applied, HandleError> {
+        let head = events[run.events[0]];
+        if run.own {
+            self.outbox
+                .observe(tx, &head.subject, head.sequence)
+                .await?;
+        }
+        let Some(handler) = self.router.handler(&head.event_type) else {
+            return Ok(Applied::Skipped);
+        };
+        let run_events: Vec<&Envelope> = run.events.iter().map(|&i| events[i]).collect();
+        handler
+            .call(tx, &self.outbox, &run_events, self.config.handler_timeout)
+            .await?;
+        Ok(Applied::Handled)
+    }
+
+    /// Test-only fault injection: halts the lane for good after a commit,
+    /// before any ack, when the test asked for it.
+    #[cfg(feature = "testkit")]
+    async fn crash_point_after_commit(&self, events: usize) {
+        if self.config.crash_at == Some(crate::config::CrashPoint::AfterCommit) {
             tracing::error!(
                 service = self.router.service(),
-                events = events.len(),
+                events,
                 "crash point after commit reached; halting before the ack"
             );
             std::future::pending::<()>().await;
         }
-        Ok(plan
-            .into_iter()
-            .map(|a| a.unwrap_or(Applied::Duplicate))
-            .collect())
     }
 
     /// Acts on one event's result: ack, retry, defer or dead-letter.
@@ -361,74 +317,74 @@ impl Processor {
         envelope: &Envelope,
         result: Result<Applied, HandleError>,
     ) -> Result<OutcomeRecord, SettleError> {
-        let c = &self.config;
         let mut record = self.record_for(delivery, Some(envelope));
-        let attempt = record.attempt;
-        match result {
-            Ok(Applied::Handled) => record.outcome = Outcome::Handled,
-            Ok(Applied::Skipped) => record.outcome = Outcome::Skipped,
-            Ok(Applied::Duplicate) => record.outcome = Outcome::Duplicate,
+        let retry = &self.config.retry;
+        let decision = match result {
+            Ok(Applied::Handled) => return Ok(record.with_outcome(Outcome::Handled)),
+            Ok(Applied::Skipped) => return Ok(record.with_outcome(Outcome::Skipped)),
+            Ok(Applied::Duplicate) => return Ok(record.with_outcome(Outcome::Duplicate)),
             Ok(Applied::Early { expected }) => {
-                let deferrals = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0) + 1;
+                let deferred = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0);
                 let why = format!(
                     "sequence {} of subject {} from {} arrived before {expected}",
                     envelope.sequence, envelope.subject, envelope.source
                 );
-                if deferrals > c.max_deferrals {
-                    let error = format!("{why}; gave up after {} deferrals", c.max_deferrals);
-                    self.dead_letter(delivery, &mut record, "sequence_gap", error)
-                        .await?;
-                } else {
-                    self.forwarder
-                        .retry(delivery, c.defer_delay, H_DEFERRALS, deferrals)
-                        .await?;
-                    record.outcome = Outcome::Deferred;
-                    record.reason = Some("sequence_gap".into());
-                    record.error = Some(why);
-                }
+                retry.after_early(deferred, why)
             }
-            Ok(Applied::Stale { last }) => {
-                let error = format!(
+            Ok(Applied::Stale { last }) => Decision::DeadLetter {
+                reason: "stale_sequence",
+                error: format!(
                     "sequence {} of subject {} from {} is at or below the applied sequence {last}, under a new event id",
                     envelope.sequence, envelope.subject, envelope.source
-                );
-                self.dead_letter(delivery, &mut record, "stale_sequence", error)
-                    .await?;
-            }
-            // Unavailable is waited out before we get here; should it
-            // arrive anyway, a broker retry is the safe place for it.
-            Err(HandleError::Transient(e) | HandleError::Unavailable(e))
-                if attempt < c.max_attempts =>
-            {
-                let delay = c.retry_delay(attempt);
-                self.forwarder
-                    .retry(delivery, delay, H_ATTEMPT, attempt + 1)
-                    .await?;
-                record.outcome = Outcome::Retried;
-                record.reason = Some("transient".into());
-                record.error = Some(format!("{e}; retry in {delay:?}"));
-            }
-            Err(HandleError::Throttled(e)) => {
-                // Same attempt number: nothing was tried, so nothing spent.
-                let delay = c.retry_delay(attempt);
+                ),
+            },
+            Err(e) => retry.after_failure(record.attempt, &e),
+        };
+        self.carry_out(delivery, &mut record, decision).await?;
+        Ok(record)
+    }
+
+    /// Forwards a delivery as `decision` says and records it as its
+    /// outcome.
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        record: &mut OutcomeRecord,
+        decision: Decision,
+    ) -> Result<(), SettleError> {
+        let (outcome, reason, error) = match decision {
+            Decision::RetryIn {
+                delay,
+                attempt,
+                reason,
+                error,
+            } => {
                 self.forwarder
                     .retry(delivery, delay, H_ATTEMPT, attempt)
                     .await?;
-                record.outcome = Outcome::Retried;
-                record.reason = Some("throttled".into());
-                record.error = Some(format!("{e}; retry in {delay:?}"));
+                (Outcome::Retried, reason, error)
             }
-            Err(HandleError::Transient(e) | HandleError::Unavailable(e)) => {
-                let error = format!("{e} (after {attempt} attempts)");
-                self.dead_letter(delivery, &mut record, "retries_exhausted", error)
+            Decision::DeferIn {
+                delay,
+                deferrals,
+                error,
+            } => {
+                self.forwarder
+                    .retry(delivery, delay, H_DEFERRALS, deferrals)
                     .await?;
+                (Outcome::Deferred, "sequence_gap", error)
             }
-            Err(HandleError::Permanent(e)) => {
-                self.dead_letter(delivery, &mut record, "handler_rejected", e)
+            Decision::DeadLetter { reason, error } => {
+                self.forwarder
+                    .dead_letter(delivery, reason, &error, record.attempt)
                     .await?;
+                (Outcome::DeadLettered, reason, error)
             }
-        }
-        Ok(record)
+        };
+        record.outcome = outcome;
+        record.reason = Some(reason.to_owned());
+        record.error = Some(error);
+        Ok(())
     }
 
     /// The outcome record of a delivery, before its outcome is known.
@@ -460,22 +416,6 @@ impl Processor {
         }
     }
 
-    async fn dead_letter(
-        &self,
-        delivery: &Delivery,
-        record: &mut OutcomeRecord,
-        reason: &str,
-        error: String,
-    ) -> Result<(), SettleError> {
-        self.forwarder
-            .dead_letter(delivery, reason, &error, record.attempt)
-            .await?;
-        record.outcome = Outcome::DeadLettered;
-        record.reason = Some(reason.to_owned());
-        record.error = Some(error);
-        Ok(())
-    }
-
     /// Acknowledges a batch's deliveries, all of them after their commit
     /// (or their forward to a retry or dead-letter queue), then reports
     /// each outcome. One ack with `multiple` covers the batch and whatever
@@ -504,32 +444,6 @@ impl Processor {
     }
 }
 
-/// The order to run the admitted events (`candidates`, indexes into
-/// `events` in delivery order) in: delivery order, except that within a
-/// stream the sequences go up. A batch may bring 7 before 6; both are
-/// admitted, and 6 must apply first; other streams keep their places.
-fn in_stream_order(events: &[&Envelope], candidates: Vec<usize>) -> Vec<usize> {
-    let mut by_stream: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-    for &i in &candidates {
-        by_stream
-            .entry((events[i].source.as_str(), events[i].subject.as_str()))
-            .or_default()
-            .push(i);
-    }
-    let mut order = candidates.clone();
-    for slots in by_stream.values() {
-        let mut sorted = slots.clone();
-        sorted.sort_by_key(|&i| events[i].sequence);
-        // `slots` are in delivery order, so are the places in `order`.
-        for (slot, i) in slots.iter().zip(sorted) {
-            if let Ok(place) = candidates.binary_search(slot) {
-                order[place] = i;
-            }
-        }
-    }
-    order
-}
-
 /// AMQP header values as JSON, for binary-mode attributes.
 fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
     use serde_json::Value;
@@ -552,44 +466,5 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
         }
         AMQPValue::Timestamp(t) => (*t).into(),
         _ => Value::Null,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(subject: &str, sequence: i64) -> Envelope {
-        #[derive(serde::Serialize, serde::Deserialize)]
-        struct Noted {}
-        impl events::EventData for Noted {
-            const TYPE: &'static str = "thing.noted";
-            const VERSION: u32 = 1;
-            const SOURCE: &'static str = "t";
-        }
-        let mut e = Envelope::new("t", subject.to_owned(), &Noted {});
-        e.sequence = sequence;
-        e
-    }
-
-    #[test]
-    fn in_stream_order_sorts_sequences_within_a_stream_and_keeps_other_places() {
-        let evs = [
-            event("a", 7),
-            event("b", 1),
-            event("a", 6),
-            event("c", 3),
-            event("a", 8),
-        ];
-        let refs: Vec<&Envelope> = evs.iter().collect();
-        // Every event admitted: a's slots 0, 2, 4 take 6, 7, 8 (indexes
-        // 2, 0, 4); b and c stay where they were.
-        assert_eq!(
-            in_stream_order(&refs, vec![0, 1, 2, 3, 4]),
-            vec![2, 1, 0, 3, 4]
-        );
-        // Only some admitted.
-        assert_eq!(in_stream_order(&refs, vec![0, 2, 3]), vec![2, 0, 3]);
-        assert!(in_stream_order(&refs, vec![]).is_empty());
     }
 }

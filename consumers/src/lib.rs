@@ -12,27 +12,47 @@
 //! - [`handler`]: the [`Handle`], [`HandleBatch`] and [`Prepare`] traits, the [`Context`] and [`Batch`]
 //!   a handler gets, [`HandleError`].
 //! - [`router`]: registration of typed handlers (one event or a run of them) per event type.
-//! - [`subscription`]: connection, consumer, lanes by subject, shutdown, reconnects.
-//! - [`delivery`]: what happens to one delivery: decode, inbox, order check, handler, outcome.
+//! - [`config`]: [`SubscriptionConfig`], the tuning of a subscription.
+//! - [`subscription`]: a session's steps: connect, declare, consume, feed the lanes, drain,
+//!   reconnect.
+//! - `lanes`: the per-subject workers a session fans deliveries out to, with their bounded
+//!   queues and held database connections.
+//! - [`delivery`]: what happens to a lane's batch: decode, one transaction (inbox, order,
+//!   handlers), then settle each delivery and acknowledge.
+//! - `order`: per-subject order: which events of a batch apply now, which are duplicate,
+//!   early or stale, and the runs handlers get.
+//! - [`retry`]: the [`RetryPolicy`]: retry delays, attempts, deferrals and when to give up,
+//!   as a [`Decision`].
+//! - [`deadletter`]: carrying decisions out through the broker (retry queues, dead-letter
+//!   queue) and the headers they set.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
 //! - [`install`]: the inbox's tables, installed by the library's versioned installer.
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
-//! - [`deadletter`]: delayed retries and dead letters through the broker, and their headers.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
 //! - `testkit` (feature): fault injection for the integration tests
-//!   (`subscription::CrashPoint`), inert unless a test sets it.
+//!   (`config::CrashPoint`), inert unless a test sets it.
+
+#![warn(missing_docs)]
 
 mod acks;
+pub mod config;
 pub mod deadletter;
 pub mod delivery;
 pub mod handler;
 pub mod inbox;
 pub mod install;
+mod lanes;
+mod order;
 pub mod outcome;
+pub mod retry;
 pub mod router;
 pub mod subscription;
 
+#[cfg(feature = "testkit")]
+pub use config::CrashPoint;
+pub use config::SubscriptionConfig;
 pub use handler::{Batch, Context, Handle, HandleBatch, HandleError, Prepare};
 pub use outcome::{Outcome, OutcomeRecord, Stats};
+pub use retry::{Decision, RetryPolicy};
 pub use router::Router;
-pub use subscription::{Subscription, SubscriptionConfig};
+pub use subscription::{Subscription, SubscriptionError};

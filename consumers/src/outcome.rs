@@ -69,6 +69,12 @@ pub struct OutcomeRecord {
 }
 
 impl OutcomeRecord {
+    /// The record with `outcome`, for outcomes that need no reason.
+    pub(crate) fn with_outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
     /// Writes the outcome's log line: every line about an event carries its
     /// id, type, subject and correlation id.
     pub fn log(&self) {

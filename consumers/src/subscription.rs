@@ -11,8 +11,6 @@
 //! Shutdown: stop consuming (basic.cancel), let every lane finish what it
 //! holds — handle, commit, ack — then close the connection.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,113 +18,29 @@ use events::{Catalog, Codec};
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use producers::{Outbox, OutboxError};
+use lapin::{Channel, Connection, Consumer};
+use producers::Outbox;
 use sqlx::PgPool;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use transport::{self, ConnectError};
 use transport::{Backoff, Publisher, Reconnect, Topology};
 
 use crate::acks::Acks;
+use crate::config::SubscriptionConfig;
 use crate::deadletter::Forwarder;
-use crate::delivery::{decode, Held, Item, Processor, SettleError};
+use crate::delivery::{decode, Processor, SettleError};
 use crate::inbox::Inbox;
+use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
 use crate::Router;
 
-/// How long a lane keeps its database connection with no delivery to
-/// handle. Long enough to span the gaps of a steady stream, short enough
-/// that lanes of a quiet service leave the pool to others.
-const HOLD_IDLE: Duration = Duration::from_millis(100);
-
-/// Tuning of a subscription.
-#[derive(Debug, Clone)]
-pub struct SubscriptionConfig {
-    /// Most unacknowledged deliveries the broker sends this consumer.
-    pub prefetch: u16,
-    /// Deliveries handled concurrently (one per lane; a subject keeps its lane).
-    pub lanes: usize,
-    /// Most deliveries of a lane applied in one transaction.
-    pub batch_size: usize,
-    /// Attempts of a transiently failing event before it is dead-lettered.
-    pub max_attempts: u32,
-    /// Delay before the first retry; doubles per attempt.
-    pub retry_initial: Duration,
-    /// Cap of the retry delay.
-    pub retry_max: Duration,
-    /// Delay before an early event (predecessor missing) is tried again.
-    pub defer_delay: Duration,
-    /// Deferrals before an early event is dead-lettered as `sequence_gap`.
-    pub max_deferrals: u32,
-    /// Longest a handler may run on one event (a batch handler: on one run)
-    /// before it counts as a transient failure.
-    pub handler_timeout: Duration,
-    /// Largest body accepted; larger ones are dead-lettered unread.
-    pub max_body: usize,
-    /// Inbox rows older than this are pruned.
-    pub inbox_retention: Duration,
-    /// Whether to publish outcomes on the live feed for `warren tail`.
-    pub live_feed: bool,
-    /// Test-only fault injection: stop dead at this point, as a process
-    /// that is about to be killed would.
-    #[cfg(feature = "testkit")]
-    pub crash_at: Option<CrashPoint>,
-}
-
-/// Where a test makes a consumer stop dead (feature `testkit`).
-#[cfg(feature = "testkit")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// The transaction committed, the ack not sent: the lane never goes
-    /// further (it does not return an error, which would let the session
-    /// clean up), so the test can kill the process with the delivery
-    /// still unacknowledged.
-    AfterCommit,
-}
-
-impl Default for SubscriptionConfig {
-    fn default() -> Self {
-        SubscriptionConfig {
-            prefetch: 64,
-            lanes: 8,
-            batch_size: 64,
-            max_attempts: 5,
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(30),
-            defer_delay: Duration::from_millis(250),
-            max_deferrals: 40,
-            handler_timeout: Duration::from_secs(10),
-            max_body: events::DEFAULT_MAX_BODY,
-            inbox_retention: Duration::from_secs(7 * 24 * 3600),
-            live_feed: true,
-            #[cfg(feature = "testkit")]
-            crash_at: None,
-        }
-    }
-}
-
-impl SubscriptionConfig {
-    /// Delay after failed attempt `attempt` (1-based): capped exponential.
-    pub fn retry_delay(&self, attempt: u32) -> Duration {
-        Backoff::delay_for(self.retry_initial, self.retry_max, attempt)
-    }
-
-    /// Every retry queue delay this configuration uses (one queue each).
-    pub fn retry_delays(&self) -> Vec<Duration> {
-        let mut d: Vec<Duration> = (1..self.max_attempts.max(2))
-            .map(|a| self.retry_delay(a))
-            .collect();
-        d.push(self.defer_delay);
-        d.sort();
-        d.dedup();
-        d
-    }
-}
-
-/// Why a session ended (the runtime reconnects by itself).
+/// Why a subscription could not be built, or why a session ended (the
+/// runtime reconnects by itself then).
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriptionError {
+    /// The service's name cannot name its schema and queues.
+    #[error("invalid service name {0:?}: use lower-case letters, digits and _")]
+    InvalidService(String),
     /// Could not reach the broker.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -169,8 +83,11 @@ impl Subscription {
         amqp_url: impl Into<String>,
         topology: Topology,
         config: SubscriptionConfig,
-    ) -> Result<Self, OutboxError> {
-        let outbox = Outbox::new(router.service())?;
+    ) -> Result<Self, SubscriptionError> {
+        // The outbox checks the name (it becomes SQL); that is the only
+        // way its constructor fails.
+        let outbox = Outbox::new(router.service())
+            .map_err(|_| SubscriptionError::InvalidService(router.service().to_owned()))?;
         Ok(Subscription {
             inbox: Inbox::new(router.service()),
             outbox,
@@ -225,7 +142,7 @@ impl Subscription {
                 ch,
                 self.router.service(),
                 &self.catalog.bindings(&self.router.handled_types()),
-                &self.config.retry_delays(),
+                &self.config.retry.delays(),
             )
             .await
     }
@@ -248,6 +165,7 @@ impl Subscription {
         tracing::info!(service, "consumer stopped");
     }
 
+    /// One session: connect, consume until shutdown or a failure, close.
     async fn session(
         &self,
         shutdown: &CancellationToken,
@@ -256,22 +174,67 @@ impl Subscription {
         let service = self.router.service();
         let conn =
             transport::connect(&self.amqp_url, &format!("warren consumer {service}")).await?;
+        let result = self.consume_on(&conn, shutdown, backoff).await;
+        // Also on error: lapin keeps a dropped connection open, so every
+        // reconnect would leak one. Bounded, the broker may be gone.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "consumer session ended"),
+        )
+        .await;
+        result
+    }
+
+    /// Declares, starts the consumer and the lanes, feeds the lanes until
+    /// shutdown or a failure, then stops consuming and drains the lanes.
+    async fn consume_on(
+        &self,
+        conn: &Connection,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), SubscriptionError> {
+        let service = self.router.service();
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.declare(&ch).await?;
-        let forwards = Publisher::open(&conn).await?;
-        let feed = if self.config.live_feed {
-            let feed_ch = conn.create_channel().await?;
-            self.topology.declare_outcomes_exchange(&feed_ch).await?;
-            Some(Feed {
-                channel: feed_ch,
-                exchange: self.topology.outcomes_exchange(),
-            })
-        } else {
-            None
-        };
-        let processor = Processor {
+        let processor = self.processor(conn, &ch).await?;
+        let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
+        let queue = self.topology.queue(service);
+        let mut consumer = ch
+            .basic_consume(
+                &queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(service, %queue, prefetch = self.config.prefetch, lanes = self.config.lanes, "consuming");
+        backoff.reset();
+
+        let mut lanes = Lanes::start(&self.config, &processor, shutdown);
+        let result = self.feed_lanes(&mut consumer, &mut lanes, shutdown).await;
+        if result.is_ok() {
+            // No more deliveries, so the lanes can finish what they hold.
+            let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
+        }
+        lanes
+            .stop(result.is_ok(), self.config.handler_timeout * 2, service)
+            .await;
+        result
+    }
+
+    /// What the lanes settle deliveries with: the consumer channel's acks,
+    /// a publisher of its own for retries and dead letters, and the live
+    /// feed when enabled.
+    async fn processor(
+        &self,
+        conn: &Connection,
+        ch: &Channel,
+    ) -> Result<Processor, SubscriptionError> {
+        let service = self.router.service();
+        let forwards = Publisher::open(conn).await?;
+        Ok(Processor {
             router: self.router.clone(),
             pool: self.pool.clone(),
             outbox: self.outbox.clone(),
@@ -284,125 +247,56 @@ impl Subscription {
             ),
             config: self.config.clone(),
             stats: self.stats.clone(),
-            feed,
+            feed: self.open_feed(conn).await?,
             outcomes: self.outcomes.clone(),
             own_source: events::envelope::source_of(service),
             acks: Arc::new(Acks::new(ch.clone())),
-        };
-        let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
-        let mut consumer = ch
-            .basic_consume(
-                &self.topology.queue(service),
-                &tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tracing::info!(service, queue = %self.topology.queue(service), prefetch = self.config.prefetch, lanes = self.config.lanes, "consuming");
-        backoff.reset();
+        })
+    }
 
-        let lanes = self.config.lanes.max(1);
-        let per_lane = (self.config.prefetch as usize / lanes).max(1);
-        let max_batch = self.config.batch_size.max(1);
-        let mut senders = Vec::with_capacity(lanes);
-        let mut tasks = JoinSet::new();
-        // Set when the session fails: lanes finish the delivery they hold
-        // (its commit stands; a lost ack only means a redelivery that the
-        // inbox absorbs) and drop the ones queued behind it unhandled.
-        let abandon = CancellationToken::new();
-        for _ in 0..lanes {
-            let (tx, mut rx) = mpsc::channel::<Item>(per_lane);
-            senders.push(tx);
-            let (p, stop, abandoned) = (processor.clone(), shutdown.clone(), abandon.clone());
-            tasks.spawn(async move {
-                let mut conn: Held = None;
-                loop {
-                    // The connection stays with the lane while deliveries
-                    // keep coming, and goes back to the pool after
-                    // `HOLD_IDLE` without any, so idle lanes hold none.
-                    let next = if conn.is_some() {
-                        match tokio::time::timeout(HOLD_IDLE, rx.recv()).await {
-                            Ok(next) => next,
-                            Err(_) => {
-                                conn = None;
-                                continue;
-                            }
-                        }
-                    } else {
-                        rx.recv().await
-                    };
-                    let Some(first) = next else { break };
-                    if abandoned.is_cancelled() {
-                        continue;
-                    }
-                    // Whatever else is already waiting joins the batch: no
-                    // waiting for a batch to fill, so latency stays low
-                    // when traffic is light.
-                    let mut batch = vec![first];
-                    while batch.len() < max_batch {
-                        match rx.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
-                        }
-                    }
-                    p.process(batch, &mut conn, &stop).await?;
-                }
-                Ok::<(), SettleError>(())
-            });
+    /// The live feed's channel and exchange, when the feed is enabled.
+    async fn open_feed(&self, conn: &Connection) -> Result<Option<Feed>, lapin::Error> {
+        if !self.config.live_feed {
+            return Ok(None);
         }
+        let channel = conn.create_channel().await?;
+        self.topology.declare_outcomes_exchange(&channel).await?;
+        Ok(Some(Feed {
+            channel,
+            exchange: self.topology.outcomes_exchange(),
+        }))
+    }
+
+    /// Decodes each delivery and hands it to its lane, until shutdown
+    /// (`Ok`) or until the consumer, its channel or a lane fails. Prunes
+    /// the inbox on the side.
+    async fn feed_lanes(
+        &self,
+        consumer: &mut Consumer,
+        lanes: &mut Lanes,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SubscriptionError> {
         let codec = Codec::new(self.catalog.clone()).with_max_body(self.config.max_body);
         let mut prune = tokio::time::interval(Duration::from_secs(300));
-        let result = loop {
-            tokio::select! {
+        loop {
+            let delivery = tokio::select! {
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let decoded = decode(&codec, &delivery);
-                        let lane = match &decoded {
-                            Ok(e) => lane_of(&e.subject, lanes),
-                            Err(_) => delivery.delivery_tag as usize % lanes,
-                        };
-                        if senders[lane].send((delivery, decoded)).await.is_err() {
-                            // The lane ended with an error; join_next reports it.
-                            continue;
-                        }
-                    }
-                    Some(Err(e)) => break Err(e.into()),
-                    None => break Err(SubscriptionError::ConsumerEnded),
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(SubscriptionError::ConsumerEnded),
                 },
-                Some(done) = tasks.join_next() => {
-                    break match done {
-                        Ok(Err(e)) => Err(e.into()),
-                        _ => Err(SubscriptionError::ConsumerEnded),
-                    };
+                failed = lanes.failure() => {
+                    return Err(failed.map_or(SubscriptionError::ConsumerEnded, Into::into));
                 }
-                _ = prune.tick() => self.prune().await,
-                _ = shutdown.cancelled() => break Ok(()),
-            }
-        };
-        if result.is_ok() {
-            let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
-        } else {
-            abandon.cancel();
+                _ = prune.tick() => {
+                    self.prune().await;
+                    continue;
+                }
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let decoded = decode(&codec, &delivery);
+            lanes.dispatch((delivery, decoded)).await;
         }
-        drop(senders);
-        let drained = tokio::time::timeout(self.config.handler_timeout * 2, async {
-            while let Some(done) = tasks.join_next().await {
-                if let Ok(Err(e)) = done {
-                    tracing::warn!(service, error = %e, "lane ended with an unsettled delivery; the broker will redeliver it");
-                }
-            }
-        });
-        // Past the timeout, dropping the JoinSet aborts the lanes: open
-        // transactions roll back and unacked deliveries are redelivered.
-        let _ = drained.await;
-        // Also on error: lapin keeps a dropped connection open, so every
-        // reconnect would leak one. Bounded, the broker may be gone.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "consumer session ended"),
-        )
-        .await;
-        result
     }
 
     async fn prune(&self) {
@@ -419,9 +313,28 @@ impl Subscription {
     }
 }
 
-/// The lane of a subject: stable for the life of the process.
-fn lane_of(subject: &str, lanes: usize) -> usize {
-    let mut h = DefaultHasher::new();
-    subject.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_name_that_cannot_name_a_schema_is_refused_with_our_error() {
+        // Lazy: nothing connects, the name is refused before.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://postgres@127.0.0.1/unused")
+            .expect("a well-formed URL");
+        let built = Subscription::new(
+            Router::new("Orders; DROP"),
+            Catalog::new(),
+            pool,
+            "amqp://127.0.0.1",
+            Topology::new("t"),
+            SubscriptionConfig::default(),
+        );
+        match built {
+            Err(SubscriptionError::InvalidService(name)) => assert_eq!(name, "Orders; DROP"),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
 }

@@ -25,9 +25,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use transport::Topology;
 use uuid::Uuid;
-use warren_consumers::subscription::CrashPoint;
 use warren_consumers::{
-    Context, Handle, HandleError, Outcome, Router, Subscription, SubscriptionConfig,
+    Context, CrashPoint, Handle, HandleError, Outcome, RetryPolicy, Router, Subscription,
+    SubscriptionConfig,
 };
 
 const SERVICE: &str = "shipping";
@@ -63,9 +63,12 @@ fn config() -> SubscriptionConfig {
     SubscriptionConfig {
         prefetch: 8,
         lanes: 2,
-        retry_initial: Duration::from_millis(100),
-        retry_max: Duration::from_millis(400),
-        defer_delay: Duration::from_millis(100),
+        retry: RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            defer_delay: Duration::from_millis(100),
+            ..Default::default()
+        },
         live_feed: false,
         ..Default::default()
     }
@@ -158,7 +161,7 @@ async fn consumer_killed_between_commit_and_ack_does_not_apply_the_event_twice(p
     let bus = TestBus::new().await;
     let probe = subscription(pool.clone(), &bus.namespace, config());
     probe.declare(&bus.channel).await.unwrap();
-    bus.remember(SERVICE, &config().retry_delays());
+    bus.remember(SERVICE, &config().retry.delays());
 
     let database = pool.connect_options().get_database().unwrap().to_owned();
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())

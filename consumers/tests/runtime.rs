@@ -20,7 +20,7 @@ use warren_consumers::deadletter::{
     H_ATTEMPT, H_DEAD_LETTERED_AT, H_ERROR, H_REASON, H_ROUTING_KEY, H_SERVICE,
 };
 use warren_consumers::{
-    Batch, Context, Handle, HandleBatch, HandleError, Outcome, Router, Subscription,
+    Batch, Context, Handle, HandleBatch, HandleError, Outcome, RetryPolicy, Router, Subscription,
     SubscriptionConfig,
 };
 
@@ -100,11 +100,13 @@ fn config() -> SubscriptionConfig {
     SubscriptionConfig {
         prefetch: 16,
         lanes: 4,
-        max_attempts: 3,
-        retry_initial: Duration::from_millis(100),
-        retry_max: Duration::from_millis(400),
-        defer_delay: Duration::from_millis(100),
-        max_deferrals: 20,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            defer_delay: Duration::from_millis(100),
+            max_deferrals: 20,
+        },
         max_body: 4096,
         ..Default::default()
     }
@@ -158,7 +160,7 @@ async fn start_routed(
     )
     .unwrap();
     sub.declare(&bus.channel).await.unwrap();
-    bus.remember(SERVICE, &cfg.retry_delays());
+    bus.remember(SERVICE, &cfg.retry.delays());
     let stop = CancellationToken::new();
     let (s, t) = (sub.clone(), stop.clone());
     let task = tokio::spawn(async move { s.run(t).await });
@@ -686,7 +688,10 @@ async fn thousand_events_over_fifty_subjects_keep_per_subject_order_across_two_c
     let cfg = SubscriptionConfig {
         prefetch: 32,
         lanes: 4,
-        max_deferrals: SubscriptionConfig::default().max_deferrals,
+        retry: RetryPolicy {
+            max_deferrals: RetryPolicy::default().max_deferrals,
+            ..config().retry
+        },
         ..config()
     };
     let mut f = start_with(pool.clone(), Recorder::default(), None, cfg.clone()).await;
@@ -1106,9 +1111,13 @@ async fn a_retry_copy_nacked_by_the_broker_keeps_the_delivery_until_the_retry_qu
     // order.placed fails until the test says otherwise; attempts to spare,
     // so however often it comes back meanwhile it is never dead-lettered.
     *recorder.always.lock().unwrap() = Some(HandleErrorKind::Transient);
+    let base = config();
     let cfg = SubscriptionConfig {
-        max_attempts: 10,
-        ..config()
+        retry: RetryPolicy {
+            max_attempts: 10,
+            ..base.retry.clone()
+        },
+        ..base
     };
     let mut f = start_with(pool, recorder.clone(), None, cfg.clone()).await;
     // The session declared its queues and consumes; it declares them only
@@ -1119,10 +1128,10 @@ async fn a_retry_copy_nacked_by_the_broker_keeps_the_delivery_until_the_retry_qu
         || async { f.consumers_attached().await == 1 },
     )
     .await;
-    let retry_queue = f.bus.topology.retry_queue(SERVICE, cfg.retry_delay(1));
+    let retry_queue = f.bus.topology.retry_queue(SERVICE, cfg.retry.delay_for(1));
     assert_eq!(
         retry_queue,
-        f.bus.topology.retry_queue(SERVICE, cfg.defer_delay),
+        f.bus.topology.retry_queue(SERVICE, cfg.retry.defer_delay),
         "deferrals go through the same queue"
     );
     f.bus

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use consumers::SubscriptionConfig;
+use consumers::RetryPolicy;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sqlx::postgres::PgPoolOptions;
@@ -111,7 +111,7 @@ impl Env {
 
     /// The retry queue delays `warren run` declares with its defaults.
     pub fn retry_delays() -> Vec<Duration> {
-        SubscriptionConfig::default().retry_delays()
+        RetryPolicy::default().delays()
     }
 
     /// Ready-message counts of (work + retry queues, dead-letter queues)

@@ -327,7 +327,7 @@ impl Service {
                     &ch,
                     &self.name,
                     &bindings,
-                    &self.subscription.retry_delays(),
+                    &self.subscription.retry.delays(),
                 )
                 .await?;
         }

@@ -43,7 +43,7 @@ async fn an_event_type_of_the_tests_own_goes_outbox_to_broker_to_inbox_once(pool
         .handle::<TicketOpened, _>(Triage);
     test_bus.remember(
         "triage",
-        &warren::SubscriptionConfig::default().retry_delays(),
+        &warren::SubscriptionConfig::default().retry.delays(),
     );
     let helpdesk = Service::new("helpdesk", bus).pool(pool.clone());
     for service in [&triage, &helpdesk] {

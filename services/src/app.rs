@@ -66,6 +66,9 @@ pub enum AppError {
     /// A schema name was invalid.
     #[error(transparent)]
     Outbox(#[from] producers::OutboxError),
+    /// A consuming service's name was invalid.
+    #[error(transparent)]
+    Subscription(#[from] consumers::SubscriptionError),
 }
 
 /// Running services.

@@ -55,7 +55,7 @@ async fn spawn_api(pool: PgPool) -> Api {
         ..Default::default()
     };
     for s in services {
-        bus.remember(s, &subscription.retry_delays());
+        bus.remember(s, &subscription.retry.delays());
     }
     let config = AppConfig {
         amqp_url: amqp_url(),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use consumers::SubscriptionConfig;
+use consumers::{RetryPolicy, SubscriptionConfig};
 use producers::RelayConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -24,9 +24,12 @@ fn subscription_config() -> SubscriptionConfig {
     SubscriptionConfig {
         prefetch: 32,
         lanes: 4,
-        retry_initial: Duration::from_millis(100),
-        retry_max: Duration::from_millis(500),
-        defer_delay: Duration::from_millis(100),
+        retry: RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(500),
+            defer_delay: Duration::from_millis(100),
+            ..Default::default()
+        },
         live_feed: false,
         ..Default::default()
     }
@@ -75,7 +78,7 @@ async fn spawn_app_with(pool: PgPool, services: &[&str], gateway: GatewayConfig)
     let bus = TestBus::new().await;
     let subscription = subscription_config();
     for s in services {
-        bus.remember(s, &subscription.retry_delays());
+        bus.remember(s, &subscription.retry.delays());
     }
     let config = AppConfig {
         gateway,

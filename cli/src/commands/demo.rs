@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use consumers::{Outcome, SubscriptionConfig};
+use consumers::{Outcome, RetryPolicy, SubscriptionConfig};
 use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
@@ -81,9 +81,12 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         http: None,
         subscription: SubscriptionConfig {
             lanes: 2,
-            retry_initial: Duration::from_millis(200),
-            retry_max: Duration::from_secs(2),
-            defer_delay: Duration::from_millis(200),
+            retry: RetryPolicy {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(2),
+                defer_delay: Duration::from_millis(200),
+                ..Default::default()
+            },
             ..Default::default()
         },
         relay: RelayConfig {
@@ -92,7 +95,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         },
         gateway: GatewayConfig::default(),
     };
-    let retry_delays = config.subscription.retry_delays();
+    let retry_delays = config.subscription.retry.delays();
     let app = App::start(pool.clone(), config).await?;
 
     let (stock_name, stock_text) = match &args.stock {

@@ -1,7 +1,7 @@
 //! `warren run [SERVICE…]`: runs services until Ctrl-C/SIGTERM, then
 //! drains in-flight work and stops.
 
-use consumers::SubscriptionConfig;
+use consumers::{RetryPolicy, SubscriptionConfig};
 use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
@@ -66,7 +66,10 @@ impl RunArgs {
             subscription: SubscriptionConfig {
                 prefetch: self.prefetch,
                 lanes: self.lanes,
-                max_attempts: self.max_attempts,
+                retry: RetryPolicy {
+                    max_attempts: self.max_attempts,
+                    ..Default::default()
+                },
                 max_body: settings.max_body,
                 ..Default::default()
             },

@@ -37,7 +37,7 @@ fn quickstart(bus: &TestBus, db: &str) -> String {
 #[sqlx::test(migrations = false)]
 async fn quickstart_handles_each_event_once_and_a_second_run_changes_nothing(pool: PgPool) {
     let bus = TestBus::new().await;
-    let delays = warren::SubscriptionConfig::default().retry_delays();
+    let delays = warren::SubscriptionConfig::default().retry.delays();
     for service in ["greeter", "front"] {
         bus.remember(service, &delays);
     }
