@@ -732,3 +732,48 @@ async fn amqps_without_a_trusted_ca_or_with_a_bad_cacertfile_is_a_clear_error() 
     assert!(err.contains("certificate we do not trust"), "{err}");
     assert_eq!(tls.handshakes(), 0);
 }
+
+/// A service on its own role may not migrate (no DDL): `warren run` takes
+/// that for "the administrator did", and the installer, finding every part
+/// up to date, asks nothing of it that the role may not do.
+#[sqlx::test(migrations = false)]
+async fn a_service_role_skips_migrating_and_finds_warren_installed(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
+    let ns = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let orders = principal(&ns, "orders");
+    let _cleanup = PgRoles {
+        admin: (*pool.connect_options()).clone(),
+        names: vec![orders.clone()],
+        databases: vec![],
+    };
+    let pw = random_password();
+    setup::postgres_roles(&pool, &[("orders".into(), orders.clone(), pw.clone())])
+        .await
+        .unwrap();
+    let own = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(role_options(&pool, &orders, &pw))
+        .await
+        .unwrap();
+
+    let err = services::migrate(&own).await.unwrap_err();
+    assert!(err.permission_denied(), "{err}");
+    warren_cli::config::migrate_if_permitted(&own)
+        .await
+        .unwrap();
+    producers::install::install(&own, "orders").await.unwrap();
+    consumers::install::install(&own, "orders").await.unwrap();
+    // Its own schema's relay flag and installed versions are within reach.
+    let flag: Option<i64> =
+        sqlx::query_scalar("SELECT setval('orders.outbox_relay_busy', 1, true)")
+            .fetch_one(&own)
+            .await
+            .unwrap();
+    assert_eq!(flag, Some(1));
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.warren_installed")
+        .fetch_one(&own)
+        .await
+        .unwrap();
+    assert_eq!(versions, 2);
+    own.close().await;
+}

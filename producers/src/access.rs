@@ -94,8 +94,8 @@ pub async fn ensure_pg_role(
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&mut *tx)
         .await?;
-    // Default privileges cover tables that later migrations (run by this
-    // same administrator) add to the schema.
+    // Default privileges cover tables that later migrations or installer
+    // steps (run by this same administrator) add to the schema.
     let grants = format!(
         "GRANT CONNECT ON DATABASE {db} TO {r};
          GRANT USAGE ON SCHEMA {s} TO {r};

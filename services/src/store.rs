@@ -10,6 +10,9 @@ use crate::ALL;
 /// Migrating the shop's database failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    /// No connection to migrate on.
+    #[error("connecting to migrate: {0}")]
+    Connect(#[source] sqlx::Error),
     /// A migration of the shop's domain tables failed.
     #[error("applying the shop's migrations: {0}")]
     Migrations(#[from] sqlx::migrate::MigrateError),
@@ -43,7 +46,21 @@ impl MigrateError {
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     let mut migrator = sqlx::migrate!("../migrations");
     migrator.set_ignore_missing(true);
-    migrator.run(pool).await?;
+    // On a connection of its own, closed afterwards: the migrator takes a
+    // session advisory lock and, when a migration step fails (a role
+    // without DDL rights fails at once), returns without releasing it. On
+    // a pooled connection the lock would outlive the call, and every later
+    // migration of this database, from any process, would wait for that
+    // connection to be retired.
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(MigrateError::Connect)?
+        .detach();
+    let migrated = migrator.run(&mut conn).await;
+    // Closing is a courtesy to the server; dropping ends the session too.
+    let _ = sqlx::Connection::close(conn).await;
+    migrated?;
     for schema in ALL {
         producers::install::install(pool, schema).await?;
         consumers::install::install(pool, schema).await?;
