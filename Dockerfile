@@ -20,20 +20,26 @@ WORKDIR /src
 # mtimes that may be older than them, must not pass for up to date.
 COPY Cargo.toml Cargo.lock ./
 COPY events/Cargo.toml events/
+COPY transport/Cargo.toml transport/
 COPY producers/Cargo.toml producers/
 COPY consumers/Cargo.toml consumers/
+COPY host/Cargo.toml host/
 COPY services/Cargo.toml services/
 COPY cli/Cargo.toml cli/
 COPY drills/Cargo.toml drills/
+COPY testkit/Cargo.toml testkit/
+COPY examples/quickstart/Cargo.toml examples/quickstart/
 RUN set -eu; \
-    for crate in events producers consumers services cli drills; do \
+    for crate in events transport producers consumers host services cli drills testkit examples/quickstart; do \
         mkdir -p "$crate/src"; : > "$crate/src/lib.rs"; \
     done; \
     echo 'fn main() {}' > cli/src/main.rs; \
     echo 'fn main() {}' > drills/src/main.rs; \
+    rm examples/quickstart/src/lib.rs; echo 'fn main() {}' > examples/quickstart/src/main.rs; \
     mkdir -p events/benches; echo 'fn main() {}' > events/benches/codec.rs; \
-    cargo build --release --locked -p warren; \
-    cargo clean --release -p events -p producers -p consumers -p services -p warren -p drills
+    cargo build --release --locked -p warren-cli; \
+    cargo clean --release -p warren-events -p warren-transport -p warren-producers -p warren-consumers \
+        -p warren -p warren-shop -p warren-cli -p warren-drills
 
 # warren itself. The demo fixtures are compiled into the binary
 # (include_str!), so `warren demo` needs no file from the repository.
