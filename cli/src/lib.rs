@@ -8,7 +8,7 @@
 //! - [`telemetry`]: the tracing subscriber (pretty on a terminal, JSON on request).
 //! - [`bus`]: publishing events and raw messages with confirms.
 //! - [`commands`]: one module per command.
-//! - [`bench`]: the benchmark behind `warren bench`.
+//! - [`mod@bench`]: the benchmark behind `warren bench`.
 //! - [`error`]: errors that choose the exit code.
 
 pub mod bench;

@@ -7,10 +7,18 @@
 pub enum DecodeError {
     /// The body is larger than the configured maximum.
     #[error("body of {size} bytes exceeds the maximum of {max} bytes")]
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        /// The body's size, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
     /// The message carries more AMQP headers than [`crate::codec::MAX_HEADERS`].
     #[error("more than {max} AMQP headers")]
-    TooManyHeaders { max: usize },
+    TooManyHeaders {
+        /// The limit.
+        max: usize,
+    },
     /// The body is not JSON at all.
     #[error("body is not valid JSON: {0}")]
     MalformedJson(String),
@@ -22,7 +30,12 @@ pub enum DecodeError {
     MissingAttribute(&'static str),
     /// An attribute is present with a wrong value.
     #[error("attribute `{name}` is invalid: {reason}")]
-    InvalidAttribute { name: String, reason: String },
+    InvalidAttribute {
+        /// The attribute (or its JSON path).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Not a CloudEvents 1.0 document.
     #[error("unsupported specversion {0:?}: only \"1.0\" is accepted")]
     WrongSpecVersion(String),
@@ -37,16 +50,23 @@ pub enum DecodeError {
         "{event_type} dataversion {version} is not supported (supported: {oldest}..={current})"
     )]
     UnsupportedDataVersion {
+        /// The event's type.
         event_type: String,
+        /// The version it arrived with.
         version: u32,
+        /// The oldest version the catalog can upcast.
         oldest: u32,
+        /// The current version.
         current: u32,
     },
     /// `data` does not have the shape the catalog defines.
     #[error("{event_type}: `{path}` is invalid: {reason}")]
     WrongData {
+        /// The event's type.
         event_type: String,
+        /// The JSON path at fault (`data.lines[0].qty`).
         path: String,
+        /// What is wrong there.
         reason: String,
     },
 }

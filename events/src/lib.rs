@@ -14,6 +14,8 @@
 //! - [`fixtures`]: JSON Lines fixture reader/writer with file:line errors.
 //! - [`error`]: [`DecodeError`], what can be wrong with an incoming event.
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod codec;
 pub mod envelope;

@@ -2,7 +2,7 @@
 //! consumers share, so both stand on one room as siblings.
 //!
 //! # Layout
-//! - [`connect`]: connecting with a timeout, TLS trust from the URL
+//! - [`mod@connect`]: connecting with a timeout, TLS trust from the URL
 //!   (`amqps://…?cacertfile=`), errors without the password.
 //! - [`reconnect`]: the loop long-running workers run their sessions in.
 //! - [`backoff`]: capped exponential backoff with jitter.
