@@ -52,6 +52,9 @@ pub struct BenchOptions {
     /// How the latency run's events get out: published by the producer
     /// right after its commit ([`producers::eager`]), or by the relay.
     pub eager: bool,
+    /// The run's own throwaway namespace (removed by the caller on a
+    /// signal, and expiring on the broker if the process dies).
+    pub namespace: String,
 }
 
 /// The figures, as printed and as `--json`.
@@ -172,8 +175,9 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     prepare(&pool)
         .await
         .context("setting up the bench schemas")?;
-    let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let topology = Topology::new(namespace.clone());
+    let namespace = opts.namespace.clone();
+    let mut topology = Topology::new(namespace.clone());
+    topology.expires = Some(crate::commands::teardown::THROWAWAY_EXPIRES);
     let body = events::encode(&{
         let mut e = sample(Uuid::now_v7());
         e.sequence = 1;
@@ -274,7 +278,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         .delete_service(&setup_ch, SINK, &config.retry.delays())
         .await?;
     topology.delete_exchange(&setup_ch).await?;
-    let _ = setup.close(200, "bench done").await;
+    transport::close(setup, "bench done").await;
 
     let pct = |v: &[f64], p: f64| -> f64 {
         if v.is_empty() {
@@ -415,7 +419,7 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
         .channel()
         .queue_delete(&queue, QueueDeleteOptions::default())
         .await?;
-    let _ = conn.close(200, "ceiling done").await;
+    transport::close(conn, "ceiling done").await;
     Ok(rate)
 }
 

@@ -83,7 +83,7 @@ impl Bus {
 
     /// Closes the connection politely.
     pub async fn close(self) {
-        let _ = self.conn.close(200, "done").await;
+        transport::close(self.conn, "done").await;
     }
 }
 

@@ -19,6 +19,60 @@ pub enum LogFormat {
     Json,
 }
 
+/// A service of the shop, as the command line names it (`--help` lists
+/// them; clap refuses others with exit code 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Service {
+    Customers,
+    Orders,
+    Inventory,
+    Payments,
+    Shipping,
+}
+
+impl Service {
+    /// The name in `services::ALL`, queue names and schemas.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Customers => "customers",
+            Service::Orders => "orders",
+            Service::Inventory => "inventory",
+            Service::Payments => "payments",
+            Service::Shipping => "shipping",
+        }
+    }
+}
+
+/// A service that consumes events, so has a work queue and a dead-letter
+/// queue (customers only produces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum ConsumingService {
+    Orders,
+    Inventory,
+    Payments,
+    Shipping,
+}
+
+impl ConsumingService {
+    /// Every consuming service, in `services::ALL` order.
+    pub const ALL: [ConsumingService; 4] = [
+        ConsumingService::Orders,
+        ConsumingService::Inventory,
+        ConsumingService::Payments,
+        ConsumingService::Shipping,
+    ];
+
+    /// The name in `services::ALL` and in queue names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumingService::Orders => "orders",
+            ConsumingService::Inventory => "inventory",
+            ConsumingService::Payments => "payments",
+            ConsumingService::Shipping => "shipping",
+        }
+    }
+}
+
 /// Settings shared by every command.
 #[derive(Clone, clap::Args)]
 pub struct Settings {

@@ -10,10 +10,14 @@
 //! - [`commands`]: one module per command.
 //! - [`mod@bench`]: the benchmark behind `warren bench`.
 //! - [`error`]: errors that choose the exit code.
+//! - [`output`]: standard output as tools are expected to write it (colour choice, closed pipes, escaping).
+//! - [`rabbitmqctl`]: RabbitMQ's own CLI, for what AMQP cannot ask (users, listings, alarms).
 
 pub mod bench;
 pub mod bus;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod output;
+pub mod rabbitmqctl;
 pub mod telemetry;

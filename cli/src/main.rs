@@ -1,10 +1,17 @@
 //! The `warren` binary: parses the command line, sets up logging and runs
 //! the command; errors become one line on stderr and an exit code
-//! (0 ok, 1 failure or unhealthy, 2 bad usage or invalid input).
+//! (0 ok, 1 failure or unhealthy, 2 bad usage or invalid input,
+//! 130 interrupted). A closed standard output (`warren tail | head -1`)
+//! is a clean end: exit 0.
 
-use clap::{Parser, Subcommand};
-use warren_cli::commands::{demo, dlq, migrate, publish, replay, run, setup, status, tail};
+use clap::{CommandFactory, Parser, Subcommand};
+use warren_cli::commands::{
+    demo, dlq, migrate, publish, replay, run, setup, status, tail, teardown,
+};
 use warren_cli::config::Settings;
+use warren_cli::output::{self, ColorWhen};
+
+const EXIT_CODES: &str = "Exit codes:\n  0    success (also when standard output was closed early, e.g. by `| head`)\n  1    failure, or `status` found something unhealthy\n  2    bad usage or invalid input (unknown event type, bad fixture line with --strict, …)\n  130  interrupted by Ctrl-C or SIGTERM (throwaway namespaces removed first)";
 
 /// Event-driven services over RabbitMQ with a transactional outbox.
 #[derive(Parser)]
@@ -12,11 +19,15 @@ use warren_cli::config::Settings;
     name = "warren",
     version,
     about,
-    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq list inventory\n  WARREN_ORDERS_PASSWORD=... warren setup orders"
+    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq\n  warren dlq redrive --reason handler-failed --dry-run\n  warren teardown --namespace bench-1a2b3c4d\n  WARREN_ORDERS_PASSWORD=... warren setup orders\n  warren completions bash > /etc/bash_completion.d/warren",
+    after_long_help = EXIT_CODES
 )]
 struct Cli {
     #[command(flatten)]
     settings: Settings,
+    /// When to colour output (NO_COLOR in the environment means never under auto).
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
+    color: ColorWhen,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,20 +45,28 @@ enum Command {
     /// Live view of events on the bus and of each consumer's outcome.
     Tail(tail::TailArgs),
     /// Queues, consumers, outbox backlog, inbox size, dead letters per service.
-    Status {
-        /// Machine-readable output.
+    /// Also the broker's alarms and file descriptors (through rabbitmqctl).
+    Status(status::StatusArgs),
+    /// Dead letters across services: summary, list, show, redrive, purge.
+    Dlq(dlq::DlqArgs),
+    /// Apply the database migrations (creates the database if needed).
+    Migrate {
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
     },
-    /// Look at dead letters and send them back.
-    #[command(subcommand)]
-    Dlq(dlq::DlqCommand),
-    /// Apply the database migrations (creates the database if needed).
-    Migrate,
     /// Migrate, then create each service's own PostgreSQL role and RabbitMQ user.
     Setup(setup::SetupArgs),
     /// Measure throughput and latency against the broker's raw ceiling.
     Bench(BenchArgs),
+    /// Remove a namespace's queues and exchanges from the broker.
+    Teardown(teardown::TeardownArgs),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Arguments of `warren bench`.
@@ -77,7 +96,8 @@ struct BenchArgs {
     /// `relay` (the producer only commits).
     #[arg(long, value_enum, default_value = "eager")]
     publish: Publisher,
-    /// Print the figures as one JSON line last.
+    /// Print the figures as one JSON line on standard output (the table
+    /// goes to standard error).
     #[arg(long)]
     json: bool,
 }
@@ -95,22 +115,40 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     });
     // The bench needs none of the shop's tables: it sets up its own schemas.
     let pool = warren_cli::config::connect_db(settings, true, lanes as u32 + 24).await?;
-    let report = warren_cli::bench::run(
-        pool,
-        &warren_cli::bench::BenchOptions {
-            events: args.events,
-            rate: args.rate,
-            duration: std::time::Duration::from_secs(args.seconds),
-            amqp_url: settings.amqp_url.clone(),
-            lanes,
-            prefetch: args.prefetch,
-            eager: args.publish == Publisher::Eager,
-        },
-    )
-    .await?;
-    println!("{}", warren_cli::bench::render(&report));
+    let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let shutdown = warren_cli::commands::shutdown_on_signal();
+    let options = warren_cli::bench::BenchOptions {
+        events: args.events,
+        rate: args.rate,
+        duration: std::time::Duration::from_secs(args.seconds),
+        amqp_url: settings.amqp_url.clone(),
+        lanes,
+        prefetch: args.prefetch,
+        eager: args.publish == Publisher::Eager,
+        namespace: namespace.clone(),
+    };
+    let report = tokio::select! {
+        r = warren_cli::bench::run(pool.clone(), &options) => r,
+        () = shutdown.cancelled() => {
+            // The run's tasks are abandoned, not drained: the process
+            // ends right after this cleanup, and anything they redeclare
+            // in the meantime expires (THROWAWAY_EXPIRES).
+            let mut topology = transport::Topology::new(namespace);
+            topology.expires = Some(teardown::THROWAWAY_EXPIRES);
+            let delays = consumers::SubscriptionConfig::default().retry.delays();
+            teardown::cleanup_throwaway(&settings.amqp_url, &topology, &delays).await;
+            return Err(warren_cli::error::Interrupted.into());
+        }
+    };
+    pool.close().await;
+    let report = report?;
+    let table = warren_cli::bench::render(&report);
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        // Standard output carries the JSON alone.
+        output::eline(&table);
+        output::line(&serde_json::to_string(&report)?)?;
+    } else {
+        output::line(&table)?;
     }
     Ok(())
 }
@@ -118,6 +156,7 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    cli.color.apply();
     // The benchmark measures the pipeline, not a terminal printing one
     // line per event: its per-event `handled` lines are off unless
     // RUST_LOG asks for them (BENCHMARKS.md says so next to the figures).
@@ -133,19 +172,27 @@ async fn main() {
         Command::Publish(a) => publish::run(s, a).await,
         Command::Replay(a) => replay::run(s, a).await,
         Command::Tail(a) => tail::run(s, a).await,
-        Command::Status { json } => status::run(s, *json).await,
-        Command::Dlq(c) => dlq::run(s, c).await,
-        Command::Migrate => migrate::run(s).await,
+        Command::Status(a) => status::run(s, a).await,
+        Command::Dlq(a) => dlq::run(s, a).await,
+        Command::Migrate { json } => migrate::run(s, *json).await,
         Command::Setup(a) => setup::run(s, a).await,
         Command::Bench(a) => bench(s, a).await,
+        Command::Teardown(a) => teardown::run(s, a).await,
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "warren", &mut out);
+            output::Out::stdout().raw(&out)
+        }
     };
     if let Err(e) = result {
-        // One line: the error and its causes, no backtrace.
         let code = warren_cli::error::exit_code(&e);
-        if e.downcast_ref::<warren_cli::error::Unhealthy>().is_none() || code != 1 {
-            eprintln!("error: {e:#}");
+        if e.downcast_ref::<output::ClosedPipe>().is_some() {
+            // The reader has what it wanted (`| head -1`): not a failure.
+        } else if e.downcast_ref::<warren_cli::error::Unhealthy>().is_none() || code != 1 {
+            // One line: the error and its causes, no backtrace.
+            output::eline(&format!("error: {e:#}"));
         } else {
-            eprintln!("{e}");
+            output::eline(&format!("{e}"));
         }
         std::process::exit(code);
     }

@@ -274,7 +274,12 @@ async fn dlq_list_leaves_dead_letters_and_redrive_sends_them_back_clean() {
         let list = warren_async(
             ns.clone(),
             None,
-            vec!["dlq".into(), "list".into(), "inventory".into()],
+            vec![
+                "dlq".into(),
+                "list".into(),
+                "--service".into(),
+                "inventory".into(),
+            ],
         )
         .await;
         assert!(list.status.success(), "{}", text(&list.stderr));
@@ -293,6 +298,7 @@ async fn dlq_list_leaves_dead_letters_and_redrive_sends_them_back_clean() {
         vec![
             "dlq".into(),
             "redrive".into(),
+            "--service".into(),
             "inventory".into(),
             "--id".into(),
             id.clone(),
@@ -508,8 +514,15 @@ async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Under --json, standard output is the JSON line alone; the table
+    // goes to standard error.
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("ceiling (broker alone)"), "{stdout}");
+    assert!(
+        text(&out.stderr).contains("ceiling (broker alone)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
     let last = stdout.trim().lines().last().unwrap();
     let r: serde_json::Value = serde_json::from_str(last).unwrap();
     for key in [

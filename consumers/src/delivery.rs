@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acks::Acks;
 use crate::config::SubscriptionConfig;
 use crate::deadletter::{
-    header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
+    header_str, header_u32, original_routing_key, ForwardError, Forwarder, H_ATTEMPT, H_DEFERRALS,
 };
 use crate::inbox::Inbox;
 use crate::order::{self, Applied, Run};
@@ -106,6 +106,26 @@ pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeErro
         headers.iter().map(|(k, v)| (k.as_str(), v.clone())),
         &d.data,
     )
+}
+
+/// The id of an envelope that did not decode as a whole (wrong data, an
+/// unknown type): the structured body's `id`, or the binary mode's
+/// `ce-id` header. Only a UUID is taken — envelope ids are UUIDs, and this
+/// goes into log lines and the outcome feed, where wire text must not.
+fn undecoded_id(body: &[u8], ce_id: Option<String>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    let from_body = (body.len() <= events::DEFAULT_MAX_BODY)
+        .then(|| serde_json::from_slice::<IdOnly>(body).ok()?.id)
+        .flatten()
+        .and_then(|v| v.as_str().map(str::to_owned));
+    from_body
+        .into_iter()
+        .chain(ce_id)
+        .find_map(|s| uuid::Uuid::parse_str(&s).ok())
+        .map(|u| u.to_string())
 }
 
 impl Processor {
@@ -395,13 +415,18 @@ impl Processor {
             // An undecodable message has no envelope; its AMQP message_id
             // (the relay and `warren publish` set it to the event id) is
             // still the best handle an operator has on it.
-            event_id: envelope.map(|e| e.id.to_string()).or_else(|| {
-                delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|m| m.to_string())
-            }),
+            event_id: envelope
+                .map(|e| e.id.to_string())
+                .or_else(|| {
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.to_string())
+                })
+                .or_else(|| {
+                    undecoded_id(&delivery.data, header_str(&delivery.properties, "ce-id"))
+                }),
             event_type: envelope
                 .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
             subject: envelope.map(|e| e.subject.clone()),
@@ -466,5 +491,34 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
         }
         AMQPValue::Timestamp(t) => (*t).into(),
         _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undecodable_envelope_still_names_its_uuid_id_and_nothing_else() {
+        let id = "0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e";
+        let body = format!(r#"{{"id":"{id}","type":"order.placed","data":{{"total":"x"}}}}"#);
+        assert_eq!(undecoded_id(body.as_bytes(), None).as_deref(), Some(id));
+        assert_eq!(
+            undecoded_id(b"not json", Some(id.to_owned())).as_deref(),
+            Some(id)
+        );
+        // Wire text that is not a UUID never reaches a log line.
+        assert_eq!(undecoded_id(br#"{"id":"[31mevil"}"#, None), None);
+        assert_eq!(
+            undecoded_id(
+                b"{}",
+                Some(
+                    "evil
+"
+                    .into()
+                )
+            ),
+            None
+        );
     }
 }

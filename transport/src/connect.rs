@@ -42,6 +42,16 @@ pub enum ConnectError {
         /// rustls's verdict.
         reason: String,
     },
+    /// TCP connected but the broker never answered the AMQP handshake
+    /// within the timeout: the signature of a broker out of file
+    /// descriptors or memory, which accepts sockets and then ignores them.
+    #[error("RabbitMQ at {url} accepted the connection but did not answer the AMQP handshake within {timeout:?}: it may be out of file descriptors or memory (check `rabbitmq-diagnostics status`, leftover queues: `warren teardown`)")]
+    NoHandshake {
+        /// The URL, password masked.
+        url: String,
+        /// The time the whole attempt was given.
+        timeout: Duration,
+    },
     /// Connecting failed or timed out.
     #[error("cannot reach RabbitMQ at {url}: {reason}. Start it (`rabbitmq-server -detached`, or `docker compose up rabbitmq`) or set AMQP_URL")]
     Unreachable {
@@ -139,11 +149,50 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(result) => result,
+        // Timed out somewhere: if a plain TCP connect succeeds now, the
+        // network is fine and the broker is the one not answering.
+        Err(_) if tcp_accepts(&parsed).await => Err(ConnectError::NoHandshake {
+            url: shown,
+            timeout: CONNECT_TIMEOUT,
+        }),
         Err(_) => Err(ConnectError::Unreachable {
             url: shown,
             reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
         }),
     }
+}
+
+/// Closes a connection politely (within [`CONNECT_TIMEOUT`]) and waits, a
+/// second at most, for lapin's I/O thread to end. Without the wait a
+/// short command can return while that thread still flushes the close,
+/// and it logs `ERROR io_loop … Tokio context … being shutdown` as the
+/// runtime goes away: noise an operator reads as a failure.
+pub async fn close(conn: Connection, reason: &str) {
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close(200, reason)).await;
+    // `run` blocks until the I/O thread has finished; on a closed
+    // connection that is at most the time to flush the last frames.
+    let waited = tokio::task::spawn_blocking(move || conn.run());
+    let _ = tokio::time::timeout(Duration::from_secs(1), waited).await;
+}
+
+/// Whether a TCP connection to the URL's host and port opens within a
+/// second (closed again at once).
+async fn tcp_accepts(url: &url::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let port = url
+        .port()
+        .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+    let host = host.trim_matches(['[', ']']).to_owned();
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host.as_str(), port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// The URL's `cacertfile`, if any, after refusing the TLS parameters we
@@ -240,6 +289,32 @@ mod tests {
         assert!(msg.contains("rabbitmq-server"), "{msg}");
         assert!(!msg.contains("pw@"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_never_answers_is_named_as_a_broker_out_of_resources() {
+        // Accepts every connection and never writes a byte: what a broker
+        // out of file descriptors looks like from outside.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                sockets.push(s);
+            }
+        });
+        let err = connect(&format!("amqp://guest:pw@127.0.0.1:{port}/%2f"), "test")
+            .await
+            .unwrap_err();
+        held.abort();
+        assert!(matches!(err, ConnectError::NoHandshake { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("accepted the connection but did not answer the AMQP handshake"),
+            "{msg}"
+        );
+        assert!(msg.contains("file descriptors"), "{msg}");
+        assert!(!msg.contains("pw@"), "{msg}");
     }
 
     /// Connects to a port where nothing listens: every test below must

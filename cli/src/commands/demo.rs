@@ -74,9 +74,13 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     migrate(&pool).await?;
     tracing::info!(database = %db_name, namespace = %settings.namespace, "demo database and namespace ready");
 
+    // The namespace is the demo's own: its queues expire on the broker if
+    // this process dies without its cleanup (SIGKILL, a crash).
+    let mut topology = settings.topology();
+    topology.expires = Some(super::teardown::THROWAWAY_EXPIRES);
     let config = AppConfig {
         amqp_url: settings.amqp_url.clone(),
-        topology: settings.topology(),
+        topology: topology.clone(),
         services: ALL.iter().map(|s| s.to_string()).collect(),
         http: None,
         subscription: SubscriptionConfig {
@@ -96,8 +100,35 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         gateway: GatewayConfig::default(),
     };
     let retry_delays = config.subscription.retry.delays();
-    let app = App::start(pool.clone(), config).await?;
+    // Ctrl-C/SIGTERM from here on stops the services and removes the
+    // namespace, as the end of the story does.
+    let shutdown = super::shutdown_on_signal();
+    let app = match App::start(pool.clone(), config).await {
+        Ok(app) => app,
+        Err(e) => {
+            super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
+            return Err(e.into());
+        }
+    };
+    let told = tokio::select! {
+        r = story(&settings, args, &pool, &app, &retry_delays) => r,
+        () = shutdown.cancelled() => Err(crate::error::Interrupted.into()),
+    };
+    app.stop().await;
+    super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
+    pool.close().await;
+    told
+}
 
+/// Sets the stock, replays the story, waits for it to settle and prints
+/// what happened.
+async fn story(
+    settings: &Settings,
+    args: &DemoArgs,
+    pool: &PgPool,
+    app: &App,
+    retry_delays: &[Duration],
+) -> anyhow::Result<()> {
     let (stock_name, stock_text) = match &args.stock {
         Some(path) => (
             path.display().to_string(),
@@ -108,7 +139,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     let stock: BTreeMap<String, i32> = serde_json::from_str(&stock_text)
         .with_context(|| format!("{stock_name} must be a JSON object of SKU → units"))?;
     for (sku, units) in &stock {
-        services::inventory::set_level(&pool, sku, *units).await?;
+        services::inventory::set_level(pool, sku, *units).await?;
         tracing::info!(sku, units, "stock set");
     }
 
@@ -119,9 +150,10 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         to: None,
         strict: false,
         raw_invalid: true,
+        json: false,
     };
     let summary = match &args.fixture {
-        Some(_) => replay(&settings, &replay_args).await?,
+        Some(_) => replay(settings, &replay_args).await?,
         None => {
             let codec = settings.codec();
             let lines = events::fixtures::parse(
@@ -130,7 +162,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
                 &codec,
             )
             .map_err(|e| InvalidInput(e.to_string()))?;
-            replay_lines(&settings, &replay_args, lines).await?
+            replay_lines(settings, &replay_args, lines).await?
         }
     };
     tracing::info!(
@@ -140,17 +172,14 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     let settled = wait_settled(
-        &settings,
-        &pool,
-        &app,
-        &retry_delays,
+        settings,
+        pool,
+        app,
+        retry_delays,
         Duration::from_secs(args.timeout),
     )
     .await;
-    print_summary(&pool, &app, &settings).await?;
-    app.stop().await;
-    cleanup(&settings, &retry_delays).await;
-    pool.close().await;
+    print_summary(pool, app, settings).await?;
     settled
 }
 
@@ -199,11 +228,11 @@ async fn wait_settled(
             break;
         }
         if started.elapsed() > timeout {
-            let _ = conn.close(200, "demo watch").await;
+            transport::close(conn, "demo watch").await;
             anyhow::bail!("the story did not settle within {timeout:?}");
         }
     }
-    let _ = conn.close(200, "demo watch").await;
+    transport::close(conn, "demo watch").await;
     Ok(())
 }
 
@@ -279,32 +308,16 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
 
     println!();
     println!("== dead letters ==");
-    for service in ALL.iter().filter(|s| **s != "customers") {
-        for l in super::dlq::list(settings, service).await? {
-            println!(
-                "{service:<10} {:<14} {:<16} {}",
-                l.event_type,
-                l.reason,
-                l.error.chars().take(90).collect::<String>()
-            );
-        }
+    let all = super::dlq::Filter::default();
+    for l in super::dlq::list(settings, &all, 1000).await? {
+        println!(
+            "{:<10} {:<14} {:<16} {}",
+            l.service,
+            l.event_type,
+            l.reason,
+            l.error.chars().take(90).collect::<String>()
+        );
     }
     println!();
     Ok(())
-}
-
-/// The namespace was the demo's own: remove it from the broker.
-async fn cleanup(settings: &Settings, delays: &[Duration]) {
-    let Ok(conn) = transport::connect(&settings.amqp_url, "warren demo cleanup").await else {
-        return;
-    };
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let topology = settings.topology();
-    for s in ALL.iter().filter(|s| **s != "customers") {
-        let _ = topology.delete_service(&ch, s, delays).await;
-    }
-    let _ = topology.delete_exchange(&ch).await;
-    let _ = conn.close(200, "demo done").await;
 }

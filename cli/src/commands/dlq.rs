@@ -1,55 +1,146 @@
-//! `warren dlq list|show|redrive SERVICE`: dead letters with their
-//! reasons, one in full, and sending them back to the service's queue.
+//! `warren dlq`: dead letters across every consuming service — a summary
+//! grouped by service, reason and type; `list`, `show`, `redrive` and
+//! `purge`, all with the same filters (`--service`, `--reason`, `--type`).
 //!
-//! RabbitMQ cannot browse a queue, so listing takes every message with a
-//! manual ack and then closes the channel without acking: the broker puts
-//! them all back, in order.
+//! RabbitMQ cannot browse a queue, and the usual workaround (take with a
+//! manual ack, then give back with a requeue or a channel close) is not
+//! safe here: since RabbitMQ 4.0 a quorum queue declared without
+//! `x-delivery-limit` — our DLQs, see `transport::topology` — gets a
+//! default limit of 20, and before 4.3 every return counts as a delivery.
+//! Twenty browses would then drop (the DLQ has no dead-letter exchange of
+//! its own) the very letters an operator is looking at. So every walk
+//! here takes each message and publishes a copy back to the DLQ's tail
+//! (with a confirm) before acknowledging the original: nothing is ever
+//! returned, and a crash in between leaves a duplicate, never a loss. A
+//! walk visits at most the messages present when it starts, so a full
+//! browse leaves the queue in its order; one stopped early (`--count`)
+//! moves the letters it read to the end.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::ops::ControlFlow;
+use std::time::Duration;
 
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Connection;
 use serde::Serialize;
-use std::time::Duration;
-use transport::{Outgoing, Publisher};
+use transport::{Outgoing, Publisher, Topology};
 
 use consumers::deadletter::{
     header_str, header_u32, H_ATTEMPT, H_DEAD_LETTERED_AT, H_DEFERRALS, H_ERROR, H_REASON,
     H_ROUTING_KEY, H_SERVICE,
 };
 
-use crate::config::Settings;
+use crate::commands::status::queue_counts;
+use crate::config::{ConsumingService, Settings};
 use crate::error::InvalidInput;
+use crate::output::{self, escape, Out};
+
+/// Time allowed for the broker to confirm one copy.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `warren dlq [FILTERS]` (a summary) or one of its subcommands.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: Option<DlqCommand>,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// One JSON object on standard output, nothing else.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which dead letters a command applies to; every one by default.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Filter {
+    /// Only these services (repeatable; default: every consuming service).
+    #[arg(long, value_enum)]
+    pub service: Vec<ConsumingService>,
+    /// Only this reason (`invalid_data`, `unknown_type`, `malformed_json`,
+    /// `handler_rejected`, `retries_exhausted`, `sequence_gap`, …).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only this event type.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Only the dead letter with this event id (or AMQP message id).
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+impl Filter {
+    fn services(&self) -> Vec<ConsumingService> {
+        if self.service.is_empty() {
+            ConsumingService::ALL.to_vec()
+        } else {
+            self.service.clone()
+        }
+    }
+
+    /// Whether `d` passes every filter given.
+    pub fn matches(&self, d: &DeadLetter) -> bool {
+        self.reason.as_ref().is_none_or(|r| *r == d.reason)
+            && self.event_type.as_ref().is_none_or(|t| *t == d.event_type)
+            && self.id.as_ref().is_none_or(|i| *i == d.id)
+    }
+}
 
 /// `warren dlq` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters with their reasons.
+    /// List dead letters, one line each.
     List {
-        /// The consuming service.
-        service: String,
+        #[command(flatten)]
+        filter: Filter,
+        /// Browse at most this many.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
-    /// Show one dead letter in full.
+    /// Show one dead letter in full, as JSON.
     Show {
-        /// The consuming service.
-        service: String,
         /// Event id (or AMQP message id).
-        #[arg(long)]
         id: String,
+        /// Only look in these services' DLQs (default: every one).
+        #[arg(long, value_enum)]
+        service: Vec<ConsumingService>,
     },
-    /// Send dead letters back to the service's queue (all, or one).
+    /// Send dead letters back to their service's work queue, without their
+    /// dead-letter and attempt headers (fresh attempts; the inbox absorbs
+    /// any duplicate).
     Redrive {
-        /// The consuming service.
-        service: String,
-        /// Only this event id.
+        #[command(flatten)]
+        filter: Filter,
+        /// Count what would be sent back; send nothing.
         #[arg(long)]
-        id: Option<String>,
+        dry_run: bool,
+        /// Print the counts as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters for good (asks first, unless `--yes`).
+    Purge {
+        #[command(flatten)]
+        filter: Filter,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the counts as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-/// A dead letter as listed.
+/// A dead letter as read from its queue.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
     pub id: String,
@@ -58,12 +149,13 @@ pub struct DeadLetter {
     pub error: String,
     pub attempt: u32,
     pub dead_lettered_at: String,
+    /// The service whose DLQ holds it.
     pub service: String,
     pub headers: serde_json::Map<String, serde_json::Value>,
     pub body: String,
 }
 
-fn describe(m: &BasicGetMessage) -> DeadLetter {
+fn describe(service: &str, m: &BasicGetMessage) -> DeadLetter {
     let p = &m.delivery.properties;
     let id = p
         .message_id()
@@ -94,7 +186,7 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
         error: header_str(p, H_ERROR).unwrap_or_default(),
         attempt: header_u32(p, H_ATTEMPT).unwrap_or(0),
         dead_lettered_at: header_str(p, H_DEAD_LETTERED_AT).unwrap_or_default(),
-        service: header_str(p, H_SERVICE).unwrap_or_default(),
+        service: header_str(p, H_SERVICE).unwrap_or_else(|| service.to_owned()),
         headers,
         body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
     }
@@ -111,144 +203,381 @@ fn amqp_json(v: &AMQPValue) -> serde_json::Value {
     }
 }
 
-fn check_service(service: &str) -> Result<(), InvalidInput> {
-    if services::ALL.contains(&service) && service != "customers" {
-        Ok(())
-    } else {
-        Err(InvalidInput(format!("{service:?} has no dead-letter queue; consuming services are orders, inventory, payments, shipping")))
-    }
+/// What a walk does with one dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Copy it back to the DLQ's tail.
+    Keep,
+    /// Copy it, without its dead-letter headers, to the work queue.
+    Redrive,
+    /// Delete it.
+    Drop,
 }
 
-/// Every dead letter of `service`, left in place.
-pub async fn list(settings: &Settings, service: &str) -> anyhow::Result<Vec<DeadLetter>> {
-    check_service(service)?;
-    let conn = transport::connect(&settings.amqp_url, "warren dlq").await?;
-    let ch = conn.create_channel().await?;
-    let dlq = settings.topology().dlq(service);
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(&dlq, BasicGetOptions { no_ack: false })
-        .await?
-    {
-        out.push(describe(&m));
-    }
-    // Closing without acking returns every message to the queue.
-    let _ = ch.close(200, "browse done").await;
-    let _ = conn.close(200, "dlq done").await;
-    Ok(out)
-}
+/// Headers a redriven copy loses: the dead-letter and attempt ones, and
+/// the broker's own history and delivery count.
+const REDRIVE_DROPS: [&str; 11] = [
+    H_REASON,
+    H_ERROR,
+    H_ATTEMPT,
+    H_DEFERRALS,
+    H_SERVICE,
+    H_DEAD_LETTERED_AT,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+];
 
-/// Sends dead letters (all, or the one with `id`) back to the service's
-/// queue without their dead-letter and attempt headers, so they get fresh
-/// attempts; each is acked in the DLQ only after the copy is confirmed.
-pub async fn redrive(
-    settings: &Settings,
-    service: &str,
-    id: Option<&str>,
-) -> anyhow::Result<usize> {
-    check_service(service)?;
-    let conn = transport::connect(&settings.amqp_url, "warren dlq redrive").await?;
-    let publisher = Publisher::open(&conn).await?;
-    let ch = publisher.channel();
-    let topology = settings.topology();
-    let (dlq, queue) = (topology.dlq(service), topology.queue(service));
-    let mut moved = 0;
-    // Messages skipped stay unacked until the channel closes, which puts
-    // them back; they are not handed out twice meanwhile.
-    while let Some(m) = ch
-        .basic_get(&dlq, BasicGetOptions { no_ack: false })
-        .await?
-    {
-        let d = describe(&m);
-        if id.is_some_and(|id| id != d.id) {
-            continue;
-        }
-        // FieldTable has no remove: rebuild it without the dead-letter and
-        // attempt headers (the broker's x-death history goes too).
-        const DROP: [&str; 11] = [
-            H_REASON,
-            H_ERROR,
-            H_ATTEMPT,
-            H_DEFERRALS,
-            H_SERVICE,
-            H_DEAD_LETTERED_AT,
-            "x-death",
-            "x-first-death-exchange",
-            "x-first-death-queue",
-            "x-first-death-reason",
-            "x-delivery-count",
-        ];
-        let mut headers = lapin::types::FieldTable::default();
-        if let Some(old) = m.delivery.properties.headers() {
-            for (k, v) in old.inner() {
-                if !DROP.contains(&k.as_str()) {
-                    headers.insert(k.clone(), v.clone());
-                }
+fn without(headers: Option<&FieldTable>, drop: &[&str]) -> FieldTable {
+    // FieldTable has no remove: rebuild it.
+    let mut out = FieldTable::default();
+    if let Some(old) = headers {
+        for (k, v) in old.inner() {
+            if !drop.contains(&k.as_str()) {
+                out.insert(k.clone(), v.clone());
             }
         }
-        let props = m.delivery.properties.clone().with_headers(headers);
-        let copy = Outgoing {
-            exchange: "",
-            routing_key: &queue,
-            body: &m.delivery.data,
-            properties: props,
-        };
-        if let Err(e) = publisher.publish(copy, Duration::from_secs(15)).await {
-            anyhow::bail!(
-                "redrive of {}: {queue} did not take it ({e}; is the service's queue declared?)",
-                d.id
-            );
-        }
-        m.delivery.acker.ack(BasicAckOptions::default()).await?;
-        moved += 1;
     }
-    let _ = ch.close(200, "redrive done").await;
-    let _ = conn.close(200, "dlq done").await;
-    Ok(moved)
+    out
 }
 
-/// Runs the command.
-pub async fn run(settings: &Settings, cmd: &DlqCommand) -> anyhow::Result<()> {
-    match cmd {
-        DlqCommand::List { service, json } => {
-            let letters = list(settings, service).await?;
-            if *json {
-                for l in &letters {
-                    println!("{}", serde_json::to_string(l)?);
-                }
-            } else if letters.is_empty() {
-                println!("no dead letters for {service}");
-            } else {
-                println!(
-                    "{:<38} {:<22} {:<20} {:>7}  {:<26} error",
-                    "id", "type", "reason", "attempt", "dead-lettered at"
-                );
-                for l in &letters {
-                    let err: String = l.error.chars().take(80).collect();
-                    println!(
-                        "{:<38} {:<22} {:<20} {:>7}  {:<26} {}",
-                        l.id, l.event_type, l.reason, l.attempt, l.dead_lettered_at, err
+/// Takes each dead letter present in `service`'s DLQ when it starts and
+/// does what `decide` says with it (see the module docs); `decide` may
+/// stop the walk. Returns how many it visited.
+pub async fn walk(
+    conn: &Connection,
+    topology: &Topology,
+    service: &str,
+    mut decide: impl FnMut(&DeadLetter) -> (Action, ControlFlow<()>),
+) -> anyhow::Result<usize> {
+    let (dlq, queue) = (topology.dlq(service), topology.queue(service));
+    let Some((present, _)) = queue_counts(conn, &dlq).await? else {
+        return Ok(0);
+    };
+    let publisher = Publisher::open(conn).await?;
+    let ch = publisher.channel();
+    let mut visited = 0;
+    let result = async {
+        while visited < present as usize {
+            let Some(m) = ch
+                .basic_get(&dlq, BasicGetOptions { no_ack: false })
+                .await?
+            else {
+                break;
+            };
+            visited += 1;
+            let d = describe(service, &m);
+            let (action, flow) = decide(&d);
+            let old = m.delivery.properties.headers().as_ref();
+            let copy = match action {
+                Action::Keep => Some((&dlq, without(old, &["x-delivery-count"]))),
+                Action::Redrive => Some((&queue, without(old, &REDRIVE_DROPS))),
+                Action::Drop => None,
+            };
+            if let Some((to, headers)) = copy {
+                let message = Outgoing {
+                    exchange: "",
+                    routing_key: to,
+                    body: &m.delivery.data,
+                    properties: m.delivery.properties.clone().with_headers(headers),
+                };
+                if let Err(e) = publisher.publish(message, CONFIRM_TIMEOUT).await {
+                    anyhow::bail!(
+                        "dead letter {}: {to} did not take the copy ({e}); the original stays in {dlq}",
+                        escape(&d.id)
                     );
                 }
             }
-        }
-        DlqCommand::Show { service, id } => {
-            let letters = list(settings, service).await?;
-            let l = letters.iter().find(|l| &l.id == id).ok_or_else(|| {
-                InvalidInput(format!("no dead letter with id {id} for {service}"))
-            })?;
-            println!("{}", serde_json::to_string_pretty(l)?);
-            if let Ok(body) = serde_json::from_str::<serde_json::Value>(&l.body) {
-                println!("body:\n{}", serde_json::to_string_pretty(&body)?);
+            m.delivery.acker.ack(BasicAckOptions::default()).await?;
+            if flow.is_break() {
+                break;
             }
         }
-        DlqCommand::Redrive { service, id } => {
-            let n = redrive(settings, service, id.as_deref()).await?;
-            println!(
-                "redrove {n} dead letter(s) to {}",
-                settings.topology().queue(service)
-            );
+        anyhow::Ok(())
+    }
+    .await;
+    // Closing returns any message taken and not acked (only after an error).
+    let _ = ch.close(200, "dlq walk done").await;
+    result.map(|()| visited)
+}
+
+/// One group of the summary.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Group {
+    pub service: String,
+    pub reason: String,
+    pub event_type: String,
+    pub count: usize,
+    pub oldest: String,
+    pub newest: String,
+}
+
+/// Counts of dead letters per (service, reason, type), with the oldest and
+/// newest dead-lettering time of each.
+pub async fn summary(settings: &Settings, filter: &Filter) -> anyhow::Result<Vec<Group>> {
+    let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
+    each_service(settings, filter, |d| {
+        let g = groups
+            .entry((d.service.clone(), d.reason.clone(), d.event_type.clone()))
+            .or_insert_with(|| Group {
+                service: d.service.clone(),
+                reason: d.reason.clone(),
+                event_type: d.event_type.clone(),
+                count: 0,
+                oldest: d.dead_lettered_at.clone(),
+                newest: d.dead_lettered_at.clone(),
+            });
+        g.count += 1;
+        // RFC 3339 in UTC (as the forwarder writes it) sorts as text.
+        if d.dead_lettered_at < g.oldest {
+            g.oldest = d.dead_lettered_at.clone();
+        }
+        if d.dead_lettered_at > g.newest {
+            g.newest = d.dead_lettered_at.clone();
+        }
+        (Action::Keep, ControlFlow::Continue(()))
+    })
+    .await?;
+    Ok(groups.into_values().collect())
+}
+
+/// Walks the DLQ of every service the filter names, calling `visit` for
+/// each dead letter that matches (the others are kept), on one connection.
+async fn each_service(
+    settings: &Settings,
+    filter: &Filter,
+    mut visit: impl FnMut(&DeadLetter) -> (Action, ControlFlow<()>),
+) -> anyhow::Result<()> {
+    let topology = settings.topology();
+    let conn = transport::connect(&settings.amqp_url, "warren dlq").await?;
+    let mut stopped = false;
+    let mut result = Ok(());
+    for service in filter.services() {
+        if stopped {
+            break;
+        }
+        let walked = walk(&conn, &topology, service.as_str(), |d| {
+            if !filter.matches(d) {
+                return (Action::Keep, ControlFlow::Continue(()));
+            }
+            let (action, flow) = visit(d);
+            stopped |= flow.is_break();
+            (action, flow)
+        })
+        .await;
+        if let Err(e) = walked {
+            result = Err(e);
+            break;
         }
     }
-    Ok(())
+    transport::close(conn, "dlq done").await;
+    result
+}
+
+/// Up to `count` matching dead letters, across the filter's services.
+pub async fn list(
+    settings: &Settings,
+    filter: &Filter,
+    count: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut out = Vec::new();
+    if count == 0 {
+        return Ok(out);
+    }
+    each_service(settings, filter, |d| {
+        out.push(d.clone());
+        let flow = if out.len() >= count {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        };
+        (Action::Keep, flow)
+    })
+    .await?;
+    Ok(out)
+}
+
+/// What `redrive` and `purge` did (or, with `--dry-run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Moved {
+    /// Matching dead letters per service.
+    pub by_service: BTreeMap<String, usize>,
+    pub total: usize,
+    pub dry_run: bool,
+}
+
+/// Applies `action` to every matching dead letter (none with `dry_run`).
+pub async fn apply(
+    settings: &Settings,
+    filter: &Filter,
+    action: Action,
+    dry_run: bool,
+) -> anyhow::Result<Moved> {
+    let mut moved = Moved {
+        dry_run,
+        ..Default::default()
+    };
+    each_service(settings, filter, |d| {
+        *moved.by_service.entry(d.service.clone()).or_default() += 1;
+        moved.total += 1;
+        let act = if dry_run { Action::Keep } else { action };
+        (act, ControlFlow::Continue(()))
+    })
+    .await?;
+    Ok(moved)
+}
+
+/// Sends every matching dead letter back to its work queue.
+pub async fn redrive(settings: &Settings, filter: &Filter, dry_run: bool) -> anyhow::Result<Moved> {
+    apply(settings, filter, Action::Redrive, dry_run).await
+}
+
+/// Runs the command.
+pub async fn run(settings: &Settings, args: &DlqArgs) -> anyhow::Result<()> {
+    let mut out = Out::stdout();
+    match &args.command {
+        None => {
+            let groups = summary(settings, &args.filter).await?;
+            let total: usize = groups.iter().map(|g| g.count).sum();
+            if args.json {
+                let doc = serde_json::json!({ "namespace": settings.namespace, "total": total, "groups": groups });
+                return out.line(&doc.to_string());
+            }
+            if groups.is_empty() {
+                return out.line("no dead letters");
+            }
+            out.line(&format!(
+                "{:<10} {:<20} {:<22} {:>6}  {:<30} newest",
+                "service", "reason", "type", "count", "oldest"
+            ))?;
+            for g in &groups {
+                out.line(&format!(
+                    "{:<10} {:<20} {:<22} {:>6}  {:<30} {}",
+                    g.service,
+                    escape(&g.reason),
+                    escape(&g.event_type),
+                    g.count,
+                    escape(&g.oldest),
+                    escape(&g.newest)
+                ))?;
+            }
+            out.line(&format!("{total} dead letter(s)"))
+        }
+        Some(DlqCommand::List {
+            filter,
+            count,
+            json,
+        }) => {
+            let letters = list(settings, filter, *count).await?;
+            if *json {
+                for l in &letters {
+                    out.line(&serde_json::to_string(l)?)?;
+                }
+                return Ok(());
+            }
+            if letters.is_empty() {
+                return out.line("no dead letters");
+            }
+            out.line(&format!(
+                "{:<38} {:<10} {:<22} {:<20} {:>7}  {:<30} error",
+                "id", "service", "type", "reason", "attempt", "dead-lettered at"
+            ))?;
+            for l in &letters {
+                let err: String = l.error.chars().take(80).collect();
+                out.line(&format!(
+                    "{:<38} {:<10} {:<22} {:<20} {:>7}  {:<30} {}",
+                    escape(&l.id),
+                    escape(&l.service),
+                    escape(&l.event_type),
+                    escape(&l.reason),
+                    l.attempt,
+                    escape(&l.dead_lettered_at),
+                    escape(&err)
+                ))?;
+            }
+            Ok(())
+        }
+        Some(DlqCommand::Show { id, service }) => {
+            let filter = Filter {
+                id: Some(id.clone()),
+                service: service.clone(),
+                ..Filter::default()
+            };
+            let found = list(settings, &filter, 1).await?;
+            let l = found
+                .into_iter()
+                .next()
+                .ok_or_else(|| InvalidInput(format!("no dead letter with id {}", escape(id))))?;
+            // One JSON document: the body inline when it is JSON.
+            let mut doc = serde_json::to_value(&l)?;
+            if let Ok(body) = serde_json::from_str::<serde_json::Value>(&l.body) {
+                doc["body"] = body;
+            }
+            out.line(&serde_json::to_string_pretty(&doc)?)
+        }
+        Some(DlqCommand::Redrive {
+            filter,
+            dry_run,
+            json,
+        }) => {
+            let moved = redrive(settings, filter, *dry_run).await?;
+            report(
+                &mut out,
+                &moved,
+                *json,
+                if *dry_run { "would redrive" } else { "redrove" },
+            )
+        }
+        Some(DlqCommand::Purge {
+            filter,
+            yes,
+            dry_run,
+            json,
+        }) => {
+            if !*yes && !*dry_run {
+                let counted = apply(settings, filter, Action::Keep, true).await?;
+                if counted.total == 0 {
+                    return report(&mut out, &counted, *json, "purged");
+                }
+                confirm(counted.total)?;
+            }
+            let moved = apply(settings, filter, Action::Drop, *dry_run).await?;
+            report(
+                &mut out,
+                &moved,
+                *json,
+                if *dry_run { "would purge" } else { "purged" },
+            )
+        }
+    }
+}
+
+fn report(out: &mut Out, moved: &Moved, json: bool, verb: &str) -> anyhow::Result<()> {
+    if json {
+        return out.line(&serde_json::to_string(moved)?);
+    }
+    for (service, n) in &moved.by_service {
+        out.line(&format!("{verb} {n} dead letter(s) of {service}"))?;
+    }
+    out.line(&format!("{verb} {} dead letter(s) in all", moved.total))
+}
+
+/// Asks on the terminal before a purge; without one, `--yes` is needed.
+fn confirm(n: usize) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        return Err(InvalidInput(format!(
+            "purge would delete {n} dead letter(s) for good: pass --yes (no terminal to ask on)"
+        ))
+        .into());
+    }
+    output::eline(&format!("delete {n} dead letter(s) for good? [y/N]"));
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(InvalidInput("purge cancelled".into()).into())
+    }
 }

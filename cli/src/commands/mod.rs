@@ -9,6 +9,7 @@ pub mod run;
 pub mod setup;
 pub mod status;
 pub mod tail;
+pub mod teardown;
 
 use tokio_util::sync::CancellationToken;
 

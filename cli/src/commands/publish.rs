@@ -14,7 +14,8 @@ use crate::error::InvalidInput;
 pub struct PublishArgs {
     /// Event type, e.g. `customer.registered`.
     pub event_type: String,
-    /// The event's data as JSON, or `@path` to read it from a file.
+    /// The event's data as JSON, `@path` to read it from a file, or `-` to
+    /// read it from standard input.
     #[arg(long)]
     pub data: String,
     /// Aggregate id (default: the data's `order_id` or `customer_id`).
@@ -46,6 +47,8 @@ pub fn build(args: &PublishArgs, codec: &Codec) -> Result<Envelope, InvalidInput
         ))
     })?;
     let raw = match args.data.strip_prefix('@') {
+        _ if args.data == "-" => std::io::read_to_string(std::io::stdin())
+            .map_err(|e| InvalidInput(format!("--data - (standard input): {e}")))?,
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| InvalidInput(format!("--data @{path}: {e}")))?,
         None => args.data.clone(),
@@ -93,6 +96,5 @@ pub async fn run(settings: &Settings, args: &PublishArgs) -> anyhow::Result<()> 
     let result = confirmed(confirm, &format!("{} {}", event.event_type, event.id)).await;
     bus.close().await;
     result?;
-    println!("{}", event.id);
-    Ok(())
+    crate::output::line(&event.id.to_string())
 }

@@ -1,5 +1,6 @@
 //! `warren replay FILE…`: publishes JSON Lines fixtures with their ids
-//! kept, so replaying twice changes nothing the second time.
+//! kept, so replaying twice changes nothing the second time. `-` reads
+//! standard input.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,8 +10,9 @@ use events::fixtures::{self, FixtureLine};
 use lapin::BasicProperties;
 
 use crate::bus::{confirmed, Bus, Target};
-use crate::config::Settings;
+use crate::config::{ConsumingService, Settings};
 use crate::error::InvalidInput;
+use crate::output::{self, escape};
 
 /// Confirms awaited together; bounds memory and keeps the pipe full.
 const WINDOW: usize = 500;
@@ -18,7 +20,7 @@ const WINDOW: usize = 500;
 /// Arguments of `warren replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
-    /// JSON Lines fixture files.
+    /// JSON Lines fixture files (`-`: standard input).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Events per second (default: as fast as the broker confirms).
@@ -28,8 +30,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Publish straight into one service's queue instead of the exchange.
-    #[arg(long)]
-    pub to: Option<String>,
+    #[arg(long, value_enum)]
+    pub to: Option<ConsumingService>,
     /// Fail (exit 2) on any bad line, before publishing anything.
     #[arg(long)]
     pub strict: bool,
@@ -37,6 +39,9 @@ pub struct ReplayArgs {
     /// their `type` field when they have one.
     #[arg(long)]
     pub raw_invalid: bool,
+    /// Print the counts as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What a replay did.
@@ -57,7 +62,16 @@ pub async fn replay(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<Re
     let codec = settings.codec();
     let mut lines: Vec<FixtureLine> = Vec::new();
     for file in &args.files {
-        lines.extend(fixtures::read(file, &codec).map_err(|e| InvalidInput(e.to_string()))?);
+        let read = if file.as_os_str() == "-" {
+            fixtures::parse(
+                std::path::Path::new("<stdin>"),
+                std::io::stdin().lock(),
+                &codec,
+            )
+        } else {
+            fixtures::read(file, &codec)
+        };
+        lines.extend(read.map_err(|e| InvalidInput(e.to_string()))?);
     }
     replay_lines(settings, args, lines).await
 }
@@ -76,7 +90,7 @@ pub async fn replay_lines(
             Ok(_) => summary.valid += 1,
             Err(e) => {
                 summary.invalid += 1;
-                eprintln!("{e}");
+                output::eline(&escape(&e.to_string()));
             }
         }
     }
@@ -91,7 +105,7 @@ pub async fn replay_lines(
         return Ok(summary);
     }
     let target = match &args.to {
-        Some(service) => Target::Queue(service.clone()),
+        Some(service) => Target::Queue(service.as_str().to_owned()),
         None => Target::Exchange,
     };
     let bus = Bus::connect(settings).await?;
@@ -163,13 +177,17 @@ async fn settle(
 /// Runs the command and prints the counts.
 pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
     let s = replay(settings, args).await?;
-    if args.dry_run {
-        println!(
+    if args.json {
+        output::line(&serde_json::to_string(&s)?)
+    } else if args.dry_run {
+        output::line(&format!(
             "dry run: {} valid, {} invalid, nothing published",
             s.valid, s.invalid
-        );
+        ))
     } else {
-        println!("published {}, skipped {} invalid", s.published, s.skipped);
+        output::line(&format!(
+            "published {}, skipped {} invalid",
+            s.published, s.skipped
+        ))
     }
-    Ok(())
 }

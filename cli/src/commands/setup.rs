@@ -11,24 +11,24 @@
 //! The import may finish after the command returns, so setup then logs in
 //! as each user until its permissions are in force.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use producers::access::{self, AmqpPermissions, AmqpUser, Password};
 use services::ALL;
 use sqlx::PgPool;
-use tokio::io::AsyncWriteExt;
 use transport::Topology;
 
-use crate::config::{connect_db, migrate, Settings};
+use crate::config::{connect_db, migrate, Service, Settings};
 use crate::error::InvalidInput;
+use crate::output;
 
 /// Arguments of `warren setup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SetupArgs {
     /// Services to set up (all by default).
-    pub services: Vec<String>,
+    #[arg(value_enum)]
+    pub services: Vec<Service>,
     /// Use each role's name as its password. For development only: anyone
     /// who knows the namespace knows the passwords.
     #[arg(long)]
@@ -40,6 +40,9 @@ pub struct SetupArgs {
     /// `docker compose exec -T rabbitmq rabbitmqctl`.
     #[arg(long, env = "WARREN_RABBITMQCTL", default_value = "rabbitmqctl")]
     pub rabbitmqctl: String,
+    /// Print what was set up as one JSON object (no password in it).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The environment variable holding a service's password:
@@ -50,7 +53,7 @@ pub fn password_var(service: &str) -> String {
 
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
-    let services = chosen(&args.services)?;
+    let services = chosen(&args.services);
     let mut passwords = Vec::new();
     let mut missing = Vec::new();
     for s in &services {
@@ -80,8 +83,14 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
     migrate(&pool).await?;
     let roles: Vec<(String, String, Password)> = passwords.clone();
     postgres_roles(&pool, &roles).await?;
+    // What `--json` prints: names and permissions, never a password.
+    let (mut pg_roles, mut amqp_users) = (Vec::new(), Vec::new());
     for (s, name, _) in &roles {
-        println!("postgres role {name}: schema {s} only");
+        if args.json {
+            pg_roles.push(serde_json::json!({ "service": s, "role": name, "schema": s }));
+        } else {
+            output::line(&format!("postgres role {name}: schema {s} only"))?;
+        }
     }
 
     if !args.no_broker {
@@ -97,19 +106,22 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
             .collect();
         rabbitmq_users(&args.rabbitmqctl, &settings.amqp_url, &topology, &users).await?;
         for u in &users {
-            println!(
-                "rabbitmq user {}: configure {}, write {}, read {}, publish {} on {}",
-                u.name,
-                u.permissions.configure,
-                u.permissions.write,
-                u.permissions.read,
-                u.permissions.topic_write,
-                u.permissions.exchange
-            );
+            let p = &u.permissions;
+            if args.json {
+                amqp_users.push(serde_json::json!({
+                    "user": u.name, "configure": p.configure, "write": p.write,
+                    "read": p.read, "publish": p.topic_write, "exchange": p.exchange,
+                }));
+            } else {
+                output::line(&format!(
+                    "rabbitmq user {}: configure {}, write {}, read {}, publish {} on {}",
+                    u.name, p.configure, p.write, p.read, p.topic_write, p.exchange
+                ))?;
+            }
         }
     }
-    println!(
-        "run a service with its own credentials, e.g. DATABASE_URL={} AMQP_URL={} warren run {}",
+    let example = format!(
+        "DATABASE_URL={} AMQP_URL={} warren run {}",
         transport::redact(&with_user(
             &settings.database_url,
             &roles[0].1,
@@ -118,22 +130,27 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
         transport::redact(&with_user(&settings.amqp_url, &roles[0].1, &roles[0].2)?),
         roles[0].0
     );
+    if args.json {
+        let report = serde_json::json!({
+            "namespace": settings.namespace,
+            "postgres_roles": pg_roles,
+            "rabbitmq_users": amqp_users,
+            "run_example": example,
+        });
+        output::line(&report.to_string())?;
+    } else {
+        output::line(&format!(
+            "run a service with its own credentials, e.g. {example}"
+        ))?;
+    }
     Ok(())
 }
 
-fn chosen(services: &[String]) -> Result<Vec<String>, InvalidInput> {
+fn chosen(services: &[Service]) -> Vec<String> {
     if services.is_empty() {
-        return Ok(ALL.iter().map(|s| s.to_string()).collect());
+        return ALL.iter().map(|s| s.to_string()).collect();
     }
-    for s in services {
-        if !ALL.contains(&s.as_str()) {
-            return Err(InvalidInput(format!(
-                "unknown service {s:?}; services are: {}",
-                ALL.join(", ")
-            )));
-        }
-    }
-    Ok(services.to_vec())
+    services.iter().map(|s| s.as_str().to_owned()).collect()
 }
 
 /// `url` with `user` and `password` as its credentials.
@@ -183,7 +200,7 @@ pub async fn rabbitmq_users(
     let ch = conn.create_channel().await?;
     topology.declare_exchange(&ch).await?;
     let _ = ch.close(200, "setup").await;
-    let _ = conn.close(200, "setup").await;
+    transport::close(conn, "setup").await;
     let deadline = Instant::now() + Duration::from_secs(15);
     for u in users {
         let url = with_user(admin_url, &u.name, &u.password)?;
@@ -195,7 +212,7 @@ pub async fn rabbitmq_users(
                 // Channel first: closing a connection with an open channel
                 // makes lapin log a spurious error.
                 let _ = ch.close(200, "probe").await;
-                let _ = conn.close(200, "probe").await;
+                transport::close(conn, "probe").await;
                 declared.map_err(anyhow::Error::from)
             };
             match probe.await {
@@ -233,46 +250,8 @@ pub async fn delete_rabbitmq_users(rabbitmqctl: &str, names: &[String]) -> anyho
 }
 
 async fn rabbitmqctl_run(command: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
-    let mut words = command.split_whitespace();
-    let Some(program) = words.next() else {
-        bail!("WARREN_RABBITMQCTL is empty");
-    };
-    let mut child = tokio::process::Command::new(program)
-        .args(words)
-        .args(["--quiet"])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!("cannot run {command:?}: install RabbitMQ's CLI tools, set WARREN_RABBITMQCTL, or pass --no-broker")
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).await?;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+    crate::rabbitmqctl::run(command, args, stdin)
         .await
-        .with_context(|| format!("{command} {} took over 60 s", args.join(" ")))??;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let said: Vec<&str> = err
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        bail!(
-            "{command} {} failed ({}): {}",
-            args.first().copied().unwrap_or(""),
-            out.status,
-            said.join(" ")
-        );
-    }
-    Ok(())
+        .map(drop)
+        .context("creating RabbitMQ users (pass --no-broker to leave RabbitMQ alone)")
 }

@@ -1,6 +1,10 @@
 //! `warren status [--json]`: per service, the queue and its consumers,
 //! dead letters, outbox backlog, inbox size and whether a relay is active.
 //! Exits 1 when something needs attention.
+//!
+//! The broker's own health (resource alarms, file descriptors, memory)
+//! comes from `rabbitmqctl status`; without rabbitmqctl the report says so
+//! and goes on: the per-service figures need only AMQP and PostgreSQL.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -10,6 +14,18 @@ use sqlx::PgPool;
 
 use crate::config::{connect_db, Settings};
 use crate::error::Unhealthy;
+use crate::output::{escape, Out};
+use crate::rabbitmqctl::{broker_health, BrokerHealth, RabbitmqctlArg};
+
+/// Arguments of `warren status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// One JSON object on standard output, nothing else.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rabbitmqctl: RabbitmqctlArg,
+}
 
 /// Unpublished outbox rows older than this make a service unhealthy.
 pub const STALE_OUTBOX_S: f64 = 60.0;
@@ -34,6 +50,13 @@ pub struct ServiceStatus {
 pub struct Status {
     pub namespace: String,
     pub services: Vec<ServiceStatus>,
+    /// The broker's alarms and resources; `None` when rabbitmqctl could
+    /// not be run (see `broker_unavailable`).
+    pub broker: Option<BrokerHealth>,
+    /// Why `broker` is missing.
+    pub broker_unavailable: Option<String>,
+    /// Alarms, and resources near their limit.
+    pub broker_problems: Vec<String>,
     pub healthy: bool,
 }
 
@@ -121,6 +144,9 @@ pub async fn gather(
     Ok(Status {
         namespace: settings.namespace.clone(),
         services,
+        broker: None,
+        broker_unavailable: None,
+        broker_problems: Vec::new(),
         healthy,
     })
 }
@@ -130,37 +156,82 @@ fn opt(v: Option<u32>) -> String {
 }
 
 /// Runs the command.
-pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
+pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     let pool = connect_db(settings, false, 2).await?;
     let conn = transport::connect(&settings.amqp_url, "warren status").await?;
-    let status = gather(settings, &pool, &conn).await?;
-    let _ = conn.close(200, "status done").await;
-    if json {
-        println!("{}", serde_json::to_string(&status)?);
-    } else {
-        println!("namespace {}", status.namespace);
-        println!(
-            "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  problems",
-            "service", "queued", "consumers", "dlq", "outbox", "oldest(s)", "inbox", "relay"
-        );
-        for s in &status.services {
-            println!(
-                "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  {}",
-                s.service,
-                opt(s.queue_depth),
-                opt(s.consumers),
-                opt(s.dead_letters),
-                s.outbox_backlog,
-                s.outbox_oldest_s
-                    .map_or("-".to_owned(), |a| format!("{a:.1}")),
-                s.inbox_size,
-                if s.relay_active { "active" } else { "none" },
-                s.problems.join("; ")
-            );
+    let gathered = gather(settings, &pool, &conn).await;
+    transport::close(conn, "status done").await;
+    pool.close().await;
+    let mut status = gathered?;
+    match broker_health(&args.rabbitmqctl.rabbitmqctl).await {
+        Ok(h) => {
+            status.broker_problems = h.problems();
+            status.broker = Some(h);
         }
+        Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
+    }
+    status.healthy &= status.broker_problems.is_empty();
+    let mut out = Out::stdout();
+    if args.json {
+        out.line(&serde_json::to_string(&status)?)?;
+    } else {
+        print_table(&mut out, &status)?;
     }
     if !status.healthy {
         return Err(Unhealthy("unhealthy: see the problems column".into()).into());
     }
     Ok(())
+}
+
+fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
+    out.line(&format!("namespace {}", escape(&status.namespace)))?;
+    match (&status.broker, &status.broker_unavailable) {
+        (Some(b), _) => {
+            let pair = |u: Option<u64>, l: Option<u64>| format!("{}/{}", opt64(u), opt64(l));
+            out.line(&format!(
+                "broker: alarms {}, file descriptors {}, sockets {}, memory {} MiB of {} MiB",
+                if b.alarms.is_empty() {
+                    "none".to_owned()
+                } else {
+                    escape(&b.alarms.join(", "))
+                },
+                pair(b.file_descriptors_used, b.file_descriptors_limit),
+                pair(b.sockets_used, b.sockets_limit),
+                opt64(b.memory_bytes.map(|m| m >> 20)),
+                opt64(b.memory_limit_bytes.map(|m| m >> 20)),
+            ))?;
+            for p in &status.broker_problems {
+                out.line(&format!("broker problem: {}", escape(p)))?;
+            }
+        }
+        (None, Some(why)) => out.line(&format!(
+            "broker: alarms and file descriptors unknown ({}); set WARREN_RABBITMQCTL",
+            escape(why)
+        ))?,
+        (None, None) => {}
+    }
+    out.line(&format!(
+        "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  problems",
+        "service", "queued", "consumers", "dlq", "outbox", "oldest(s)", "inbox", "relay"
+    ))?;
+    for s in &status.services {
+        out.line(&format!(
+            "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  {}",
+            s.service,
+            opt(s.queue_depth),
+            opt(s.consumers),
+            opt(s.dead_letters),
+            s.outbox_backlog,
+            s.outbox_oldest_s
+                .map_or("-".to_owned(), |a| format!("{a:.1}")),
+            s.inbox_size,
+            if s.relay_active { "active" } else { "none" },
+            s.problems.join("; ")
+        ))?;
+    }
+    Ok(())
+}
+
+fn opt64(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |n| n.to_string())
 }

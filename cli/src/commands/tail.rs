@@ -2,8 +2,9 @@
 //! every consumer's outcome, across all warren processes of the namespace
 //! (consumers publish their outcomes on `<ns>.outcomes`).
 
-use std::io::IsTerminal;
 use std::time::Duration;
+
+use anstyle::AnsiColor;
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
@@ -11,6 +12,7 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 
 use crate::config::Settings;
+use crate::output::{self, escape, ClosedPipe, Out};
 
 /// Arguments of `warren tail`.
 #[derive(Debug, Clone, clap::Args)]
@@ -85,7 +87,10 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
         Some(exclusive_queue(&ch, &topology.outcomes_exchange(), "#").await?)
     };
     let codec = settings.codec();
-    let color = std::io::stdout().is_terminal() && !args.json;
+    // Styles are always written; `Out` strips them unless colour is on
+    // (`--color`, NO_COLOR, a terminal). JSON never gets any.
+    let color = !args.json;
+    let mut out = Out::stdout();
     let shutdown = super::shutdown_on_signal();
     let deadline = args
         .timeout
@@ -97,11 +102,11 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
             .map(|d| (false, d)),
     );
     let mut printed = 0usize;
-    eprintln!(
+    output::eline(&format!(
         "tailing {} (pattern {:?}); Ctrl-C to stop",
         topology.exchange(),
         args.pattern
-    );
+    ));
     loop {
         if args.count.is_some_and(|c| printed >= c) {
             break;
@@ -120,24 +125,37 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
         let Some((is_event, delivery)) = next else {
             break;
         };
-        let delivery = delivery?;
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                transport::close(conn, "tail done").await;
+                return Err(e.into());
+            }
+        };
         let line = if is_event {
             render_event(&codec, &delivery, args.json, color)
         } else {
             render_outcome(&delivery.data, args.json, color)
         };
-        println!("{line}");
-        printed += 1;
+        match out.line(&line) {
+            Ok(()) => printed += 1,
+            // `warren tail | head -1`: the reader is done, so are we.
+            Err(e) if e.is::<ClosedPipe>() => break,
+            Err(e) => {
+                transport::close(conn, "tail done").await;
+                return Err(e);
+            }
+        }
     }
-    let _ = conn.close(200, "tail done").await;
+    transport::close(conn, "tail done").await;
     Ok(())
 }
 
-fn paint(s: &str, code: &str, color: bool) -> String {
-    if color {
-        format!("\x1b[{code}m{s}\x1b[0m")
-    } else {
-        s.to_owned()
+fn paint(s: &str, color: Option<AnsiColor>, on: bool) -> String {
+    match color {
+        Some(c) if on => output::paint(s, c, false),
+        None if on => output::dim(s),
+        _ => s.to_owned(),
     }
 }
 
@@ -152,12 +170,12 @@ fn render_event(
         Ok(e) => format!(
             "{} {} {:<20} subject={} seq={} id={} source={}",
             e.time.format("%H:%M:%S%.3f"),
-            paint("event", "36", color),
-            e.event_type,
-            e.subject,
+            paint("event", Some(AnsiColor::Cyan), color),
+            escape(&e.event_type),
+            escape(&e.subject),
             e.sequence,
             e.id,
-            e.source
+            escape(&e.source)
         ),
         Err(err) if json => serde_json::json!({
             "kind": "event", "routing_key": d.routing_key.as_str(), "invalid": err.to_string(),
@@ -166,9 +184,9 @@ fn render_event(
         .to_string(),
         Err(err) => format!(
             "{} {:<20} {}",
-            paint("invalid", "31", color),
-            d.routing_key.as_str(),
-            err
+            paint("invalid", Some(AnsiColor::Red), color),
+            escape(d.routing_key.as_str()),
+            escape(&err.to_string())
         ),
     }
 }
@@ -178,26 +196,28 @@ fn render_outcome(body: &[u8], json: bool, color: bool) -> String {
         Ok(r) if json => serde_json::json!({ "kind": "outcome", "outcome": r }).to_string(),
         Ok(r) => {
             let code = match r.outcome {
-                consumers::Outcome::Handled => "32",
-                consumers::Outcome::Duplicate | consumers::Outcome::Skipped => "2",
-                consumers::Outcome::Deferred | consumers::Outcome::Retried => "33",
-                consumers::Outcome::DeadLettered => "31",
+                consumers::Outcome::Handled => Some(AnsiColor::Green),
+                consumers::Outcome::Duplicate | consumers::Outcome::Skipped => None,
+                consumers::Outcome::Deferred | consumers::Outcome::Retried => {
+                    Some(AnsiColor::Yellow)
+                }
+                consumers::Outcome::DeadLettered => Some(AnsiColor::Red),
             };
             let mut line = format!(
                 "{} {:<13} {:<10} {:<20} id={} attempt={} {:.1}ms",
                 r.at.format("%H:%M:%S%.3f"),
                 paint(r.outcome.as_str(), code, color),
-                r.service,
-                r.event_type,
-                r.event_id.as_deref().unwrap_or("-"),
+                escape(&r.service),
+                escape(&r.event_type),
+                escape(r.event_id.as_deref().unwrap_or("-")),
                 r.attempt,
                 r.elapsed_ms
             );
             if let Some(reason) = &r.reason {
-                line.push_str(&format!(" reason={reason}"));
+                line.push_str(&format!(" reason={}", escape(reason)));
             }
             line
         }
-        Err(e) => format!("unreadable outcome record: {e}"),
+        Err(e) => format!("unreadable outcome record: {}", escape(&e.to_string())),
     }
 }
