@@ -108,6 +108,32 @@ impl Outbox {
     /// Assigns the next `sequence` of the event's subject and sets `source`
     /// to this service. The relay wakes at commit through the table's
     /// NOTIFY trigger. Returns the envelope as stored.
+    ///
+    /// ```no_run
+    /// use events::{Envelope, EventData};
+    /// use warren_producers::Outbox;
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct TicketOpened { ticket_id: String }
+    /// impl EventData for TicketOpened {
+    ///     const TYPE: &'static str = "ticket.opened";
+    ///     const VERSION: u32 = 1;
+    ///     const SOURCE: &'static str = "helpdesk";
+    /// }
+    ///
+    /// # async fn open(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let outbox = Outbox::new("helpdesk")?;
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("INSERT INTO helpdesk.tickets (id) VALUES ('T-1')")
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// // Same transaction: the event exists if and only if the ticket does.
+    /// let event = Envelope::new("helpdesk", "T-1", &TicketOpened { ticket_id: "T-1".into() });
+    /// outbox.append(&mut tx, event).await?;
+    /// tx.commit().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn append(
         &self,
         conn: &mut PgConnection,
