@@ -14,7 +14,7 @@ use events::{Codec, Envelope};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use producers::access::{principal, Password};
+use producers::access::{principal, ExposeSecret as _, SecretString};
 use producers::{Outbox, RelayConfig};
 use services::catalog::{OrderConfirmed, ShipmentDispatched};
 use services::{App, AppConfig};
@@ -90,11 +90,11 @@ impl Drop for RabbitUsers {
     }
 }
 
-fn role_options(pool: &PgPool, role: &str, password: &Password) -> PgConnectOptions {
+fn role_options(pool: &PgPool, role: &str, password: &SecretString) -> PgConnectOptions {
     (*pool.connect_options())
         .clone()
         .username(role)
-        .password(password.expose())
+        .password(password.expose_secret())
 }
 
 fn sqlstate(e: sqlx::Error) -> String {
@@ -104,8 +104,8 @@ fn sqlstate(e: sqlx::Error) -> String {
     }
 }
 
-fn random_password() -> Password {
-    Password::new(format!("pw-{}", Uuid::new_v4().simple()))
+fn random_password() -> SecretString {
+    SecretString::from(format!("pw-{}", Uuid::new_v4().simple()))
 }
 
 fn text(b: &[u8]) -> String {
@@ -509,7 +509,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         "trace",
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_no_secret(&out, pw.expose());
+    assert_no_secret(&out, pw.expose_secret());
 }
 
 fn warren_cli(args: &[&str], log: &str) -> Output {
