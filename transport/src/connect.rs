@@ -170,7 +170,13 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
 /// and it logs `ERROR io_loop … Tokio context … being shutdown` as the
 /// runtime goes away: noise an operator reads as a failure.
 pub async fn close(conn: Connection, reason: &str) {
-    let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close(200, reason)).await;
+    close_within(conn, reason, CONNECT_TIMEOUT).await;
+}
+
+/// [`close`] with the polite close bounded by `limit` instead (sessions
+/// that reconnect give a broker that may be gone less time).
+pub async fn close_within(conn: Connection, reason: &str, limit: Duration) {
+    let _ = tokio::time::timeout(limit, conn.close(200, reason)).await;
     // `run` blocks until the I/O thread has finished; on a closed
     // connection that is at most the time to flush the last frames.
     let waited = tokio::task::spawn_blocking(move || conn.run());
