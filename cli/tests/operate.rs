@@ -568,6 +568,49 @@ fn help_documents_exit_codes_and_completions_are_generated() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "services are a value enum");
+    // Every place a service or a format is named: a value enum, so `--help`
+    // lists the choices and clap refuses others (exit 2) before anything
+    // connects.
+    for (args, bad) in [
+        (&["run"][..], &["run", "billing"][..]),
+        (&["setup"][..], &["setup", "billing"][..]),
+        (
+            &["replay"][..],
+            &["replay", "x.jsonl", "--to", "customers"][..],
+        ),
+        (&["dlq", "list"][..], &["dlq", "--service", "billing"][..]),
+        (
+            &["dlq", "show"][..],
+            &["dlq", "show", "x", "--service", "billing"][..],
+        ),
+        (&["status"][..], &["--log-format", "xml", "status"][..]),
+        (
+            &["bench"][..],
+            &["bench", "--publish", "carrier-pigeon"][..],
+        ),
+    ] {
+        let mut with_help = args.to_vec();
+        with_help.push("--help");
+        let help = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(&with_help)
+            .output()
+            .unwrap();
+        let h = text(&help.stdout);
+        assert!(
+            h.to_lowercase().contains("possible values"),
+            "{args:?}: {h}"
+        );
+        let refused = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(2), "{bad:?}");
+        assert!(
+            text(&refused.stderr).contains("invalid value"),
+            "{bad:?}: {}",
+            text(&refused.stderr)
+        );
+    }
     let bash = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["completions", "bash"])
         .output()

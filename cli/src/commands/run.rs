@@ -6,14 +6,15 @@ use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
 
-use crate::config::{connect_db, migrate_if_permitted, Settings};
+use crate::config::{connect_db, migrate_if_permitted, Service, Settings};
 use crate::error::InvalidInput;
 
 /// Tuning flags of `warren run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Services to run (all by default): customers, orders, inventory, payments, shipping.
-    pub services: Vec<String>,
+    /// Services to run (all by default).
+    #[arg(value_enum)]
+    pub services: Vec<Service>,
     /// Unacknowledged deliveries per consumer.
     #[arg(long, env = "WARREN_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
@@ -36,20 +37,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The chosen services, checked; all when none were named.
-    pub fn services(&self) -> Result<Vec<String>, InvalidInput> {
+    /// The chosen services (clap checked the names); all when none were
+    /// named.
+    pub fn services(&self) -> Vec<String> {
         if self.services.is_empty() {
-            return Ok(ALL.iter().map(|s| s.to_string()).collect());
+            return ALL.iter().map(|s| s.to_string()).collect();
         }
-        for s in &self.services {
-            if !ALL.contains(&s.as_str()) {
-                return Err(InvalidInput(format!(
-                    "unknown service {s:?}; services are: {}",
-                    ALL.join(", ")
-                )));
-            }
-        }
-        Ok(self.services.clone())
+        self.services
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
     }
 
     /// The application configuration these flags describe.
@@ -61,7 +58,7 @@ impl RunArgs {
         Ok(AppConfig {
             amqp_url: settings.amqp_url.clone(),
             topology: settings.topology(),
-            services: self.services()?,
+            services: self.services(),
             http,
             subscription: SubscriptionConfig {
                 prefetch: self.prefetch,
@@ -98,7 +95,7 @@ pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
     migrate_if_permitted(&pool).await?;
     let shutdown = super::shutdown_on_signal();
     let app = App::start(pool, config).await?;
-    tracing::info!(services = ?args.services()?, namespace = %settings.namespace, "warren running; Ctrl-C to stop");
+    tracing::info!(services = ?args.services(), namespace = %settings.namespace, "warren running; Ctrl-C to stop");
     shutdown.cancelled().await;
     app.stop().await;
     tracing::info!("stopped cleanly");
