@@ -719,3 +719,69 @@ async fn an_interrupted_demo_and_a_terminated_bench_leave_no_queue_behind() {
             .unwrap();
     }
 }
+
+/// `warren run --queue-expires-secs` (the fault drills' namespaces): the
+/// broker is told to delete the queues once they go unused.
+#[sqlx::test(migrations = false)]
+async fn run_can_declare_a_throwaway_namespace_that_expires(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
+    let bus = TestBus::new().await;
+    bus.remember("shipping", &consumers::RetryPolicy::default().delays());
+    let db = db_url(&pool);
+    let child = warren_cmd(
+        &bus.namespace,
+        &[
+            "run",
+            "shipping",
+            "--database-url",
+            &db,
+            "--http",
+            "127.0.0.1:0",
+            "--queue-expires-secs",
+            "600",
+        ],
+    )
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut child = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("warren running") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        child
+    })
+    .await
+    .unwrap();
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "arguments", "--formatter", "json"])
+        .output()
+        .unwrap();
+    signal(&child, "-INT");
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let queues: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let prefix = format!("{}.shipping", bus.namespace);
+    let ours: Vec<&serde_json::Value> = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["name"].as_str().unwrap().starts_with(&prefix))
+        .collect();
+    assert_eq!(ours.len(), 7, "work, five tiers, dlq: {ours:?}");
+    for q in ours {
+        // rabbitmqctl's JSON gives arguments as [name, type, value].
+        let expires = q["arguments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|kv| kv[0] == "x-expires"))
+            .map(|kv| kv[2].clone());
+        assert_eq!(expires, Some(serde_json::json!(600_000)), "{q}");
+    }
+}

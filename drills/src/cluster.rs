@@ -100,6 +100,10 @@ impl Env {
             ("AMQP_URL", self.servers.amqp_url.clone()),
             ("DATABASE_URL", self.database_url.clone()),
             ("WARREN_NAMESPACE", self.namespace.clone()),
+            // The drill's queues go by themselves an hour after the last
+            // `warren run` of an interrupted or failed drill (kept that
+            // long for a look); a passed drill removes them at once.
+            ("WARREN_QUEUE_EXPIRES_SECS", "3600".into()),
             ("RUST_LOG", "info".into()),
         ]
     }

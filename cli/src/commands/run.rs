@@ -34,6 +34,13 @@ pub struct RunArgs {
     /// inspection; 0 deletes it once the broker confirmed it.
     #[arg(long, env = "WARREN_OUTBOX_RETENTION_SECS", default_value_t = 0)]
     pub outbox_retention_secs: u64,
+    /// Let the broker delete the namespace's queues once they have been
+    /// unused (no consumer, no redeclaration) this many seconds
+    /// (`x-expires`): for throwaway namespaces such as the fault drills'.
+    /// A queue keeps the arguments it was first declared with, so set it
+    /// from a namespace's first run on, or never.
+    #[arg(long, env = "WARREN_QUEUE_EXPIRES_SECS")]
+    pub queue_expires_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -57,7 +64,11 @@ impl RunArgs {
     ) -> Result<AppConfig, InvalidInput> {
         Ok(AppConfig {
             amqp_url: settings.amqp_url.clone(),
-            topology: settings.topology(),
+            topology: {
+                let mut t = settings.topology();
+                t.expires = self.queue_expires_secs.map(std::time::Duration::from_secs);
+                t
+            },
             services: self.services(),
             http,
             subscription: SubscriptionConfig {
