@@ -59,7 +59,15 @@ async fn exists(conn: &Connection, queue: &str) -> bool {
     ok
 }
 
-async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &str, at: &str) {
+/// Puts a dead letter as the forwarder writes it into `service`'s DLQ;
+/// returns its id.
+async fn dead_letter(
+    bus: &TestBus,
+    service: &str,
+    reason: &str,
+    event_type: &str,
+    at: &str,
+) -> String {
     let mut h = FieldTable::default();
     for (k, v) in [
         ("x-warren-reason", reason),
@@ -71,8 +79,9 @@ async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &st
         h.insert(k.into(), AMQPValue::LongString(v.into()));
     }
     h.insert("x-warren-attempt".into(), AMQPValue::LongInt(1));
+    let id = Uuid::now_v7().to_string();
     let props = BasicProperties::default()
-        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_message_id(id.as_str().into())
         .with_headers(h);
     bus.channel
         .basic_publish(
@@ -86,6 +95,7 @@ async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &st
         .unwrap()
         .await
         .unwrap();
+    id
 }
 
 fn json(o: &Output) -> serde_json::Value {
@@ -151,7 +161,7 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
         "2026-01-03T10:00:00Z",
     )
     .await;
-    dead_letter(
+    let exhausted = dead_letter(
         &bus,
         "orders",
         "retries_exhausted",
@@ -259,6 +269,19 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
     let left = json(&warren(&ns, &["dlq", "--json"]).await);
     assert_eq!(left["total"], 1, "{left}");
     assert_eq!(left["groups"][0]["reason"], "retries_exhausted");
+
+    // show: one JSON document, the body inline, found across services.
+    let shown = warren(&ns, &["dlq", "show", &exhausted]).await;
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let v = json(&shown);
+    assert_eq!(v["id"], exhausted.as_str(), "{v}");
+    assert_eq!(v["service"], "orders", "{v}");
+    assert_eq!(v["reason"], "retries_exhausted", "{v}");
+    assert_eq!(v["body"], serde_json::json!({}), "{v}");
+    let missing = warren(&ns, &["dlq", "show", "no-such-id"]).await;
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing.stderr));
+    let still = json(&warren(&ns, &["dlq", "--json"]).await);
+    assert_eq!(still["total"], 1, "show keeps the letter: {still}");
 }
 
 #[tokio::test]
