@@ -808,3 +808,66 @@ async fn run_can_declare_a_throwaway_namespace_that_expires(pool: PgPool) {
         assert_eq!(expires, Some(serde_json::json!(600_000)), "{q}");
     }
 }
+
+/// `warren tail` with one event, under a colour setting: its stdout.
+async fn tail_one(ns: &str, global: &[&str], env: &[(&str, &str)]) -> String {
+    let mut args = global.to_vec();
+    args.extend(["tail", "--no-outcomes", "--count", "1", "--timeout", "30"]);
+    let mut c = warren_cmd(ns, &args);
+    c.env_remove("NO_COLOR").env_remove("CLICOLOR_FORCE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    // Tail binds its queue after it starts: publish until it saw one.
+    let started = Instant::now();
+    while !waiting.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "tail saw nothing"
+        );
+        let _ = warren(
+            ns,
+            &[
+                "publish",
+                "customer.registered",
+                "--data",
+                r#"{"customer_id":"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e","name":"Ada","email":"ada@example.com"}"#,
+            ],
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = waiting.await.unwrap();
+    assert!(out.status.success());
+    text(&out.stdout)
+}
+
+#[tokio::test]
+async fn tail_colours_follow_color_and_no_color() {
+    let bus = TestBus::new().await;
+    let ns = bus.namespace.clone();
+    let esc = '\x1b';
+    let always = tail_one(&ns, &["--color", "always"], &[]).await;
+    assert!(
+        always.contains(esc) && always.contains("customer.registered"),
+        "{always:?}"
+    );
+    let never = tail_one(&ns, &["--color", "never"], &[("CLICOLOR_FORCE", "1")]).await;
+    assert!(
+        !never.contains(esc) && never.contains("customer.registered"),
+        "{never:?}"
+    );
+    // auto: not a terminal, so none; CLICOLOR_FORCE forces it, NO_COLOR wins.
+    let piped = tail_one(&ns, &[], &[]).await;
+    assert!(!piped.contains(esc), "{piped:?}");
+    let forced = tail_one(&ns, &[], &[("CLICOLOR_FORCE", "1")]).await;
+    assert!(forced.contains(esc), "{forced:?}");
+    let no_color = tail_one(&ns, &[], &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")]).await;
+    assert!(!no_color.contains(esc), "{no_color:?}");
+}
