@@ -207,3 +207,37 @@ fn the_image_builds_with_a_rust_at_least_the_rust_version() {
         "Dockerfile builds with rust:{tag}, older than rust-version {msrv}"
     );
 }
+
+#[test]
+fn every_workspace_dependency_is_used_by_a_member() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let declared: Vec<&str> = manifest
+        .lines()
+        .skip_while(|l| *l != "[workspace.dependencies]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .map(|l| l.split('=').next().unwrap().trim())
+        .collect();
+    assert!(declared.len() > 10, "{declared:?}");
+    let meta = metadata();
+    let used: Vec<String> = members(&meta)
+        .iter()
+        .flat_map(|p| p["dependencies"].as_array().unwrap())
+        .map(|d| {
+            d["rename"]
+                .as_str()
+                .unwrap_or(d["name"].as_str().unwrap())
+                .to_owned()
+        })
+        .collect();
+    let unused: Vec<&&str> = declared
+        .iter()
+        .filter(|d| !used.iter().any(|u| u == *d))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "[workspace.dependencies] no member uses: {unused:?}"
+    );
+}
