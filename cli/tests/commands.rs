@@ -474,7 +474,11 @@ async fn demo_tells_its_story_and_exits_0_twice() {
         let out = warren_async("warren".into(), Some(url.clone()), vec!["demo".into()]).await;
         assert!(out.status.success(), "{}", text(&out.stderr));
         // Connections closed before the runtime goes: no ERROR at the end.
-        assert!(!text(&out.stderr).contains("ERROR"), "{}", text(&out.stderr));
+        assert!(
+            !text(&out.stderr).contains("ERROR"),
+            "{}",
+            text(&out.stderr)
+        );
         let s = text(&out.stdout);
         for needle in [
             "== consumers",

@@ -146,7 +146,7 @@ impl Env {
                 .message_count();
             out.push((s.to_owned(), work, dlq));
         }
-        let _ = conn.close(200, "depths read").await;
+        transport::close(conn, "depths read").await;
         Ok(out)
     }
 
@@ -160,7 +160,7 @@ impl Env {
             topo.delete_service(&ch, s, &Self::retry_delays()).await?;
         }
         topo.delete_exchange(&ch).await?;
-        let _ = conn.close(200, "drill cleaned up").await;
+        transport::close(conn, "drill cleaned up").await;
         self.pool.close().await;
         let mut admin_url = url::Url::parse(&self.database_url)?;
         admin_url.set_path("/postgres");
