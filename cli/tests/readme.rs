@@ -67,6 +67,25 @@ fn the_command_table_shows_every_command_with_an_example() {
             example.starts_with(&format!("`warren {command}")),
             "{command}: the example {example} runs another command"
         );
+        // The example parses: clap checks every argument before it gets
+        // to a trailing --help (shell redirections and quotes aside).
+        let words: Vec<&str> = example
+            .trim_matches('`')
+            .split_whitespace()
+            .skip(1)
+            .take_while(|w| !w.starts_with('>'))
+            .map(|w| w.trim_matches('\''))
+            .collect();
+        let parsed = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(&words)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            parsed.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&parsed.stderr)
+        );
     }
     assert_eq!(
         rows.len(),
