@@ -19,7 +19,7 @@ const EXIT_CODES: &str = "Exit codes:\n  0    success (also when standard output
     name = "warren",
     version,
     about,
-    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq\n  warren dlq redrive --reason handler-failed --dry-run\n  warren teardown --namespace bench-1a2b3c4d\n  WARREN_ORDERS_PASSWORD=... warren setup orders\n  warren completions bash > /etc/bash_completion.d/warren",
+    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq\n  warren dlq redrive --reason handler_rejected --dry-run\n  warren teardown --namespace bench-1a2b3c4d\n  WARREN_ORDERS_PASSWORD=... warren setup orders\n  warren completions bash > /etc/bash_completion.d/warren",
     after_long_help = EXIT_CODES
 )]
 struct Cli {

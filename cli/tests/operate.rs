@@ -59,7 +59,15 @@ async fn exists(conn: &Connection, queue: &str) -> bool {
     ok
 }
 
-async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &str, at: &str) {
+/// Puts a dead letter as the forwarder writes it into `service`'s DLQ;
+/// returns its id.
+async fn dead_letter(
+    bus: &TestBus,
+    service: &str,
+    reason: &str,
+    event_type: &str,
+    at: &str,
+) -> String {
     let mut h = FieldTable::default();
     for (k, v) in [
         ("x-warren-reason", reason),
@@ -71,8 +79,9 @@ async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &st
         h.insert(k.into(), AMQPValue::LongString(v.into()));
     }
     h.insert("x-warren-attempt".into(), AMQPValue::LongInt(1));
+    let id = Uuid::now_v7().to_string();
     let props = BasicProperties::default()
-        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_message_id(id.as_str().into())
         .with_headers(h);
     bus.channel
         .basic_publish(
@@ -86,6 +95,7 @@ async fn dead_letter(bus: &TestBus, service: &str, reason: &str, event_type: &st
         .unwrap()
         .await
         .unwrap();
+    id
 }
 
 fn json(o: &Output) -> serde_json::Value {
@@ -151,7 +161,7 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
         "2026-01-03T10:00:00Z",
     )
     .await;
-    dead_letter(
+    let exhausted = dead_letter(
         &bus,
         "orders",
         "retries_exhausted",
@@ -259,6 +269,19 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
     let left = json(&warren(&ns, &["dlq", "--json"]).await);
     assert_eq!(left["total"], 1, "{left}");
     assert_eq!(left["groups"][0]["reason"], "retries_exhausted");
+
+    // show: one JSON document, the body inline, found across services.
+    let shown = warren(&ns, &["dlq", "show", &exhausted]).await;
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let v = json(&shown);
+    assert_eq!(v["id"], exhausted.as_str(), "{v}");
+    assert_eq!(v["service"], "orders", "{v}");
+    assert_eq!(v["reason"], "retries_exhausted", "{v}");
+    assert_eq!(v["body"], serde_json::json!({}), "{v}");
+    let missing = warren(&ns, &["dlq", "show", "no-such-id"]).await;
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing.stderr));
+    let still = json(&warren(&ns, &["dlq", "--json"]).await);
+    assert_eq!(still["total"], 1, "show keeps the letter: {still}");
 }
 
 #[tokio::test]
@@ -409,26 +432,103 @@ async fn status_json_is_pure_and_names_the_brokers_health_or_its_absence(pool: P
     assert_eq!(v["services"].as_array().unwrap().len(), 5);
 }
 
+/// Runs `c` with logs at `info`, uncoloured, and returns its stderr.
+async fn stderr_of(mut c: Command) -> (Output, String) {
+    c.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    c.stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let err = text(&out.stderr);
+    (out, err)
+}
+
+/// Every command closes its broker connections (and waits for lapin's I/O
+/// thread) before the runtime goes: otherwise lapin logs `ERROR io_loop …
+/// Tokio context … being shutdown`, which an operator reads as a failure.
+/// The race is lost only now and then, so each short command runs three
+/// times.
 #[sqlx::test(migrations = false)]
-async fn status_and_replay_end_without_an_error_line(pool: PgPool) {
+async fn commands_end_without_an_error_line(pool: PgPool) {
     services::migrate(&pool).await.unwrap();
     let bus = TestBus::new().await;
+    // `warren run orders` below declares them (without the tests'
+    // x-expires); removed when the bus drops, if teardown did not.
+    bus.remember("orders", &consumers::RetryPolicy::default().delays());
     // Somewhere for the replayed events to go.
     let _tap = bus.wiretap("#").await;
     let db = db_url(&pool);
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/saga-happy.jsonl");
-    for args in [
-        vec!["status", "--database-url", &db],
-        vec!["replay", fixture, "--json"],
-    ] {
-        let mut c = warren_cmd(&bus.namespace, &args);
-        c.env("RUST_LOG", "info").env("NO_COLOR", "1");
-        let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-            .await
-            .unwrap();
-        let err = text(&out.stderr);
-        assert!(!err.contains("ERROR"), "{args:?}: {err}");
+    let customer = r#"{"customer_id":"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e","name":"Ada","email":"ada@example.com"}"#;
+    for _ in 0..3 {
+        for args in [
+            vec!["status", "--database-url", &db],
+            vec!["replay", fixture, "--json"],
+            vec!["publish", "customer.registered", "--data", customer],
+            vec!["dlq", "--json"],
+            vec!["dlq", "list"],
+            vec!["dlq", "redrive", "--dry-run"],
+            vec!["migrate", "--database-url", &db],
+        ] {
+            let (out, err) = stderr_of(warren_cmd(&bus.namespace, &args)).await;
+            // status exits 1 here (no service runs): unhealthy, not broken.
+            assert!(
+                out.status.success() || args[0] == "status",
+                "{args:?}: {err}"
+            );
+            assert!(!err.contains("ERROR"), "{args:?}: {err}");
+        }
     }
+
+    // A long-running one, stopped as an operator stops it.
+    let child = warren_cmd(
+        &bus.namespace,
+        &[
+            "run",
+            "orders",
+            "--database-url",
+            &db,
+            "--http",
+            "127.0.0.1:0",
+        ],
+    )
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("warren running") {
+                break;
+            }
+        }
+        signal(&child, "-INT");
+        for line in lines {
+            seen.push_str(&line.unwrap());
+            seen.push('\n');
+        }
+        (child.wait().unwrap(), seen)
+    })
+    .await
+    .unwrap();
+    let (status, err) = out;
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped cleanly"), "{err}");
+    assert!(!err.contains("ERROR"), "{err}");
+
+    // teardown last: it removes the namespace.
+    let (out, err) = stderr_of(warren_cmd(&bus.namespace, &["teardown"])).await;
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("ERROR"), "{err}");
 }
 
 #[tokio::test]
@@ -491,6 +591,49 @@ fn help_documents_exit_codes_and_completions_are_generated() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "services are a value enum");
+    // Every place a service or a format is named: a value enum, so `--help`
+    // lists the choices and clap refuses others (exit 2) before anything
+    // connects.
+    for (args, bad) in [
+        (&["run"][..], &["run", "billing"][..]),
+        (&["setup"][..], &["setup", "billing"][..]),
+        (
+            &["replay"][..],
+            &["replay", "x.jsonl", "--to", "customers"][..],
+        ),
+        (&["dlq", "list"][..], &["dlq", "--service", "billing"][..]),
+        (
+            &["dlq", "show"][..],
+            &["dlq", "show", "x", "--service", "billing"][..],
+        ),
+        (&["status"][..], &["--log-format", "xml", "status"][..]),
+        (
+            &["bench"][..],
+            &["bench", "--publish", "carrier-pigeon"][..],
+        ),
+    ] {
+        let mut with_help = args.to_vec();
+        with_help.push("--help");
+        let help = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(&with_help)
+            .output()
+            .unwrap();
+        let h = text(&help.stdout);
+        assert!(
+            h.to_lowercase().contains("possible values"),
+            "{args:?}: {h}"
+        );
+        let refused = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(2), "{bad:?}");
+        assert!(
+            text(&refused.stderr).contains("invalid value"),
+            "{bad:?}: {}",
+            text(&refused.stderr)
+        );
+    }
     let bash = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["completions", "bash"])
         .output()
@@ -598,4 +741,133 @@ async fn an_interrupted_demo_and_a_terminated_bench_leave_no_queue_behind() {
             .await
             .unwrap();
     }
+}
+
+/// `warren run --queue-expires-secs` (the fault drills' namespaces): the
+/// broker is told to delete the queues once they go unused.
+#[sqlx::test(migrations = false)]
+async fn run_can_declare_a_throwaway_namespace_that_expires(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
+    let bus = TestBus::new().await;
+    bus.remember("shipping", &consumers::RetryPolicy::default().delays());
+    let db = db_url(&pool);
+    let child = warren_cmd(
+        &bus.namespace,
+        &[
+            "run",
+            "shipping",
+            "--database-url",
+            &db,
+            "--http",
+            "127.0.0.1:0",
+            "--queue-expires-secs",
+            "600",
+        ],
+    )
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut child = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("warren running") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        child
+    })
+    .await
+    .unwrap();
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "arguments", "--formatter", "json"])
+        .output()
+        .unwrap();
+    signal(&child, "-INT");
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let queues: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let prefix = format!("{}.shipping", bus.namespace);
+    let ours: Vec<&serde_json::Value> = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["name"].as_str().unwrap().starts_with(&prefix))
+        .collect();
+    assert_eq!(ours.len(), 7, "work, five tiers, dlq: {ours:?}");
+    for q in ours {
+        // rabbitmqctl's JSON gives arguments as [name, type, value].
+        let expires = q["arguments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|kv| kv[0] == "x-expires"))
+            .map(|kv| kv[2].clone());
+        assert_eq!(expires, Some(serde_json::json!(600_000)), "{q}");
+    }
+}
+
+/// `warren tail` with one event, under a colour setting: its stdout.
+async fn tail_one(ns: &str, global: &[&str], env: &[(&str, &str)]) -> String {
+    let mut args = global.to_vec();
+    args.extend(["tail", "--no-outcomes", "--count", "1", "--timeout", "30"]);
+    let mut c = warren_cmd(ns, &args);
+    c.env_remove("NO_COLOR").env_remove("CLICOLOR_FORCE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    // Tail binds its queue after it starts: publish until it saw one.
+    let started = Instant::now();
+    while !waiting.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "tail saw nothing"
+        );
+        let _ = warren(
+            ns,
+            &[
+                "publish",
+                "customer.registered",
+                "--data",
+                r#"{"customer_id":"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e","name":"Ada","email":"ada@example.com"}"#,
+            ],
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = waiting.await.unwrap();
+    assert!(out.status.success());
+    text(&out.stdout)
+}
+
+#[tokio::test]
+async fn tail_colours_follow_color_and_no_color() {
+    let bus = TestBus::new().await;
+    let ns = bus.namespace.clone();
+    let esc = '\x1b';
+    let always = tail_one(&ns, &["--color", "always"], &[]).await;
+    assert!(
+        always.contains(esc) && always.contains("customer.registered"),
+        "{always:?}"
+    );
+    let never = tail_one(&ns, &["--color", "never"], &[("CLICOLOR_FORCE", "1")]).await;
+    assert!(
+        !never.contains(esc) && never.contains("customer.registered"),
+        "{never:?}"
+    );
+    // auto: not a terminal, so none; CLICOLOR_FORCE forces it, NO_COLOR wins.
+    let piped = tail_one(&ns, &[], &[]).await;
+    assert!(!piped.contains(esc), "{piped:?}");
+    let forced = tail_one(&ns, &[], &[("CLICOLOR_FORCE", "1")]).await;
+    assert!(forced.contains(esc), "{forced:?}");
+    let no_color = tail_one(&ns, &[], &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")]).await;
+    assert!(!no_color.contains(esc), "{no_color:?}");
 }

@@ -14,7 +14,7 @@ use events::{Codec, Envelope};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use producers::access::{principal, Password};
+use producers::access::{principal, ExposeSecret as _, SecretString};
 use producers::{Outbox, RelayConfig};
 use services::catalog::{OrderConfirmed, ShipmentDispatched};
 use services::{App, AppConfig};
@@ -90,11 +90,11 @@ impl Drop for RabbitUsers {
     }
 }
 
-fn role_options(pool: &PgPool, role: &str, password: &Password) -> PgConnectOptions {
+fn role_options(pool: &PgPool, role: &str, password: &SecretString) -> PgConnectOptions {
     (*pool.connect_options())
         .clone()
         .username(role)
-        .password(password.expose())
+        .password(password.expose_secret())
 }
 
 fn sqlstate(e: sqlx::Error) -> String {
@@ -104,8 +104,8 @@ fn sqlstate(e: sqlx::Error) -> String {
     }
 }
 
-fn random_password() -> Password {
-    Password::new(format!("pw-{}", Uuid::new_v4().simple()))
+fn random_password() -> SecretString {
+    SecretString::from(format!("pw-{}", Uuid::new_v4().simple()))
 }
 
 fn text(b: &[u8]) -> String {
@@ -509,7 +509,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         "trace",
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_no_secret(&out, pw.expose());
+    assert_no_secret(&out, pw.expose_secret());
 }
 
 fn warren_cli(args: &[&str], log: &str) -> Output {
@@ -776,4 +776,65 @@ async fn a_service_role_skips_migrating_and_finds_warren_installed(pool: PgPool)
         .unwrap();
     assert_eq!(versions, 2);
     own.close().await;
+}
+
+/// `migrate --json` and `setup --json` from the real binary: standard
+/// output is one JSON object and nothing else (logs and warnings go to
+/// standard error), and no password is in either stream.
+#[sqlx::test(migrations = false)]
+async fn migrate_and_setup_summarise_as_one_json_object_without_passwords(pool: PgPool) {
+    let ns = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let shipping = principal(&ns, "shipping");
+    let _roles = PgRoles {
+        admin: (*pool.connect_options()).clone(),
+        names: vec![shipping.clone()],
+        databases: vec![],
+    };
+    let _users = RabbitUsers(vec![shipping.clone()]);
+    let o = pool.connect_options();
+    let db = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        o.get_port(),
+        o.get_database().unwrap()
+    );
+    let one_object = |out: &Output| -> serde_json::Value {
+        let stdout = text(&out.stdout);
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+
+    let out = warren_cli_async(
+        ["--database-url", &db, "migrate", "--json"]
+            .map(String::from)
+            .to_vec(),
+        "info",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = one_object(&out);
+    assert_eq!(v["migrated"], true, "{v}");
+    assert!(v["latest_version"].as_i64().is_some(), "{v}");
+
+    let secret = format!("pw{}", Uuid::new_v4().simple());
+    let (db2, ns2, secret2) = (db.clone(), ns.clone(), secret.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["--database-url", &db2, "--namespace", &ns2])
+            .args(["setup", "shipping", "--json"])
+            .env("WARREN_SHIPPING_PASSWORD", &secret2)
+            .env("RUST_LOG", "info")
+            .env_remove("AMQP_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_secret(&out, &secret);
+    let v = one_object(&out);
+    assert_eq!(v["namespace"], ns.as_str(), "{v}");
+    assert_eq!(v["postgres_roles"][0]["role"], shipping.as_str(), "{v}");
+    assert_eq!(v["postgres_roles"][0]["schema"], "shipping", "{v}");
+    assert_eq!(v["rabbitmq_users"][0]["user"], shipping.as_str(), "{v}");
+    assert!(v["run_example"].as_str().unwrap().contains(":***@"), "{v}");
 }

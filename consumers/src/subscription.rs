@@ -177,11 +177,9 @@ impl Subscription {
         let result = self.consume_on(&conn, shutdown, backoff).await;
         // Also on error: lapin keeps a dropped connection open, so every
         // reconnect would leak one. Bounded, the broker may be gone.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "consumer session ended"),
-        )
-        .await;
+        // And wait for lapin's I/O thread: a process ending right after
+        // would otherwise log an ERROR from a runtime shutting down.
+        transport::close_within(conn, "consumer session ended", Duration::from_secs(2)).await;
         result
     }
 

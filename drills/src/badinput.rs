@@ -508,7 +508,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
             }
         }
     }
-    let _ = conn.close(200, "done").await;
+    transport::close(conn, "done").await;
     let missing = expected.keys().filter(|k| !seen.contains(*k)).count();
     w.stop().await?;
     let figures = Figures {

@@ -100,6 +100,10 @@ impl Env {
             ("AMQP_URL", self.servers.amqp_url.clone()),
             ("DATABASE_URL", self.database_url.clone()),
             ("WARREN_NAMESPACE", self.namespace.clone()),
+            // The drill's queues go by themselves an hour after the last
+            // `warren run` of an interrupted or failed drill (kept that
+            // long for a look); a passed drill removes them at once.
+            ("WARREN_QUEUE_EXPIRES_SECS", "3600".into()),
             ("RUST_LOG", "info".into()),
         ]
     }
@@ -142,7 +146,7 @@ impl Env {
                 .message_count();
             out.push((s.to_owned(), work, dlq));
         }
-        let _ = conn.close(200, "depths read").await;
+        transport::close(conn, "depths read").await;
         Ok(out)
     }
 
@@ -156,7 +160,7 @@ impl Env {
             topo.delete_service(&ch, s, &Self::retry_delays()).await?;
         }
         topo.delete_exchange(&ch).await?;
-        let _ = conn.close(200, "drill cleaned up").await;
+        transport::close(conn, "drill cleaned up").await;
         self.pool.close().await;
         let mut admin_url = url::Url::parse(&self.database_url)?;
         admin_url.set_path("/postgres");

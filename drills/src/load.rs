@@ -327,7 +327,7 @@ impl BusPublisher {
     /// Closes the connection.
     pub async fn close(self) {
         if let Some((conn, _)) = self.link {
-            let _ = conn.close(200, "done").await;
+            transport::close(conn, "done").await;
         }
     }
 }

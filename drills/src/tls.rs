@@ -119,7 +119,7 @@ pub async fn run(servers: &Servers, keep: bool) -> anyhow::Result<Figures> {
     let mut f = result?;
     let plain_ok = match transport::connect(&servers.amqp_url, "warren tls drill after").await {
         Ok(conn) => {
-            let _ = conn.close(200, "bye").await;
+            transport::close(conn, "bye").await;
             true
         }
         Err(_) => false,
@@ -311,7 +311,7 @@ async fn exercise(servers: &Servers, pki: &Pki) -> anyhow::Result<Figures> {
                     "expected our one connection on port {PORT}, the broker lists {other:?}"
                 )),
             }
-            let _ = conn.close(200, "bye").await;
+            transport::close(conn, "bye").await;
         }
         Err(e) => f.failures.push(format!("with cacertfile: {e}")),
     }

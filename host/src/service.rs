@@ -312,7 +312,7 @@ impl Service {
         let conn =
             transport::connect(self.bus.amqp_url(), &format!("warren {} setup", self.name)).await?;
         let result = self.declare_on(&conn).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "declared")).await;
+        transport::close_within(conn, "declared", Duration::from_secs(2)).await;
         result
     }
 
@@ -488,8 +488,7 @@ impl Running {
         }
         match transport::connect(&self.amqp_url, &format!("warren {} readiness", self.name)).await {
             Ok(conn) => {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), conn.close(200, "ready")).await;
+                transport::close_within(conn, "ready", Duration::from_secs(2)).await;
                 true
             }
             Err(_) => false,

@@ -20,27 +20,11 @@ use sqlx::{Connection, PgConnection};
 
 use transport::Topology;
 
-/// A password that never prints: `Debug` shows `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
-
-impl Password {
-    /// Wraps a password.
-    pub fn new(s: impl Into<String>) -> Self {
-        Password(s.into())
-    }
-
-    /// The password itself, for the few places that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(***)")
-    }
-}
+/// Passwords are `secrecy`'s strings: `Debug` prints `[REDACTED]`, the
+/// memory is zeroed on drop, and the text is read only through
+/// [`ExposeSecret::expose_secret`], at the few places that must send it.
+/// Re-exported so callers need no `secrecy` of their own.
+pub use secrecy::{ExposeSecret, SecretString};
 
 /// `<namespace>_<service>`: the PostgreSQL role and the RabbitMQ user of a
 /// service. Tests use random namespaces, so their roles and users never
@@ -60,7 +44,7 @@ pub async fn ensure_pg_role(
     conn: &mut PgConnection,
     role: &str,
     schema: &str,
-    password: &Password,
+    password: &SecretString,
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     // Concurrent GRANTs on one object fail with "tuple concurrently
@@ -87,7 +71,7 @@ pub async fn ensure_pg_role(
     .await?;
     sqlx::query("SELECT pg_temp.warren_ensure_role($1, $2)")
         .bind(role)
-        .bind(password.expose())
+        .bind(password.expose_secret())
         .execute(&mut *tx)
         .await?;
     let (r, s) = (quote_ident(role), quote_ident(schema));
@@ -200,7 +184,7 @@ pub struct AmqpUser {
     /// User name.
     pub name: String,
     /// Its password.
-    pub password: Password,
+    pub password: SecretString,
     /// What it may do.
     pub permissions: AmqpPermissions,
 }
@@ -240,11 +224,11 @@ fn salt() -> [u8; 4] {
 
 /// RabbitMQ's `rabbit_password_hashing_sha256`:
 /// base64(salt ‖ SHA-256(salt ‖ password)) with a 4-byte salt.
-pub fn rabbitmq_password_hash(password: &Password, salt: [u8; 4]) -> String {
+pub fn rabbitmq_password_hash(password: &SecretString, salt: [u8; 4]) -> String {
     use base64::Engine as _;
     let mut h = Sha256::new();
     h.update(salt);
-    h.update(password.expose().as_bytes());
+    h.update(password.expose_secret().as_bytes());
     let mut out = salt.to_vec();
     out.extend_from_slice(&h.finalize());
     base64::engine::general_purpose::STANDARD.encode(out)
@@ -287,12 +271,16 @@ mod tests {
     fn password_hash_matches_rabbitmq() {
         // From RabbitMQ's documentation of the algorithm: salt 908D C60A,
         // password "test12".
-        let h = rabbitmq_password_hash(&Password::new("test12"), [0x90, 0x8d, 0xc6, 0x0a]);
+        let h = rabbitmq_password_hash(&SecretString::from("test12"), [0x90, 0x8d, 0xc6, 0x0a]);
         assert_eq!(h, "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR");
     }
 
     #[test]
     fn password_debug_is_masked() {
-        assert_eq!(format!("{:?}", Password::new("s3cret")), "Password(***)");
+        let debug = format!("{:?}", SecretString::from("s3cret"));
+        assert!(
+            !debug.contains("s3cret") && debug.contains("REDACTED"),
+            "{debug}"
+        );
     }
 }

@@ -290,11 +290,9 @@ impl Relay {
         // lapin keeps a dropped connection open: close it on every exit, or
         // each reconnect after a database error would leak one. Bounded,
         // since the broker may be the thing that is gone.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "relay session ended"),
-        )
-        .await;
+        // `close_within` also waits for lapin's I/O thread (no ERROR line
+        // when the process ends right after).
+        transport::close_within(conn, "relay session ended", Duration::from_secs(2)).await;
         result
     }
 

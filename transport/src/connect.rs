@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 
 /// Time allowed for reading the URL's `cacertfile`, TCP connect, the TLS
 /// handshake and the AMQP handshake, all together.
@@ -76,10 +78,10 @@ pub enum ConnectError {
 /// `cacertfile`, only the system trust store counts.
 ///
 /// The file is checked before connecting: readable, text, and at least one
-/// well-formed PEM `CERTIFICATE` block (with the parser lapin itself uses),
-/// else a [`ConnectError::CaCert`] naming the path. A block that is PEM but
-/// not a usable X.509 certificate is skipped by lapin and shows up as
-/// [`ConnectError::Untrusted`] at the handshake.
+/// well-formed PEM `CERTIFICATE` block (rustls-pki-types' reader, which the
+/// parser lapin uses wraps), else a [`ConnectError::CaCert`] naming the
+/// path. A block that is PEM but not a usable X.509 certificate is skipped
+/// by lapin and shows up as [`ConnectError::Untrusted`] at the handshake.
 ///
 /// `cacertfile` on an `amqp://` URL is an error, not ignored: it says the
 /// writer expected TLS and would not get it. Client certificates
@@ -168,7 +170,13 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
 /// and it logs `ERROR io_loop … Tokio context … being shutdown` as the
 /// runtime goes away: noise an operator reads as a failure.
 pub async fn close(conn: Connection, reason: &str) {
-    let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close(200, reason)).await;
+    close_within(conn, reason, CONNECT_TIMEOUT).await;
+}
+
+/// [`close`] with the polite close bounded by `limit` instead (sessions
+/// that reconnect give a broker that may be gone less time).
+pub async fn close_within(conn: Connection, reason: &str, limit: Duration) {
+    let _ = tokio::time::timeout(limit, conn.close(200, reason)).await;
     // `run` blocks until the I/O thread has finished; on a closed
     // connection that is at most the time to flush the last frames.
     let waited = tokio::task::spawn_blocking(move || conn.run());
@@ -226,8 +234,10 @@ async fn read_ca(path: &str) -> Result<String, String> {
     let bytes = tokio::fs::read(path).await.map_err(|e| e.to_string())?;
     let pem = String::from_utf8(bytes)
         .map_err(|_| "not a PEM file (not text; DER must be converted to PEM)".to_owned())?;
+    // rustls-pki-types' PEM reader (through rustls): the one rustls-pemfile,
+    // which lapin applies to the same text, has been a wrapper of since 2.2.
     let mut certificates = 0;
-    for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         cert.map_err(|e| format!("not valid PEM: {e}"))?;
         certificates += 1;
     }

@@ -19,7 +19,7 @@ pub mod reconnect;
 pub mod topology;
 
 pub use backoff::Backoff;
-pub use connect::{close, connect, redact, ConnectError, CONNECT_TIMEOUT};
+pub use connect::{close, close_within, connect, redact, ConnectError, CONNECT_TIMEOUT};
 pub use publisher::{confirm_problem, event_properties, Outgoing, PublishError, Publisher};
 pub use reconnect::Reconnect;
 pub use topology::Topology;

@@ -6,7 +6,9 @@
 //! manual ack, then give back with a requeue or a channel close) is not
 //! safe here: since RabbitMQ 4.0 a quorum queue declared without
 //! `x-delivery-limit` — our DLQs, see `transport::topology` — gets a
-//! default limit of 20, and before 4.3 every return counts as a delivery.
+//! default limit of 20, and before 4.3 every return counts as a delivery
+//! (4.3 still counts `basic.reject` with requeue and a channel closed on
+//! an unacknowledged message: rabbitmq-server#15387).
 //! Twenty browses would then drop (the DLQ has no dead-letter exchange of
 //! its own) the very letters an operator is looking at. So every walk
 //! here takes each message and publishes a copy back to the DLQ's tail

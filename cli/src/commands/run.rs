@@ -6,14 +6,15 @@ use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
 
-use crate::config::{connect_db, migrate_if_permitted, Settings};
+use crate::config::{connect_db, migrate_if_permitted, Service, Settings};
 use crate::error::InvalidInput;
 
 /// Tuning flags of `warren run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Services to run (all by default): customers, orders, inventory, payments, shipping.
-    pub services: Vec<String>,
+    /// Services to run (all by default).
+    #[arg(value_enum)]
+    pub services: Vec<Service>,
     /// Unacknowledged deliveries per consumer.
     #[arg(long, env = "WARREN_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
@@ -33,23 +34,26 @@ pub struct RunArgs {
     /// inspection; 0 deletes it once the broker confirmed it.
     #[arg(long, env = "WARREN_OUTBOX_RETENTION_SECS", default_value_t = 0)]
     pub outbox_retention_secs: u64,
+    /// Let the broker delete the namespace's queues once they have been
+    /// unused (no consumer, no redeclaration) this many seconds
+    /// (`x-expires`): for throwaway namespaces such as the fault drills'.
+    /// A queue keeps the arguments it was first declared with, so set it
+    /// from a namespace's first run on, or never.
+    #[arg(long, env = "WARREN_QUEUE_EXPIRES_SECS")]
+    pub queue_expires_secs: Option<u64>,
 }
 
 impl RunArgs {
-    /// The chosen services, checked; all when none were named.
-    pub fn services(&self) -> Result<Vec<String>, InvalidInput> {
+    /// The chosen services (clap checked the names); all when none were
+    /// named.
+    pub fn services(&self) -> Vec<String> {
         if self.services.is_empty() {
-            return Ok(ALL.iter().map(|s| s.to_string()).collect());
+            return ALL.iter().map(|s| s.to_string()).collect();
         }
-        for s in &self.services {
-            if !ALL.contains(&s.as_str()) {
-                return Err(InvalidInput(format!(
-                    "unknown service {s:?}; services are: {}",
-                    ALL.join(", ")
-                )));
-            }
-        }
-        Ok(self.services.clone())
+        self.services
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
     }
 
     /// The application configuration these flags describe.
@@ -60,8 +64,12 @@ impl RunArgs {
     ) -> Result<AppConfig, InvalidInput> {
         Ok(AppConfig {
             amqp_url: settings.amqp_url.clone(),
-            topology: settings.topology(),
-            services: self.services()?,
+            topology: {
+                let mut t = settings.topology();
+                t.expires = self.queue_expires_secs.map(std::time::Duration::from_secs);
+                t
+            },
+            services: self.services(),
             http,
             subscription: SubscriptionConfig {
                 prefetch: self.prefetch,
@@ -98,7 +106,7 @@ pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
     migrate_if_permitted(&pool).await?;
     let shutdown = super::shutdown_on_signal();
     let app = App::start(pool, config).await?;
-    tracing::info!(services = ?args.services()?, namespace = %settings.namespace, "warren running; Ctrl-C to stop");
+    tracing::info!(services = ?args.services(), namespace = %settings.namespace, "warren running; Ctrl-C to stop");
     shutdown.cancelled().await;
     app.stop().await;
     tracing::info!("stopped cleanly");

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use producers::access::{self, AmqpPermissions, AmqpUser, Password};
+use producers::access::{self, AmqpPermissions, AmqpUser, ExposeSecret as _, SecretString};
 use services::ALL;
 use sqlx::PgPool;
 use transport::Topology;
@@ -59,9 +59,9 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
     for s in &services {
         let name = access::principal(&settings.namespace, s);
         match std::env::var(password_var(s)) {
-            Ok(p) if !p.is_empty() => passwords.push((s.clone(), name, Password::new(p))),
+            Ok(p) if !p.is_empty() => passwords.push((s.clone(), name, SecretString::from(p))),
             _ if args.dev_passwords => {
-                passwords.push((s.clone(), name.clone(), Password::new(name)));
+                passwords.push((s.clone(), name.clone(), SecretString::from(name)));
             }
             _ => missing.push(password_var(s)),
         }
@@ -81,7 +81,7 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
 
     let pool = connect_db(settings, true, 2).await?;
     migrate(&pool).await?;
-    let roles: Vec<(String, String, Password)> = passwords.clone();
+    let roles: Vec<(String, String, SecretString)> = passwords.clone();
     postgres_roles(&pool, &roles).await?;
     // What `--json` prints: names and permissions, never a password.
     let (mut pg_roles, mut amqp_users) = (Vec::new(), Vec::new());
@@ -154,10 +154,10 @@ fn chosen(services: &[Service]) -> Vec<String> {
 }
 
 /// `url` with `user` and `password` as its credentials.
-pub fn with_user(url: &str, user: &str, password: &Password) -> anyhow::Result<String> {
+pub fn with_user(url: &str, user: &str, password: &SecretString) -> anyhow::Result<String> {
     let mut u = url::Url::parse(url).map_err(|_| anyhow::anyhow!("not a URL"))?;
     u.set_username(user)
-        .and_then(|_| u.set_password(Some(password.expose())))
+        .and_then(|_| u.set_password(Some(password.expose_secret())))
         .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
     Ok(u.to_string())
 }
@@ -166,7 +166,7 @@ pub fn with_user(url: &str, user: &str, password: &Password) -> anyhow::Result<S
 /// `pool` (see `producers::access::ensure_pg_role`).
 pub async fn postgres_roles(
     pool: &PgPool,
-    roles: &[(String, String, Password)],
+    roles: &[(String, String, SecretString)],
 ) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     for (schema, role, password) in roles {

@@ -132,11 +132,7 @@ impl EagerWorker {
             .await?;
         let conn = transport::connect(&self.amqp_url, &format!("warren eager {service}")).await?;
         let result = self.publish_loop(shutdown, backoff, &mut db, &conn).await;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(200, "eager publisher stopped"),
-        )
-        .await;
+        transport::close_within(conn, "eager publisher stopped", Duration::from_secs(2)).await;
         let _ = db.close().await;
         result
     }
