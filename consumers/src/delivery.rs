@@ -453,7 +453,9 @@ impl Processor {
         self.acks
             .settle(settled.iter().map(|(d, _)| d.delivery_tag))
             .await?;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed();
+        self.stats.record_batch(elapsed);
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         for (_, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();

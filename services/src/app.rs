@@ -166,7 +166,7 @@ impl App {
             let mut api = axum::Router::new()
                 .route("/health", axum::routing::get(http::health))
                 .route("/ready", axum::routing::get(http::ready))
-                .route("/metrics", axum::routing::get(http::metrics));
+                .route("/metrics", axum::routing::get(crate::metrics::scrape));
             for s in &config.services {
                 api = match s.as_str() {
                     "customers" => api.merge(customers::routes()),

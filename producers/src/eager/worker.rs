@@ -332,13 +332,7 @@ impl EagerWorker {
     /// others stay leased, for the relay.
     fn confirmed(&mut self, batch: InFlight, confirms: Vec<Result<Confirmation, lapin::Error>>) {
         let waited = batch.published.elapsed();
-        self.stats
-            .confirm_wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .confirmed_events
-            .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
+        self.stats.record_confirms(waited, batch.ids.len());
         for (id, confirm) in batch.ids.into_iter().zip(confirms) {
             let Some(problem) = confirm_problem(confirm) else {
                 self.confirmed.push(id);

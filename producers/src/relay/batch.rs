@@ -227,13 +227,7 @@ impl Relay {
         self.maybe_crash(CrashPoint::AfterConfirm)?;
         let confirmed = Instant::now();
         let waited = confirmed.saturating_duration_since(batch.published);
-        self.stats
-            .confirm_wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .confirmed_events
-            .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+        self.stats.record_confirms(waited, batch.rows.len());
         let service = self.outbox.service();
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;
