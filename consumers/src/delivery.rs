@@ -24,6 +24,7 @@ use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
 use crate::acks::Acks;
 use crate::config::SubscriptionConfig;
@@ -34,6 +35,7 @@ use crate::inbox::Inbox;
 use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
+use crate::spans;
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -153,7 +155,14 @@ impl Processor {
         }
         if !good.is_empty() {
             let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
-            let results = self.apply_batch(conn, &envelopes, shutdown).await?;
+            let service = self.router.service();
+            let handling: Vec<Span> = good
+                .iter()
+                .map(|(d, e)| spans::handle(service, e, attempt_of(d)))
+                .collect();
+            let results = self
+                .apply_batch(conn, &envelopes, &handling, shutdown)
+                .await?;
             for ((delivery, envelope), result) in good.into_iter().zip(results) {
                 let record = self.settle(&delivery, &envelope, result).await?;
                 settled.push((delivery, record));
@@ -185,16 +194,19 @@ impl Processor {
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Result<Applied, HandleError>>, SettleError> {
-        match self.apply_waiting(conn, events, shutdown).await? {
+        match self.apply_waiting(conn, events, spans, shutdown).await? {
             Ok(applied) => Ok(applied.into_iter().map(Ok).collect()),
             Err(e) if events.len() == 1 => Ok(vec![Err(e)]),
             Err(e) => {
                 tracing::debug!(error = %e, size = events.len(), "batch failed; applying one by one");
                 let mut one_by_one = Vec::with_capacity(events.len());
-                for event in events {
-                    let alone = self.apply_waiting(conn, &[event], shutdown).await?;
+                for (event, span) in events.iter().zip(spans) {
+                    let alone = self
+                        .apply_waiting(conn, &[event], std::slice::from_ref(span), shutdown)
+                        .await?;
                     one_by_one.push(alone.map(|a| a[0]));
                 }
                 Ok(one_by_one)
@@ -208,11 +220,12 @@ impl Processor {
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
         let mut backoff = self.config.retry.hold_backoff();
         loop {
-            match self.apply(conn, events).await {
+            match self.apply(conn, events, spans).await {
                 Err(HandleError::Unavailable(e)) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(
@@ -230,17 +243,18 @@ impl Processor {
     }
 
     /// The transaction: admission (order check, progress, inbox),
-    /// handlers, commit.
+    /// handlers, commit. `spans` holds each event's handling span.
     async fn apply(
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
     ) -> Result<Vec<Applied>, HandleError> {
         let held = match conn {
             Some(c) => c,
             None => conn.insert(self.pool.acquire().await?),
         };
-        let result = self.apply_on(held, events).await;
+        let result = self.apply_on(held, events, spans).await;
         if result.is_err() {
             // Back to the pool, whose check on release flushes whatever a
             // failed or timed-out statement left behind (or closes it).
@@ -253,6 +267,7 @@ impl Processor {
         &self,
         conn: &mut PgConnection,
         events: &[&Envelope],
+        spans: &[Span],
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
         let admissions = self.inbox.admit(&mut tx, events).await?;
@@ -282,7 +297,7 @@ impl Processor {
             }
         }
         for run in order::runs(events, &plan.candidates, &self.own_source) {
-            let outcome = self.handle_run(&mut tx, events, &run).await?;
+            let outcome = self.handle_run(&mut tx, events, spans, &run).await?;
             plan.ran(&run, outcome);
         }
         tx.commit().await?;
@@ -298,6 +313,7 @@ impl Processor {
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],
+        spans: &[Span],
         run: &Run,
     ) -> Result<Applied, HandleError> {
         let head = events[run.events[0]];
@@ -310,8 +326,15 @@ impl Processor {
             return Ok(Applied::Skipped);
         };
         let run_events: Vec<&Envelope> = run.events.iter().map(|&i| events[i]).collect();
+        let run_spans: Vec<Span> = run.events.iter().map(|&i| spans[i].clone()).collect();
         handler
-            .call(tx, &self.outbox, &run_events, self.config.handler_timeout)
+            .call(
+                tx,
+                &self.outbox,
+                &run_events,
+                &run_spans,
+                self.config.handler_timeout,
+            )
             .await?;
         Ok(Applied::Handled)
     }
@@ -427,13 +450,16 @@ impl Processor {
                 .or_else(|| {
                     undecoded_id(&delivery.data, header_str(&delivery.properties, "ce-id"))
                 }),
-            event_type: envelope
-                .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
+            // An undecodable message's type is whatever its (original)
+            // routing key claims: wire text, escaped before it reaches a
+            // log line or the live feed (counters file it as `unknown`).
+            event_type: envelope.map_or_else(
+                || events::printable(&original_routing_key(delivery)).into_owned(),
+                |e| e.event_type.clone(),
+            ),
             subject: envelope.map(|e| e.subject.clone()),
             correlation_id: envelope.and_then(|e| e.correlationid.clone()),
-            attempt: header_u32(&delivery.properties, H_ATTEMPT)
-                .unwrap_or(1)
-                .max(1),
+            attempt: attempt_of(delivery),
             elapsed_ms: 0.0,
             reason: None,
             error: None,
@@ -469,6 +495,13 @@ impl Processor {
         }
         Ok(())
     }
+}
+
+/// Which delivery of its event this is: 1 for the first, +1 per retry.
+fn attempt_of(delivery: &Delivery) -> u32 {
+    header_u32(&delivery.properties, H_ATTEMPT)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// AMQP header values as JSON, for binary-mode attributes.

@@ -87,7 +87,7 @@ impl OutcomeRecord {
             Outcome::Handled | Outcome::Duplicate | Outcome::Skipped | Outcome::Deferred => {
                 tracing::info!(
                     service = %self.service, outcome = self.outcome.as_str(), event_id = id,
-                    event_type = %self.event_type, subject, correlation_id = corr,
+                    event_type = self.event_type.as_str(), subject, correlation_id = corr,
                     attempt = self.attempt, elapsed_ms = format_args!("{:.2}", self.elapsed_ms),
                     "{}", self.outcome.as_str()
                 );
@@ -95,7 +95,7 @@ impl OutcomeRecord {
             Outcome::Retried | Outcome::DeadLettered => {
                 tracing::warn!(
                     service = %self.service, outcome = self.outcome.as_str(), event_id = id,
-                    event_type = %self.event_type, subject, correlation_id = corr,
+                    event_type = self.event_type.as_str(), subject, correlation_id = corr,
                     attempt = self.attempt, elapsed_ms = format_args!("{:.2}", self.elapsed_ms),
                     reason, error, "{}", self.outcome.as_str()
                 );

@@ -175,7 +175,10 @@ impl App {
                     _ => api,
                 };
             }
+            // `Router::layer` wraps each route after matching, so the span
+            // can name the matched route.
             let api = api
+                .layer(axum::middleware::from_fn(http::trace))
                 .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY))
                 .with_state(shared);
             let listener = tokio::net::TcpListener::bind(addr)

@@ -1,13 +1,16 @@
 //! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
 //! rejections are JSON too, `ETag`/`If-Match` for versioned resources,
-//! health and readiness, and the state the handlers share.
+//! health and readiness, the `http.request` span, and the state the
+//! handlers share.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tracing::Instrument;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -189,6 +192,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             }),
         }
     }
+}
+
+/// Runs each request in an `http.request` span, so the lines its handler
+/// logs (and the outbox appends it makes) carry it. Fields follow
+/// OpenTelemetry's HTTP conventions: `http.request.method` (a method
+/// outside the standard ones is `_OTHER`), `http.route` (the matched
+/// route, `/orders/{id}`, never the raw path: bounded, and free of ids),
+/// `http.response.status_code` once answered.
+pub async fn trace(request: Request, next: Next) -> Response {
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m,
+        _ => "_OTHER",
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http.request",
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// Liveness: the process answers.

@@ -14,6 +14,7 @@ use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Appended, EagerConfig};
@@ -317,8 +318,9 @@ impl EagerWorker {
                 service,
             ),
         });
+        let span = tracing::info_span!("warren.eager.publish", service, events = events.len());
         let mut pending = Vec::with_capacity(events.len());
-        for sent in publisher.send(messages).await {
+        for sent in publisher.send(messages).instrument(span).await {
             pending.push(sent?);
         }
         Ok(Some(InFlight {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::{join_all, JoinAll};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use sqlx::PgConnection;
+use tracing::Instrument;
 use transport::{confirm_problem, event_properties, Outgoing, Publisher};
 
 use super::{CrashPoint, Relay, RelayError};
@@ -180,8 +181,9 @@ impl Relay {
                 service,
             ),
         });
+        let span = tracing::info_span!("warren.relay.publish", service, events = rows.len());
         let mut pending = Vec::with_capacity(rows.len());
-        for sent in publisher.send(messages).await {
+        for sent in publisher.send(messages).instrument(span).await {
             pending.push(sent?);
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
