@@ -12,7 +12,7 @@
 //!   errors that name the field at fault; structured-mode encoding.
 //! - [`upcast`]: lifting older `dataversion`s to the current one with the catalog's steps.
 //! - [`fixtures`]: JSON Lines fixture reader/writer with file:line errors.
-//! - [`printable`]: wire text escaped and bounded for logs, spans and metrics.
+//! - [`mod@printable`]: wire text escaped and bounded for logs, spans and metrics.
 //! - [`error`]: [`DecodeError`], what can be wrong with an incoming event.
 
 #![warn(missing_docs)]
