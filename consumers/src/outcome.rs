@@ -310,3 +310,64 @@ impl Feed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(event_type: &str, outcome: Outcome, reason: Option<&str>) -> OutcomeRecord {
+        OutcomeRecord {
+            service: "orders".into(),
+            outcome,
+            event_id: None,
+            event_type: event_type.into(),
+            subject: None,
+            correlation_id: None,
+            attempt: 1,
+            elapsed_ms: 0.0,
+            reason: reason.map(str::to_owned),
+            error: None,
+            at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn counters_keep_catalog_types_and_known_reasons_and_file_the_rest_under_fixed_names() {
+        let stats = Stats::new(["order.placed"]);
+        stats.record(&record("order.placed", Outcome::Handled, None));
+        stats.record(&record(
+            "evil\"}\n# HELP x",
+            Outcome::DeadLettered,
+            Some("malformed_json"),
+        ));
+        stats.record(&record("order.placed", Outcome::Retried, Some("made up")));
+        let counts: Vec<CountKey> = stats
+            .snapshot()
+            .counts
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                ("order.placed", Outcome::Handled, None),
+                ("order.placed", Outcome::Retried, Some(OTHER_REASON)),
+                (UNKNOWN_TYPE, Outcome::DeadLettered, Some("malformed_json")),
+            ]
+        );
+        assert_eq!(stats.count(Outcome::DeadLettered), 1);
+    }
+
+    #[test]
+    fn batch_times_land_in_one_bucket_each_with_sum_and_count() {
+        let stats = Stats::new([]);
+        stats.record_batch(std::time::Duration::from_micros(1500));
+        stats.record_batch(std::time::Duration::from_secs(60));
+        let s = stats.snapshot();
+        assert_eq!(s.batch_count, 2);
+        assert!((s.batch_sum - 60.0015).abs() < 1e-9);
+        assert_eq!(s.batch_buckets[1], (0.002, 1));
+        assert_eq!(s.batch_buckets.last(), Some(&(f64::INFINITY, 1)));
+        assert_eq!(s.batch_buckets.iter().map(|(_, n)| n).sum::<u64>(), 2);
+    }
+}
