@@ -203,10 +203,9 @@ impl Processor {
             Err(e) => {
                 tracing::debug!(error = %e, size = events.len(), "batch failed; applying one by one");
                 let mut one_by_one = Vec::with_capacity(events.len());
-                for (event, span) in events.iter().zip(spans) {
-                    let alone = self
-                        .apply_waiting(conn, &[event], std::slice::from_ref(span), shutdown)
-                        .await?;
+                for (i, event) in events.iter().enumerate() {
+                    let span = [spans::nth(spans, i)];
+                    let alone = self.apply_waiting(conn, &[event], &span, shutdown).await?;
                     one_by_one.push(alone.map(|a| a[0]));
                 }
                 Ok(one_by_one)
@@ -326,7 +325,7 @@ impl Processor {
             return Ok(Applied::Skipped);
         };
         let run_events: Vec<&Envelope> = run.events.iter().map(|&i| events[i]).collect();
-        let run_spans: Vec<Span> = run.events.iter().map(|&i| spans[i].clone()).collect();
+        let run_spans: Vec<Span> = run.events.iter().map(|&i| spans::nth(spans, i)).collect();
         handler
             .call(
                 tx,

@@ -64,11 +64,11 @@ impl<E: EventData, H: Handle<E>> ErasedHandler for Typed<E, H> {
         spans: &[Span],
         timeout: Duration,
     ) -> Result<(), HandleError> {
-        for (event, span) in events.iter().zip(spans) {
+        for (i, event) in events.iter().enumerate() {
             let data = data_of::<E>(event)?;
             let mut ctx = Context::new(tx, event, outbox);
             bounded(timeout, self.handler.handle(&mut ctx, data))
-                .instrument(span.clone())
+                .instrument(crate::spans::nth(spans, i))
                 .await?;
         }
         Ok(())

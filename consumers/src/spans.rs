@@ -50,3 +50,9 @@ pub(crate) fn handle_run(service: &str, event_type: &str, spans: &[Span]) -> Spa
     }
     span
 }
+
+/// The `i`th of `spans`, which hold one span per event; a missing one (a
+/// bug, never a reason to skip an event) is the disabled span.
+pub(crate) fn nth(spans: &[Span], i: usize) -> Span {
+    spans.get(i).cloned().unwrap_or_else(Span::none)
+}
