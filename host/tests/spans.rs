@@ -3,19 +3,12 @@
 //! every span around it, over the real broker and database. (One test in
 //! this file: it installs the process's global subscriber.)
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use testkit::capture::Capture;
 use testkit::TestBus;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 use warren::{Bus, Catalog, Context, Envelope, Handle, HandleError, Service};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,89 +31,9 @@ impl Handle<TicketOpened> for Triage {
     }
 }
 
-/// The message of a captured span opening.
-const OPENED: &str = "<span opened>";
-
-/// Field values by name.
-#[derive(Debug, Default, Clone)]
-struct Fields(BTreeMap<String, String>);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-}
-
-/// One captured event: its message, and each enclosing span (innermost
-/// first) with its fields.
-#[derive(Debug, Clone)]
-struct Captured {
-    message: String,
-    spans: Vec<(String, BTreeMap<String, String>)>,
-}
-
-impl Captured {
-    fn span(&self, name: &str) -> Option<&BTreeMap<String, String>> {
-        self.spans.iter().find(|(n, _)| n == name).map(|(_, f)| f)
-    }
-}
-
-/// Keeps every span's fields in its extensions and, for each event,
-/// records the fields of the spans it happened in.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<Captured>>>);
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let mut fields = Fields::default();
-        attrs.record(&mut fields);
-        // Each span opened is kept too, as a pseudo-event.
-        self.0.lock().unwrap().push(Captured {
-            message: OPENED.to_owned(),
-            spans: vec![(attrs.metadata().name().to_owned(), fields.0.clone())],
-        });
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
-        if let Some(span) = ctx.span(id) {
-            if let Some(fields) = span.extensions_mut().get_mut::<Fields>() {
-                values.record(fields);
-            }
-        }
-    }
-
-    fn on_event(&self, event: &Event<'_>, ctx: LayerContext<'_, S>) {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let spans = ctx
-            .event_scope(event)
-            .into_iter()
-            .flatten()
-            .map(|span| {
-                let f = span
-                    .extensions()
-                    .get::<Fields>()
-                    .map(|f| f.0.clone())
-                    .unwrap_or_default();
-                (span.name().to_owned(), f)
-            })
-            .collect();
-        let message = fields.0.remove("message").unwrap_or_default();
-        self.0.lock().unwrap().push(Captured { message, spans });
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn a_handlers_own_log_line_carries_the_event_id_and_correlation_it_handles(pool: PgPool) {
-    let capture = Capture::default();
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(capture.clone()))
-        .unwrap();
+    let capture = Capture::install();
 
     let test_bus = TestBus::new().await;
     let bus = Bus::new(
@@ -161,7 +74,7 @@ async fn a_handlers_own_log_line_carries_the_event_id_and_correlation_it_handles
     helpdesk.stop().await;
     triage.stop().await;
 
-    let captured = capture.0.lock().unwrap().clone();
+    let captured = capture.events();
     let line = captured
         .iter()
         .find(|c| c.message == MARK)
@@ -191,9 +104,11 @@ async fn a_handlers_own_log_line_carries_the_event_id_and_correlation_it_handles
     assert_eq!(append["correlation_id"], correlation);
     // The relay published it in a span of its own.
     assert!(
-        captured.iter().any(|c| c.message == OPENED
-            && c.span("warren.relay.publish")
-                .is_some_and(|f| f["service"] == "helpdesk")),
-        "{captured:#?}"
+        capture
+            .closed()
+            .iter()
+            .any(|(name, f)| name == "warren.relay.publish" && f["service"] == "helpdesk"),
+        "{:#?}",
+        capture.closed()
     );
 }
