@@ -24,7 +24,7 @@ use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use crate::acks::Acks;
 use crate::config::SubscriptionConfig;
@@ -135,6 +135,9 @@ impl Processor {
     /// applied in one transaction; if that fails, each is applied on its
     /// own so one bad event cannot hold back the others. Then each is
     /// retried, deferred, dead-lettered or just acknowledged.
+    ///
+    /// The settling runs in the batch's `warren.batch` span; the outcome
+    /// lines come after it, outside, as they carry every field themselves.
     pub async fn process(
         &self,
         items: Vec<Item>,
@@ -142,6 +145,22 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<(), SettleError> {
         let started = Instant::now();
+        let span = spans::batch(self.router.service(), items.len());
+        let settled = self
+            .settle_batch(items, conn, shutdown)
+            .instrument(span)
+            .await?;
+        self.report(settled, started).await;
+        Ok(())
+    }
+
+    /// Decodes, applies and settles a batch, then acknowledges it.
+    async fn settle_batch(
+        &self,
+        items: Vec<Item>,
+        conn: &mut Held,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(Delivery, OutcomeRecord)>, SettleError> {
         let mut settled: Vec<(Delivery, OutcomeRecord)> = Vec::with_capacity(items.len());
         let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
         for (delivery, decoded) in items {
@@ -168,7 +187,13 @@ impl Processor {
                 settled.push((delivery, record));
             }
         }
-        self.finish(settled, started).await
+        // One ack with `multiple` covers the batch and whatever other
+        // lanes settled below it (see [`crate::acks`]): all of it after
+        // its commit, or its forward to a retry or dead-letter queue.
+        self.acks
+            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
+            .await?;
+        Ok(settled)
     }
 
     /// Dead-letters a delivery that did not decode, with the decoder's
@@ -466,18 +491,9 @@ impl Processor {
         }
     }
 
-    /// Acknowledges a batch's deliveries, all of them after their commit
-    /// (or their forward to a retry or dead-letter queue), then reports
-    /// each outcome. One ack with `multiple` covers the batch and whatever
-    /// other lanes settled below it (see [`crate::acks`]).
-    async fn finish(
-        &self,
-        settled: Vec<(Delivery, OutcomeRecord)>,
-        started: Instant,
-    ) -> Result<(), SettleError> {
-        self.acks
-            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
-            .await?;
+    /// Reports each outcome of an acknowledged batch: its log line, the
+    /// counters, the live feed and in-process listeners.
+    async fn report(&self, settled: Vec<(Delivery, OutcomeRecord)>, started: Instant) {
         let elapsed = started.elapsed();
         self.stats.record_batch(elapsed);
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
@@ -492,7 +508,6 @@ impl Processor {
             // No receiver is the normal case; that is not an error.
             let _ = self.outcomes.send(record);
         }
-        Ok(())
     }
 }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::SubscriptionConfig;
 use crate::delivery::{Held, Item, Processor, SettleError};
@@ -135,11 +134,7 @@ async fn run_lane(
         if abandoned.is_cancelled() {
             continue;
         }
-        let span = crate::spans::batch(processor.router.service(), batch.len());
-        processor
-            .process(batch, &mut conn, &shutdown)
-            .instrument(span)
-            .await?;
+        processor.process(batch, &mut conn, &shutdown).await?;
     }
     Ok(())
 }

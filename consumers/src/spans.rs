@@ -2,7 +2,8 @@
 //! logs carries the event it is about (README "Spans"):
 //!
 //! - `warren.batch` (`service`, `size`): a lane settling one batch, from
-//!   decoding to the ack and the outcome lines;
+//!   decoding to the ack (the outcome lines follow, outside it: they carry
+//!   every field of their own);
 //! - `warren.handle` (`service`, `event_id`, `event_type`, `subject`,
 //!   `correlation_id`, `attempt`): one event's handler call, inside the
 //!   transaction that records it in the inbox;
