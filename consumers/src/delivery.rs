@@ -24,6 +24,7 @@ use producers::Outbox;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 
 use crate::acks::Acks;
 use crate::config::SubscriptionConfig;
@@ -34,6 +35,7 @@ use crate::inbox::Inbox;
 use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
+use crate::spans;
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -133,6 +135,9 @@ impl Processor {
     /// applied in one transaction; if that fails, each is applied on its
     /// own so one bad event cannot hold back the others. Then each is
     /// retried, deferred, dead-lettered or just acknowledged.
+    ///
+    /// The settling runs in the batch's `warren.batch` span; the outcome
+    /// lines come after it, outside, as they carry every field themselves.
     pub async fn process(
         &self,
         items: Vec<Item>,
@@ -140,6 +145,22 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<(), SettleError> {
         let started = Instant::now();
+        let span = spans::batch(self.router.service(), items.len());
+        let settled = self
+            .settle_batch(items, conn, shutdown)
+            .instrument(span)
+            .await?;
+        self.report(settled, started).await;
+        Ok(())
+    }
+
+    /// Decodes, applies and settles a batch, then acknowledges it.
+    async fn settle_batch(
+        &self,
+        items: Vec<Item>,
+        conn: &mut Held,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(Delivery, OutcomeRecord)>, SettleError> {
         let mut settled: Vec<(Delivery, OutcomeRecord)> = Vec::with_capacity(items.len());
         let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
         for (delivery, decoded) in items {
@@ -153,13 +174,26 @@ impl Processor {
         }
         if !good.is_empty() {
             let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
-            let results = self.apply_batch(conn, &envelopes, shutdown).await?;
+            let service = self.router.service();
+            let handling: Vec<Span> = good
+                .iter()
+                .map(|(d, e)| spans::handle(service, e, attempt_of(d)))
+                .collect();
+            let results = self
+                .apply_batch(conn, &envelopes, &handling, shutdown)
+                .await?;
             for ((delivery, envelope), result) in good.into_iter().zip(results) {
                 let record = self.settle(&delivery, &envelope, result).await?;
                 settled.push((delivery, record));
             }
         }
-        self.finish(settled, started).await
+        // One ack with `multiple` covers the batch and whatever other
+        // lanes settled below it (see [`crate::acks`]): all of it after
+        // its commit, or its forward to a retry or dead-letter queue.
+        self.acks
+            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
+            .await?;
+        Ok(settled)
     }
 
     /// Dead-letters a delivery that did not decode, with the decoder's
@@ -185,16 +219,18 @@ impl Processor {
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Result<Applied, HandleError>>, SettleError> {
-        match self.apply_waiting(conn, events, shutdown).await? {
+        match self.apply_waiting(conn, events, spans, shutdown).await? {
             Ok(applied) => Ok(applied.into_iter().map(Ok).collect()),
             Err(e) if events.len() == 1 => Ok(vec![Err(e)]),
             Err(e) => {
                 tracing::debug!(error = %e, size = events.len(), "batch failed; applying one by one");
                 let mut one_by_one = Vec::with_capacity(events.len());
-                for event in events {
-                    let alone = self.apply_waiting(conn, &[event], shutdown).await?;
+                for (i, event) in events.iter().enumerate() {
+                    let span = [spans::nth(spans, i)];
+                    let alone = self.apply_waiting(conn, &[event], &span, shutdown).await?;
                     one_by_one.push(alone.map(|a| a[0]));
                 }
                 Ok(one_by_one)
@@ -208,11 +244,12 @@ impl Processor {
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Applied>, HandleError>, SettleError> {
         let mut backoff = self.config.retry.hold_backoff();
         loop {
-            match self.apply(conn, events).await {
+            match self.apply(conn, events, spans).await {
                 Err(HandleError::Unavailable(e)) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(
@@ -230,17 +267,18 @@ impl Processor {
     }
 
     /// The transaction: admission (order check, progress, inbox),
-    /// handlers, commit.
+    /// handlers, commit. `spans` holds each event's handling span.
     async fn apply(
         &self,
         conn: &mut Held,
         events: &[&Envelope],
+        spans: &[Span],
     ) -> Result<Vec<Applied>, HandleError> {
         let held = match conn {
             Some(c) => c,
             None => conn.insert(self.pool.acquire().await?),
         };
-        let result = self.apply_on(held, events).await;
+        let result = self.apply_on(held, events, spans).await;
         if result.is_err() {
             // Back to the pool, whose check on release flushes whatever a
             // failed or timed-out statement left behind (or closes it).
@@ -253,6 +291,7 @@ impl Processor {
         &self,
         conn: &mut PgConnection,
         events: &[&Envelope],
+        spans: &[Span],
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
         let admissions = self.inbox.admit(&mut tx, events).await?;
@@ -282,7 +321,7 @@ impl Processor {
             }
         }
         for run in order::runs(events, &plan.candidates, &self.own_source) {
-            let outcome = self.handle_run(&mut tx, events, &run).await?;
+            let outcome = self.handle_run(&mut tx, events, spans, &run).await?;
             plan.ran(&run, outcome);
         }
         tx.commit().await?;
@@ -298,6 +337,7 @@ impl Processor {
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],
+        spans: &[Span],
         run: &Run,
     ) -> Result<Applied, HandleError> {
         let head = events[run.events[0]];
@@ -310,8 +350,15 @@ impl Processor {
             return Ok(Applied::Skipped);
         };
         let run_events: Vec<&Envelope> = run.events.iter().map(|&i| events[i]).collect();
+        let run_spans: Vec<Span> = run.events.iter().map(|&i| spans::nth(spans, i)).collect();
         handler
-            .call(tx, &self.outbox, &run_events, self.config.handler_timeout)
+            .call(
+                tx,
+                &self.outbox,
+                &run_events,
+                &run_spans,
+                self.config.handler_timeout,
+            )
             .await?;
         Ok(Applied::Handled)
     }
@@ -427,13 +474,16 @@ impl Processor {
                 .or_else(|| {
                     undecoded_id(&delivery.data, header_str(&delivery.properties, "ce-id"))
                 }),
-            event_type: envelope
-                .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
+            // An undecodable message's type is whatever its (original)
+            // routing key claims: wire text, escaped before it reaches a
+            // log line or the live feed (counters file it as `unknown`).
+            event_type: envelope.map_or_else(
+                || events::printable(&original_routing_key(delivery)).into_owned(),
+                |e| e.event_type.clone(),
+            ),
             subject: envelope.map(|e| e.subject.clone()),
             correlation_id: envelope.and_then(|e| e.correlationid.clone()),
-            attempt: header_u32(&delivery.properties, H_ATTEMPT)
-                .unwrap_or(1)
-                .max(1),
+            attempt: attempt_of(delivery),
             elapsed_ms: 0.0,
             reason: None,
             error: None,
@@ -441,19 +491,12 @@ impl Processor {
         }
     }
 
-    /// Acknowledges a batch's deliveries, all of them after their commit
-    /// (or their forward to a retry or dead-letter queue), then reports
-    /// each outcome. One ack with `multiple` covers the batch and whatever
-    /// other lanes settled below it (see [`crate::acks`]).
-    async fn finish(
-        &self,
-        settled: Vec<(Delivery, OutcomeRecord)>,
-        started: Instant,
-    ) -> Result<(), SettleError> {
-        self.acks
-            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
-            .await?;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    /// Reports each outcome of an acknowledged batch: its log line, the
+    /// counters, the live feed and in-process listeners.
+    async fn report(&self, settled: Vec<(Delivery, OutcomeRecord)>, started: Instant) {
+        let elapsed = started.elapsed();
+        self.stats.record_batch(elapsed);
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         for (_, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();
@@ -465,8 +508,14 @@ impl Processor {
             // No receiver is the normal case; that is not an error.
             let _ = self.outcomes.send(record);
         }
-        Ok(())
     }
+}
+
+/// Which delivery of its event this is: 1 for the first, +1 per retry.
+fn attempt_of(delivery: &Delivery) -> u32 {
+    header_u32(&delivery.properties, H_ATTEMPT)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// AMQP header values as JSON, for binary-mode attributes.

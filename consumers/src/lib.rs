@@ -29,6 +29,8 @@
 //! - [`install`]: the inbox's tables, installed by the library's versioned installer.
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
+//! - `spans`: the spans a batch and each event's handling run in (`warren.batch`,
+//!   `warren.handle`), so a handler's own log lines carry the event's id and correlation.
 //! - `testkit` (feature): fault injection for the integration tests
 //!   (`config::CrashPoint`), inert unless a test sets it.
 
@@ -46,6 +48,7 @@ mod order;
 pub mod outcome;
 pub mod retry;
 pub mod router;
+mod spans;
 pub mod subscription;
 
 #[cfg(feature = "testkit")]

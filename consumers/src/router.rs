@@ -8,6 +8,7 @@ use std::time::Duration;
 use events::{Envelope, EventData};
 use producers::Outbox;
 use sqlx::PgConnection;
+use tracing::{Instrument, Span};
 
 use crate::handler::{Batch, HandleBatch, Prepare};
 use crate::{Context, Handle, HandleError};
@@ -19,11 +20,14 @@ pub(crate) trait ErasedHandler: Send + Sync {
     /// apply) in the open transaction `tx`; each handler call that takes
     /// longer than `timeout` (one per event, or one per run for a batch
     /// handler) fails as transient.
+    /// `spans` holds each event's `warren.handle` span (see
+    /// [`crate::spans`]), in which its handler runs.
     async fn call(
         &self,
         tx: &mut PgConnection,
         outbox: &Outbox,
         events: &[&Envelope],
+        spans: &[Span],
         timeout: Duration,
     ) -> Result<(), HandleError>;
 }
@@ -57,12 +61,15 @@ impl<E: EventData, H: Handle<E>> ErasedHandler for Typed<E, H> {
         tx: &mut PgConnection,
         outbox: &Outbox,
         events: &[&Envelope],
+        spans: &[Span],
         timeout: Duration,
     ) -> Result<(), HandleError> {
-        for event in events {
+        for (i, event) in events.iter().enumerate() {
             let data = data_of::<E>(event)?;
             let mut ctx = Context::new(tx, event, outbox);
-            bounded(timeout, self.handler.handle(&mut ctx, data)).await?;
+            bounded(timeout, self.handler.handle(&mut ctx, data))
+                .instrument(crate::spans::nth(spans, i))
+                .await?;
         }
         Ok(())
     }
@@ -80,14 +87,18 @@ impl<E: EventData, H: HandleBatch<E>> ErasedHandler for TypedBatch<E, H> {
         tx: &mut PgConnection,
         outbox: &Outbox,
         events: &[&Envelope],
+        spans: &[Span],
         timeout: Duration,
     ) -> Result<(), HandleError> {
+        let span = crate::spans::handle_run(outbox.service(), E::TYPE, spans);
         let items = events
             .iter()
             .map(|e| Ok((*e, data_of::<E>(e)?)))
             .collect::<Result<Vec<_>, HandleError>>()?;
         let mut batch = Batch::new(tx, outbox);
-        bounded(timeout, self.handler.handle_batch(&mut batch, items)).await
+        bounded(timeout, self.handler.handle_batch(&mut batch, items))
+            .instrument(span)
+            .await
     }
 }
 

@@ -88,16 +88,18 @@ impl Subscription {
         // way its constructor fails.
         let outbox = Outbox::new(router.service())
             .map_err(|_| SubscriptionError::InvalidService(router.service().to_owned()))?;
+        let catalog: Arc<Catalog> = catalog.into();
+        let stats = Arc::new(Stats::new(catalog.iter().map(|spec| spec.event_type)));
         Ok(Subscription {
             inbox: Inbox::new(router.service()),
             outbox,
             router: Arc::new(router),
-            catalog: catalog.into(),
+            catalog,
             pool,
             amqp_url: amqp_url.into(),
             topology,
             config: Arc::new(config),
-            stats: Arc::default(),
+            stats,
             outcomes: tokio::sync::broadcast::channel(1024).0,
         })
     }

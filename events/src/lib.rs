@@ -12,6 +12,7 @@
 //!   errors that name the field at fault; structured-mode encoding.
 //! - [`upcast`]: lifting older `dataversion`s to the current one with the catalog's steps.
 //! - [`fixtures`]: JSON Lines fixture reader/writer with file:line errors.
+//! - [`mod@printable`]: wire text escaped and bounded for logs, spans and metrics.
 //! - [`error`]: [`DecodeError`], what can be wrong with an incoming event.
 
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod fixtures;
+pub mod printable;
 pub mod upcast;
 
 pub use catalog::{Catalog, EventData, EventSpec, Upcaster};
@@ -29,3 +31,4 @@ pub use codec::{
 };
 pub use envelope::Envelope;
 pub use error::DecodeError;
+pub use printable::printable;

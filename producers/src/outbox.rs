@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use events::{envelope::source_of, Envelope};
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 
 /// Appending to or reading the outbox failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +156,35 @@ impl Outbox {
         self.insert(conn, event, Some(lease)).await
     }
 
+    /// Both appends, in a `warren.outbox.append` span (`service`,
+    /// `event_id`, `event_type`, `subject`, `correlation_id`; the subject
+    /// and correlation escaped and bounded, as they may come from the
+    /// wire through a handler).
     async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        event: Envelope,
+        lease: Option<Duration>,
+    ) -> Result<(Envelope, String), OutboxError> {
+        let span = tracing::info_span!(
+            "warren.outbox.append",
+            service = self.service.as_str(),
+            event_id = %event.id,
+            event_type = &*events::printable(&event.event_type),
+            subject = &*events::printable(&event.subject),
+            correlation_id = event
+                .correlationid
+                .as_deref()
+                .map(events::printable)
+                .as_deref()
+                .unwrap_or(""),
+        );
+        self.insert_in_span(conn, event, lease)
+            .instrument(span)
+            .await
+    }
+
+    async fn insert_in_span(
         &self,
         conn: &mut PgConnection,
         mut event: Envelope,
@@ -185,7 +214,7 @@ impl Outbox {
         let payload = format!("{head}{sequence}{tail}");
         event.sequence = sequence;
         tracing::debug!(
-            event_id = %event.id, event_type = %event.event_type, subject = %event.subject,
+            event_id = %event.id, event_type = event.event_type.as_str(), subject = event.subject.as_str(),
             sequence, correlation_id = event.correlationid.as_deref().unwrap_or(""),
             leased = lease.is_some(),
             "appended to outbox"

@@ -61,7 +61,7 @@ use crate::leader::Leader;
 use crate::Outbox;
 use batch::Statements;
 use pipeline::Pipeline;
-pub use stats::{Confirms, RelayStats};
+pub use stats::{Confirms, RelayStats, CONFIRM_BUCKETS};
 use transport::{self, Backoff, ConnectError, Publisher, Reconnect, Topology};
 
 /// Tuning of a relay.

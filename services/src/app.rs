@@ -166,7 +166,7 @@ impl App {
             let mut api = axum::Router::new()
                 .route("/health", axum::routing::get(http::health))
                 .route("/ready", axum::routing::get(http::ready))
-                .route("/metrics", axum::routing::get(http::metrics));
+                .route("/metrics", axum::routing::get(crate::metrics::scrape));
             for s in &config.services {
                 api = match s.as_str() {
                     "customers" => api.merge(customers::routes()),
@@ -175,7 +175,10 @@ impl App {
                     _ => api,
                 };
             }
+            // `Router::layer` wraps each route after matching, so the span
+            // can name the matched route.
             let api = api
+                .layer(axum::middleware::from_fn(http::trace))
                 .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY))
                 .with_state(shared);
             let listener = tokio::net::TcpListener::bind(addr)

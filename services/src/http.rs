@@ -1,13 +1,16 @@
 //! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
-//! rejections are JSON too, `ETag`/`If-Match` for versioned resources, and
-//! health, readiness and metrics.
+//! rejections are JSON too, `ETag`/`If-Match` for versioned resources,
+//! health and readiness, the `http.request` span, and the state the
+//! handlers share.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tracing::Instrument;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -191,6 +194,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
+/// Runs each request in an `http.request` span, so the lines its handler
+/// logs (and the outbox appends it makes) carry it. Fields follow
+/// OpenTelemetry's HTTP conventions: `http.request.method` (a method
+/// outside the standard ones is `_OTHER`), `http.route` (the matched
+/// route, `/orders/{id}`, never the raw path: bounded, and free of ids),
+/// `http.response.status_code` once answered.
+pub async fn trace(request: Request, next: Next) -> Response {
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m,
+        _ => "_OTHER",
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http.request",
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
 /// Liveness: the process answers.
 pub async fn health() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
@@ -222,127 +252,6 @@ pub async fn ready(State(shared): State<Shared>) -> Response {
         axum::Json(json!({ "database": db, "broker": broker })),
     )
         .into_response()
-}
-
-/// Prometheus text exposition of consumer outcomes, handler latency,
-/// relay counters, outbox backlog and the gateway breaker.
-pub async fn metrics(State(shared): State<Shared>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP warren_events_total Events by consuming service, type and outcome."
-    );
-    let _ = writeln!(out, "# TYPE warren_events_total counter");
-    for (service, stats) in shared.consumer_stats.iter() {
-        for (t, o, n) in stats.snapshot().by_type {
-            let _ = writeln!(
-                out,
-                "warren_events_total{{service=\"{service}\",type=\"{t}\",outcome=\"{o}\"}} {n}"
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP warren_handler_seconds Time from delivery to ack of handled events."
-    );
-    let _ = writeln!(out, "# TYPE warren_handler_seconds histogram");
-    for (service, stats) in shared.consumer_stats.iter() {
-        let s = stats.snapshot();
-        for (le, n) in &s.latency_buckets {
-            let _ = writeln!(
-                out,
-                "warren_handler_seconds_bucket{{service=\"{service}\",le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "warren_handler_seconds_bucket{{service=\"{service}\",le=\"+Inf\"}} {}",
-            s.latency_count
-        );
-        let _ = writeln!(
-            out,
-            "warren_handler_seconds_sum{{service=\"{service}\"}} {}",
-            s.latency_sum
-        );
-        let _ = writeln!(
-            out,
-            "warren_handler_seconds_count{{service=\"{service}\"}} {}",
-            s.latency_count
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP warren_relay_published_total Events confirmed by the broker and marked."
-    );
-    let _ = writeln!(out, "# TYPE warren_relay_published_total counter");
-    for (service, stats) in shared.relay_stats.iter() {
-        let n = stats.published.load(std::sync::atomic::Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "warren_relay_published_total{{service=\"{service}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP warren_relay_confirm_seconds Wait for a published batch's publisher confirms."
-    );
-    let _ = writeln!(out, "# TYPE warren_relay_confirm_seconds summary");
-    for (service, stats) in shared.relay_stats.iter() {
-        let c = stats.confirms();
-        let _ = writeln!(
-            out,
-            "warren_relay_confirm_seconds_sum{{service=\"{service}\"}} {}",
-            c.wait_us as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "warren_relay_confirm_seconds_count{{service=\"{service}\"}} {}",
-            c.batches
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP warren_relay_active Whether this process holds the service's relay lock."
-    );
-    let _ = writeln!(out, "# TYPE warren_relay_active gauge");
-    for (service, stats) in shared.relay_stats.iter() {
-        let a = stats.active.load(std::sync::atomic::Ordering::Relaxed) as u8;
-        let _ = writeln!(out, "warren_relay_active{{service=\"{service}\"}} {a}");
-    }
-    let _ = writeln!(out, "# HELP warren_outbox_backlog Unpublished outbox rows.");
-    let _ = writeln!(out, "# TYPE warren_outbox_backlog gauge");
-    let _ = writeln!(
-        out,
-        "# HELP warren_outbox_oldest_seconds Age of the oldest unpublished outbox row."
-    );
-    let _ = writeln!(out, "# TYPE warren_outbox_oldest_seconds gauge");
-    for service in shared.relay_stats.keys() {
-        if let Ok(outbox) = producers::Outbox::new(service) {
-            if let Ok(b) = outbox.backlog(&shared.pool).await {
-                let _ = writeln!(
-                    out,
-                    "warren_outbox_backlog{{service=\"{service}\"}} {}",
-                    b.unpublished
-                );
-                let _ = writeln!(
-                    out,
-                    "warren_outbox_oldest_seconds{{service=\"{service}\"}} {}",
-                    b.oldest_age_s.unwrap_or(0.0)
-                );
-            }
-        }
-    }
-    if let Some(gw) = &shared.gateway {
-        let _ = writeln!(out, "# HELP warren_gateway_breaker_state Payment gateway circuit breaker: 0 closed, 1 half-open, 2 open.");
-        let _ = writeln!(out, "# TYPE warren_gateway_breaker_state gauge");
-        let _ = writeln!(
-            out,
-            "warren_gateway_breaker_state {}",
-            gw.breaker_state().as_gauge()
-        );
-    }
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
 #[cfg(test)]

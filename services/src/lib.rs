@@ -11,7 +11,8 @@
 //! - [`payments`]: charges and refunds through [`gateway`].
 //! - [`gateway`]: the simulated payment gateway behind a timeout and a circuit breaker.
 //! - [`shipping`]: one shipment per confirmed order.
-//! - [`http`]: the API's error type, JSON extraction, health, readiness and metrics.
+//! - [`http`]: the API's error type, JSON extraction, health and readiness.
+//! - [`metrics`]: `/metrics`, the counters of the services in this process (prometheus-client).
 //! - [`store`]: the shop's migrations and warren's tables in each service's schema ([`migrate`]).
 //! - [`app`]: starting chosen services (relays, consumers, HTTP) and stopping them cleanly.
 
@@ -21,6 +22,7 @@ pub mod customers;
 pub mod gateway;
 pub mod http;
 pub mod inventory;
+pub mod metrics;
 pub mod orders;
 pub mod payments;
 pub mod shipping;

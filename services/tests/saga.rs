@@ -553,7 +553,7 @@ async fn bad_requests_get_4xx_with_a_json_error(pool: PgPool) {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("warren_events_total{service=\"orders\",type=\"customer.registered\",outcome=\"handled\"} 1"), "{metrics}");
+    assert!(metrics.contains("warren_consumer_events_total{service=\"orders\",type=\"customer.registered\",outcome=\"handled\"} 1"), "{metrics}");
     assert!(
         metrics.contains("warren_outbox_backlog{service=\"customers\"}"),
         "{metrics}"

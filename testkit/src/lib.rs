@@ -6,8 +6,10 @@
 //! `x-expires` so even a test killed mid-way is cleaned up by the broker.
 //! [`Proxy`] cuts one test's connections without touching the shared
 //! servers; [`TlsProxy`] gives one test a TLS listener of its own in front
-//! of the plain broker; [`Blocker`] makes the broker nack publishes.
+//! of the plain broker; [`Blocker`] makes the broker nack publishes;
+//! [`capture::Capture`] records spans and events for tests of tracing.
 
+pub mod capture;
 pub mod sample;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Appended, EagerConfig};
@@ -313,8 +314,9 @@ impl EagerWorker {
                 service,
             ),
         });
+        let span = tracing::info_span!("warren.eager.publish", service, events = events.len());
         let mut pending = Vec::with_capacity(events.len());
-        for sent in publisher.send(messages).await {
+        for sent in publisher.send(messages).instrument(span).await {
             pending.push(sent?);
         }
         Ok(Some(InFlight {
@@ -328,13 +330,7 @@ impl EagerWorker {
     /// others stay leased, for the relay.
     fn confirmed(&mut self, batch: InFlight, confirms: Vec<Result<Confirmation, lapin::Error>>) {
         let waited = batch.published.elapsed();
-        self.stats
-            .confirm_wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .confirmed_events
-            .fetch_add(batch.ids.len() as u64, Ordering::Relaxed);
+        self.stats.record_confirms(waited, batch.ids.len());
         for (id, confirm) in batch.ids.into_iter().zip(confirms) {
             let Some(problem) = confirm_problem(confirm) else {
                 self.confirmed.push(id);

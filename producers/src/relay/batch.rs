@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::{join_all, JoinAll};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use sqlx::PgConnection;
+use tracing::Instrument;
 use transport::{confirm_problem, event_properties, Outgoing, Publisher};
 
 use super::{CrashPoint, Relay, RelayError};
@@ -180,8 +181,9 @@ impl Relay {
                 service,
             ),
         });
+        let span = tracing::info_span!("warren.relay.publish", service, events = rows.len());
         let mut pending = Vec::with_capacity(rows.len());
-        for sent in publisher.send(messages).await {
+        for sent in publisher.send(messages).instrument(span).await {
             pending.push(sent?);
         }
         self.maybe_crash(CrashPoint::AfterPublish)?;
@@ -227,13 +229,7 @@ impl Relay {
         self.maybe_crash(CrashPoint::AfterConfirm)?;
         let confirmed = Instant::now();
         let waited = confirmed.saturating_duration_since(batch.published);
-        self.stats
-            .confirm_wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.confirmed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .confirmed_events
-            .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+        self.stats.record_confirms(waited, batch.rows.len());
         let service = self.outbox.service();
         let mut marked = Vec::with_capacity(batch.rows.len());
         let mut failed = 0;

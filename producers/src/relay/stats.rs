@@ -23,9 +23,48 @@ pub struct RelayStats {
     /// an event's trip (for a quorum queue, its log's fsync); in a backlog
     /// also the claims the relay makes meanwhile.
     pub confirm_wait_us: AtomicU64,
+    /// The same waits as a histogram: batches per bucket of
+    /// [`CONFIRM_BUCKETS`] (not cumulative; the last slot counts those
+    /// above every bound).
+    pub confirm_wait_buckets: [AtomicU64; CONFIRM_BUCKETS.len() + 1],
 }
 
+/// Upper bounds of the confirm-wait histogram, in seconds: a quorum queue
+/// confirms after its log's fsync (a millisecond or a few on a local
+/// disk); a busy or failing-over broker, seconds.
+pub const CONFIRM_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
 impl RelayStats {
+    /// Records one batch of `events` whose confirms all came back
+    /// `waited` after its publishes were written.
+    pub fn record_confirms(&self, waited: Duration, events: usize) {
+        self.confirm_wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.confirmed_batches.fetch_add(1, Ordering::Relaxed);
+        self.confirmed_events
+            .fetch_add(events as u64, Ordering::Relaxed);
+        let secs = waited.as_secs_f64();
+        let slot = CONFIRM_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(CONFIRM_BUCKETS.len());
+        self.confirm_wait_buckets[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The confirm-wait histogram now: (upper bound s, batches in that
+    /// bucket alone), `f64::INFINITY` last.
+    pub fn confirm_histogram(&self) -> Vec<(f64, u64)> {
+        CONFIRM_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(&self.confirm_wait_buckets)
+            .map(|(le, n)| (le, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// The confirm counters now; two readings' difference describes the
     /// batches in between.
     pub fn confirms(&self) -> Confirms {
