@@ -76,7 +76,10 @@ impl ConsumingService {
 /// Settings shared by every command.
 #[derive(Clone, clap::Args)]
 pub struct Settings {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several nodes of one cluster
+    /// separated by commas, each URL with its own credentials and vhost:
+    /// connections go to a node drawn at random and move to another when
+    /// theirs dies.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -295,6 +298,29 @@ mod tests {
             mode("postgres://u@127.0.0.1/warren", true),
             PgSslMode::Disable
         ));
+    }
+
+    #[test]
+    fn settings_shown_mask_every_password_of_a_broker_list() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let cli = Cli::parse_from([
+            "warren",
+            "--amqp-url",
+            "amqp://a:first-secret@h1:5672/%2f,amqps://b:second-secret@h2:5671/%2f",
+            "--database-url",
+            "postgres://u:db-secret@127.0.0.1/warren",
+        ]);
+        let shown = format!("{:?}", cli.settings);
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("amqp://a:***@h1:5672/%2f,amqps://b:***@h2:5671/%2f"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -153,13 +153,20 @@ fn chosen(services: &[Service]) -> Vec<String> {
     services.iter().map(|s| s.as_str().to_owned()).collect()
 }
 
-/// `url` with `user` and `password` as its credentials.
+/// `url` with `user` and `password` as its credentials; each URL of a
+/// comma-separated list of broker nodes (see `transport::nodes`).
 pub fn with_user(url: &str, user: &str, password: &Password) -> anyhow::Result<String> {
-    let mut u = url::Url::parse(url).map_err(|_| anyhow::anyhow!("not a URL"))?;
-    u.set_username(user)
-        .and_then(|_| u.set_password(Some(password.expose())))
-        .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
-    Ok(u.to_string())
+    let each = transport::nodes::urls(url)
+        .into_iter()
+        .map(|one| {
+            let mut u = url::Url::parse(one).map_err(|_| anyhow::anyhow!("not a URL"))?;
+            u.set_username(user)
+                .and_then(|_| u.set_password(Some(password.expose())))
+                .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
+            Ok(u.to_string())
+        })
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    Ok(each.join(","))
 }
 
 /// Creates or updates each (schema, role, password) in the database of
@@ -186,10 +193,7 @@ pub async fn rabbitmq_users(
     topology: &Topology,
     users: &[AmqpUser],
 ) -> anyhow::Result<()> {
-    let vhost = admin_url
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| anyhow::anyhow!("invalid AMQP URL: {e}"))?
-        .vhost;
+    let vhost = transport::nodes::vhost(admin_url)?;
     let definitions = access::rabbitmq_definitions(&vhost, users).to_string();
     rabbitmqctl_run(rabbitmqctl, &["import_definitions"], Some(&definitions)).await?;
 

@@ -3,8 +3,11 @@
 //! Exits 1 when something needs attention.
 //!
 //! The broker's own health (resource alarms, file descriptors, memory)
-//! comes from `rabbitmqctl status`; without rabbitmqctl the report says so
-//! and goes on: the per-service figures need only AMQP and PostgreSQL.
+//! comes from `rabbitmqctl status`, and where things are on a cluster
+//! (nodes, the node each warren connection is on, each work queue's
+//! leader and members: see [`crate::placement`]) from other rabbitmqctl
+//! listings; without rabbitmqctl the report says so and goes on: the
+//! per-service figures need only AMQP and PostgreSQL.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -15,6 +18,7 @@ use sqlx::PgPool;
 use crate::config::{connect_db, Settings};
 use crate::error::Unhealthy;
 use crate::output::{escape, Out};
+use crate::placement::{self, Placement};
 use crate::rabbitmqctl::{broker_health, BrokerHealth, RabbitmqctlArg};
 
 /// Arguments of `warren status`.
@@ -42,6 +46,10 @@ pub struct ServiceStatus {
     pub outbox_oldest_s: Option<f64>,
     pub inbox_size: i64,
     pub relay_active: bool,
+    /// The work queue's leader node and members (from rabbitmqctl; `None`
+    /// without it).
+    pub queue_leader: Option<String>,
+    pub queue_members: Option<Vec<String>>,
     pub problems: Vec<String>,
 }
 
@@ -49,14 +57,21 @@ pub struct ServiceStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub namespace: String,
+    /// The broker URL this report's own connection went to, password
+    /// masked (with several in AMQP_URL, the one that answered).
+    pub connected_to: String,
     pub services: Vec<ServiceStatus>,
     /// The broker's alarms and resources; `None` when rabbitmqctl could
     /// not be run (see `broker_unavailable`).
     pub broker: Option<BrokerHealth>,
     /// Why `broker` is missing.
     pub broker_unavailable: Option<String>,
-    /// Alarms, and resources near their limit.
+    /// Alarms, resources near their limit, nodes down, queue members
+    /// offline.
     pub broker_problems: Vec<String>,
+    /// The cluster's nodes and the node of each warren connection; `None`
+    /// when rabbitmqctl could not be run.
+    pub cluster: Option<Placement>,
     pub healthy: bool,
 }
 
@@ -137,16 +152,20 @@ pub async fn gather(
             outbox_oldest_s: backlog.oldest_age_s,
             inbox_size,
             relay_active,
+            queue_leader: None,
+            queue_members: None,
             problems,
         });
     }
     let healthy = services.iter().all(|s| s.problems.is_empty());
     Ok(Status {
         namespace: settings.namespace.clone(),
+        connected_to: String::new(),
         services,
         broker: None,
         broker_unavailable: None,
         broker_problems: Vec::new(),
+        cluster: None,
         healthy,
     })
 }
@@ -158,17 +177,25 @@ fn opt(v: Option<u32>) -> String {
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     let pool = connect_db(settings, false, 2).await?;
-    let conn = transport::connect(&settings.amqp_url, "warren status").await?;
+    let (conn, connected_to) = transport::connect_any(&settings.amqp_url, "warren status").await?;
     let gathered = gather(settings, &pool, &conn).await;
     transport::close(conn, "status done").await;
     pool.close().await;
     let mut status = gathered?;
+    status.connected_to = connected_to;
     match broker_health(&args.rabbitmqctl.rabbitmqctl).await {
         Ok(h) => {
             status.broker_problems = h.problems();
             status.broker = Some(h);
         }
         Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
+    }
+    if status.broker.is_some() {
+        let vhost = transport::nodes::vhost(&settings.amqp_url)?;
+        match placement::gather(&args.rabbitmqctl.rabbitmqctl, &vhost).await {
+            Ok(p) => place(&mut status, &settings.topology(), p),
+            Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
+        }
     }
     status.healthy &= status.broker_problems.is_empty();
     let mut out = Out::stdout();
@@ -183,8 +210,38 @@ pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the cluster's placement to the report: each work queue's leader
+/// and members, and as problems the nodes down and the members offline.
+fn place(status: &mut Status, topology: &transport::Topology, p: Placement) {
+    for n in p.nodes.iter().filter(|n| !n.running) {
+        status
+            .broker_problems
+            .push(format!("node {} is not running", n.node));
+    }
+    for s in &mut status.services {
+        let Some(q) = p.queues.get(&topology.queue(&s.service)) else {
+            continue;
+        };
+        if q.online.len() < q.members.len() {
+            status.broker_problems.push(format!(
+                "queue {}: {} of {} members online",
+                topology.queue(&s.service),
+                q.online.len(),
+                q.members.len()
+            ));
+        }
+        s.queue_leader = Some(q.leader.clone());
+        s.queue_members = Some(q.members.clone());
+    }
+    status.cluster = Some(p);
+}
+
 fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
     out.line(&format!("namespace {}", escape(&status.namespace)))?;
+    out.line(&format!(
+        "connected to {}",
+        escape(&transport::redact(&status.connected_to))
+    ))?;
     match (&status.broker, &status.broker_unavailable) {
         (Some(b), _) => {
             let pair = |u: Option<u64>, l: Option<u64>| format!("{}/{}", opt64(u), opt64(l));
@@ -209,6 +266,47 @@ fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
             escape(why)
         ))?,
         (None, None) => {}
+    }
+    if let Some(cluster) = &status.cluster {
+        let nodes: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} ({}{})",
+                    escape(&n.node),
+                    if n.running { "running" } else { "DOWN" },
+                    if n.listeners.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", escape(&n.listeners.join(" ")))
+                    }
+                )
+            })
+            .collect();
+        out.line(&format!("nodes: {}", nodes.join(", ")))?;
+        for s in &status.services {
+            if let (Some(leader), Some(members)) = (&s.queue_leader, &s.queue_members) {
+                out.line(&format!(
+                    "queue of {}: leader {}, members {}",
+                    s.service,
+                    escape(leader),
+                    escape(&members.join(" "))
+                ))?;
+            }
+        }
+        for c in &cluster.connections {
+            out.line(&format!(
+                "connection {} on {}{}",
+                escape(&c.name),
+                escape(&c.node),
+                if c.count > 1 {
+                    format!(" (x{})", c.count)
+                } else {
+                    String::new()
+                }
+            ))?;
+        }
     }
     out.line(&format!(
         "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  problems",
