@@ -19,7 +19,7 @@ use services::ALL;
 use sqlx::PgPool;
 use transport::Topology;
 
-use crate::config::{connect_db, migrate, Service, Settings};
+use crate::config::{connect_stores, migrate_stores, Service, Settings};
 use crate::error::InvalidInput;
 use crate::output;
 
@@ -79,10 +79,20 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
         );
     }
 
-    let pool = connect_db(settings, true, 2).await?;
-    migrate(&pool).await?;
+    // Each service's part where it lives: its database migrated, its role
+    // created on that database's server.
+    let stores = connect_stores(settings, true, 2).await?;
     let roles: Vec<(String, String, Password)> = passwords.clone();
-    postgres_roles(&pool, &roles).await?;
+    let prepared = async {
+        migrate_stores(&stores).await?;
+        for role in &roles {
+            postgres_roles(stores.of(&role.0), std::slice::from_ref(role)).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stores.close().await;
+    prepared?;
     // What `--json` prints: names and permissions, never a password.
     let (mut pg_roles, mut amqp_users) = (Vec::new(), Vec::new());
     for (s, name, _) in &roles {
@@ -123,7 +133,7 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
     let example = format!(
         "DATABASE_URL={} AMQP_URL={} warren run {}",
         transport::redact(&with_user(
-            &settings.database_url,
+            settings.database_url_of(&roles[0].0),
             &roles[0].1,
             &roles[0].2
         )?),

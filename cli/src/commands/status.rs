@@ -13,9 +13,9 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Connection;
 use serde::Serialize;
-use sqlx::PgPool;
+use services::Stores;
 
-use crate::config::{connect_db, Settings};
+use crate::config::{connect_stores, Settings};
 use crate::error::Unhealthy;
 use crate::output::{escape, Out};
 use crate::placement::{self, Placement};
@@ -38,6 +38,9 @@ pub const STALE_OUTBOX_S: f64 = 60.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
     pub service: String,
+    /// Where its store is (DATABASE_URL's database, or its own), password
+    /// masked.
+    pub database: String,
     /// Ready messages in the work queue (`None`: not declared).
     pub queue_depth: Option<u32>,
     pub consumers: Option<u32>,
@@ -101,12 +104,13 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Opti
 /// Gathers the report.
 pub async fn gather(
     settings: &Settings,
-    pool: &PgPool,
+    stores: &Stores,
     conn: &Connection,
 ) -> anyhow::Result<Status> {
     let topology = settings.topology();
     let mut services = Vec::new();
     for service in services::ALL {
+        let pool = stores.of(service);
         let outbox = producers::Outbox::new(service)?;
         let backlog = outbox.backlog(pool).await?;
         let inbox_size = consumers::inbox::Inbox::new(service).size(pool).await?;
@@ -141,6 +145,7 @@ pub async fn gather(
         }
         services.push(ServiceStatus {
             service: service.to_owned(),
+            database: stores.shown(service),
             queue_depth: queue.map(|q| q.0),
             consumers: queue.map(|q| q.1),
             dead_letters: if service == "customers" {
@@ -176,11 +181,11 @@ fn opt(v: Option<u32>) -> String {
 
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
-    let pool = connect_db(settings, false, 2).await?;
+    let stores = connect_stores(settings, false, 2).await?;
     let (conn, connected_to) = transport::connect_any(&settings.amqp_url, "warren status").await?;
-    let gathered = gather(settings, &pool, &conn).await;
+    let gathered = gather(settings, &stores, &conn).await;
     transport::close(conn, "status done").await;
-    pool.close().await;
+    stores.close().await;
     let mut status = gathered?;
     status.connected_to = connected_to;
     match broker_health(&args.rabbitmqctl.rabbitmqctl).await {
@@ -306,6 +311,19 @@ fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
                     String::new()
                 }
             ))?;
+        }
+    }
+    // One line per database when the services do not all share one.
+    let mut databases: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in &status.services {
+        match databases.iter_mut().find(|(d, _)| *d == s.database) {
+            Some((_, names)) => names.push(&s.service),
+            None => databases.push((&s.database, vec![&s.service])),
+        }
+    }
+    if databases.len() > 1 {
+        for (db, names) in &databases {
+            out.line(&format!("database {}: {}", escape(db), names.join(", ")))?;
         }
     }
     out.line(&format!(
