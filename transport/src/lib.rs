@@ -5,7 +5,7 @@
 //! - [`mod@connect`]: connecting with a timeout, TLS trust from the URL
 //!   (`amqps://…?cacertfile=`), errors without the password.
 //! - [`nodes`]: several broker URLs of one cluster (`AMQP_URL` with
-//!   commas): [`connect`] tries them shuffled and takes the first that
+//!   commas): [`connect()`] tries them shuffled and takes the first that
 //!   answers.
 //! - [`reconnect`]: the loop long-running workers run their sessions in.
 //! - [`backoff`]: capped exponential backoff with jitter.

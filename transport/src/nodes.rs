@@ -1,11 +1,11 @@
 //! Several broker addresses of one RabbitMQ cluster: `AMQP_URL` may list
 //! URLs separated by commas (`amqp://u:p@node1:5672/%2f,amqp://u:p@node2:5672/%2f`),
-//! each with its own credentials and vhost. [`connect`] tries them in a
+//! each with its own credentials and vhost. [`connect()`] tries them in a
 //! shuffled order, so the copies of a service spread over the nodes, and
 //! takes the first that answers.
 //!
 //! Every worker's session (relay, consumer, eager publisher) calls
-//! [`connect`] again with the whole list when it reconnects, so after a
+//! [`connect()`] again with the whole list when it reconnects, so after a
 //! node dies the new session lands on another node. A node that failed in
 //! the last [`FAILED_RECENTLY`] is tried after the others: a dead node that
 //! does not refuse at once (a host gone from the network) would otherwise
@@ -98,7 +98,7 @@ pub async fn connect(list: &str, name: &str) -> Result<Connection, ConnectError>
     connect_any(list, name).await.map(|(conn, _)| conn)
 }
 
-/// As [`connect`], also returning the URL that answered, password masked
+/// As [`connect()`], also returning the URL that answered, password masked
 /// (for a log line or a report of which node a connection is on).
 pub async fn connect_any(list: &str, name: &str) -> Result<(Connection, String), ConnectError> {
     let all = urls(list);
