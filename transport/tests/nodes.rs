@@ -84,6 +84,7 @@ async fn quorum_queues_with_a_group_size_of_three_work_on_one_node_and_keep_olde
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
+    old.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
     ch.queue_declare(
         &topology.dlq(service),
         QueueDeclareOptions {
