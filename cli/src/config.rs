@@ -76,7 +76,10 @@ impl ConsumingService {
 /// Settings shared by every command.
 #[derive(Clone, clap::Args)]
 pub struct Settings {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://); several nodes of one cluster
+    /// separated by commas, each URL with its own credentials and vhost:
+    /// connections go to a node drawn at random and move to another when
+    /// theirs dies.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -95,6 +98,46 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub database_url: String,
+    /// The customers service's database, when not DATABASE_URL's.
+    #[arg(
+        long,
+        env = "WARREN_CUSTOMERS_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub customers_database_url: Option<String>,
+    /// The orders service's database, when not DATABASE_URL's.
+    #[arg(
+        long,
+        env = "WARREN_ORDERS_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub orders_database_url: Option<String>,
+    /// The inventory service's database, when not DATABASE_URL's.
+    #[arg(
+        long,
+        env = "WARREN_INVENTORY_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub inventory_database_url: Option<String>,
+    /// The payments service's database, when not DATABASE_URL's.
+    #[arg(
+        long,
+        env = "WARREN_PAYMENTS_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub payments_database_url: Option<String>,
+    /// The shipping service's database, when not DATABASE_URL's.
+    #[arg(
+        long,
+        env = "WARREN_SHIPPING_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub shipping_database_url: Option<String>,
     /// Prefix of every exchange and queue.
     #[arg(
         long,
@@ -131,6 +174,14 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("amqp_url", &transport::redact(&self.amqp_url))
             .field("database_url", &transport::redact(&self.database_url))
+            .field(
+                "service_databases",
+                &services::ALL
+                    .iter()
+                    .filter(|s| self.own_database(s).is_some())
+                    .map(|s| (*s, transport::redact(self.database_url_of(s))))
+                    .collect::<Vec<_>>(),
+            )
             .field("namespace", &self.namespace)
             .field("http", &self.http)
             .field("log_format", &self.log_format)
@@ -150,14 +201,71 @@ impl Settings {
         transport::Topology::new(self.namespace.clone())
     }
 
-    /// The same settings pointing at another database.
-    pub fn with_database(&self, name: &str) -> anyhow::Result<Settings> {
-        let mut url = url::Url::parse(&self.database_url).context("DATABASE_URL is not a URL")?;
-        url.set_path(&format!("/{name}"));
-        Ok(Settings {
-            database_url: url.to_string(),
+    /// `service`'s own database URL (`WARREN_<SERVICE>_DATABASE_URL`),
+    /// `None` when it uses DATABASE_URL's (unset, empty or the same URL).
+    pub fn own_database(&self, service: &str) -> Option<&str> {
+        let own = match service {
+            "customers" => &self.customers_database_url,
+            "orders" => &self.orders_database_url,
+            "inventory" => &self.inventory_database_url,
+            "payments" => &self.payments_database_url,
+            "shipping" => &self.shipping_database_url,
+            _ => &None,
+        };
+        own.as_deref()
+            .filter(|u| !u.is_empty() && *u != self.database_url)
+    }
+
+    /// The URL of `service`'s database.
+    pub fn database_url_of(&self, service: &str) -> &str {
+        self.own_database(service).unwrap_or(&self.database_url)
+    }
+
+    /// The same settings with `service`'s database as DATABASE_URL (for
+    /// the helpers that take settings to reach one database).
+    pub fn for_service(&self, service: &str) -> Settings {
+        Settings {
+            database_url: self.database_url_of(service).to_owned(),
             ..self.clone()
-        })
+        }
+    }
+
+    /// The same settings pointing at another database: DATABASE_URL's
+    /// and each service's own database renamed `name` on their servers.
+    pub fn with_database(&self, name: &str) -> anyhow::Result<Settings> {
+        let rename = |u: &str, what: &str| -> anyhow::Result<String> {
+            let mut url = url::Url::parse(u).with_context(|| format!("{what} is not a URL"))?;
+            url.set_path(&format!("/{name}"));
+            Ok(url.to_string())
+        };
+        let mut out = Settings {
+            database_url: rename(&self.database_url, "DATABASE_URL")?,
+            ..self.clone()
+        };
+        for (own, var) in [
+            (
+                &mut out.customers_database_url,
+                "WARREN_CUSTOMERS_DATABASE_URL",
+            ),
+            (&mut out.orders_database_url, "WARREN_ORDERS_DATABASE_URL"),
+            (
+                &mut out.inventory_database_url,
+                "WARREN_INVENTORY_DATABASE_URL",
+            ),
+            (
+                &mut out.payments_database_url,
+                "WARREN_PAYMENTS_DATABASE_URL",
+            ),
+            (
+                &mut out.shipping_database_url,
+                "WARREN_SHIPPING_DATABASE_URL",
+            ),
+        ] {
+            if let Some(u) = own.as_deref().filter(|u| !u.is_empty()) {
+                *own = Some(rename(u, var)?);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -237,6 +345,59 @@ fn plain_on_loopback(url: &str, env_chose: bool, options: PgConnectOptions) -> P
     }
 }
 
+/// Opens each service's database (see [`Settings::own_database`]): one
+/// pool for DATABASE_URL and one per other database, each of `max`
+/// connections; with `create`, creates those that do not exist.
+pub async fn connect_stores(
+    settings: &Settings,
+    create: bool,
+    max: u32,
+) -> anyhow::Result<services::Stores> {
+    let shared = connect_db(settings, create, max).await?;
+    let mut stores = services::Stores::new(settings.database_url.clone(), shared);
+    let mut opened: Vec<(String, PgPool)> = Vec::new();
+    for service in services::ALL {
+        let Some(url) = settings.own_database(service) else {
+            continue;
+        };
+        let pool = match opened.iter().find(|(u, _)| u == url) {
+            Some((_, pool)) => pool.clone(),
+            None => {
+                let pool = connect_db(&settings.for_service(service), create, max)
+                    .await
+                    .with_context(|| format!("the {service} service's database"))?;
+                opened.push((url.to_owned(), pool.clone()));
+                pool
+            }
+        };
+        stores = stores.with(service, url, pool);
+    }
+    Ok(stores)
+}
+
+/// Applies the shop's migrations and installs warren's tables in every
+/// service schema of each database (idempotent; see
+/// `services::migrate_stores`).
+pub async fn migrate_stores(stores: &services::Stores) -> anyhow::Result<()> {
+    services::migrate_stores(stores)
+        .await
+        .context("migrating the database")
+}
+
+/// As [`migrate_stores`], unless the connected role may not (see
+/// [`migrate_if_permitted`]).
+pub async fn migrate_stores_if_permitted(stores: &services::Stores) -> anyhow::Result<()> {
+    for (pool, services) in stores.databases() {
+        match services::migrate_for(pool, &services).await {
+            Err(e) if e.permission_denied() => {
+                tracing::info!("this database role may not migrate; assuming `warren setup` applied the migrations");
+            }
+            other => other.context("migrating the database")?,
+        }
+    }
+    Ok(())
+}
+
 /// Applies the shop's migrations and installs warren's tables in every
 /// service schema (idempotent; see `services::migrate`).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -295,6 +456,29 @@ mod tests {
             mode("postgres://u@127.0.0.1/warren", true),
             PgSslMode::Disable
         ));
+    }
+
+    #[test]
+    fn settings_shown_mask_every_password_of_a_broker_list() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let cli = Cli::parse_from([
+            "warren",
+            "--amqp-url",
+            "amqp://a:first-secret@h1:5672/%2f,amqps://b:second-secret@h2:5671/%2f",
+            "--database-url",
+            "postgres://u:db-secret@127.0.0.1/warren",
+        ]);
+        let shown = format!("{:?}", cli.settings);
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("amqp://a:***@h1:5672/%2f,amqps://b:***@h2:5671/%2f"),
+            "{shown}"
+        );
     }
 
     #[test]

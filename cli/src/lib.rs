@@ -12,6 +12,7 @@
 //! - [`error`]: errors that choose the exit code.
 //! - [`output`]: standard output as tools are expected to write it (colour choice, closed pipes, escaping).
 //! - [`rabbitmqctl`]: RabbitMQ's own CLI, for what AMQP cannot ask (users, listings, alarms).
+//! - [`placement`]: which node of a RabbitMQ cluster each connection and queue leader is on.
 
 pub mod bench;
 pub mod bus;
@@ -19,5 +20,6 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod output;
+pub mod placement;
 pub mod rabbitmqctl;
 pub mod telemetry;

@@ -68,12 +68,12 @@ fn queues_of(namespace: &str) -> Vec<(String, String, u64)> {
 }
 
 /// Declares the shop's queues of `topology` as `warren run` does.
-async fn declare(ch: &Channel, topology: &Topology) {
+async fn declare(conn: &lapin::Connection, ch: &Channel, topology: &Topology) {
     let catalog = services::catalog::catalog();
     let all: Vec<&str> = catalog.iter().map(|s| s.event_type).collect();
     for s in CONSUMING {
         topology
-            .declare_service(ch, s, &all, &delays())
+            .declare_service(conn, s, &all, &delays())
             .await
             .unwrap();
     }
@@ -96,7 +96,7 @@ async fn a_namespace_is_seven_quorum_queues_per_consuming_service() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch, &topology).await;
+    declare(&conn, &ch, &topology).await;
     let queues = queues_of(&ns);
     delete(&ch, &topology).await;
     transport::close(conn, "cost").await;
@@ -209,11 +209,11 @@ async fn traffic(ch: &Channel, topology: &Topology) {
 /// The same namespace with classic retry tiers: what they would save. They
 /// cannot keep the guarantees (see BENCHMARKS.md); declared here only to
 /// measure.
-async fn declare_classic_tiers(ch: &Channel, topology: &Topology) {
+async fn declare_classic_tiers(conn: &lapin::Connection, ch: &Channel, topology: &Topology) {
     let catalog = services::catalog::catalog();
     let all: Vec<&str> = catalog.iter().map(|s| s.event_type).collect();
     for s in CONSUMING {
-        topology.declare_service(ch, s, &all, &[]).await.unwrap();
+        topology.declare_service(conn, s, &all, &[]).await.unwrap();
         for d in delays() {
             let mut args = FieldTable::default();
             args.insert(
@@ -283,7 +283,7 @@ async fn measure_what_a_namespace_costs() {
     // One namespace as warren declares it, empty, then after traffic.
     let one = expiring(format!("cost-{run}-q0"));
     let before = settle().await;
-    declare(&ch, &one).await;
+    declare(&conn, &ch, &one).await;
     let declared = settle().await;
     delta(
         "1 namespace, quorum, declared (per namespace)",
@@ -310,7 +310,7 @@ async fn measure_what_a_namespace_costs() {
         .collect();
     let before = settle().await;
     for t in &many {
-        declare(&ch, t).await;
+        declare(&conn, &ch, t).await;
     }
     let declared = settle().await;
     delta(
@@ -336,7 +336,7 @@ async fn measure_what_a_namespace_costs() {
     // Classic retry tiers, for comparison.
     let classic = expiring(format!("cost-{run}-c0"));
     let before = settle().await;
-    declare_classic_tiers(&ch, &classic).await;
+    declare_classic_tiers(&conn, &ch, &classic).await;
     let declared = settle().await;
     delta("1 namespace, classic tiers, declared", before, declared, 1);
     traffic(&ch, &classic).await;

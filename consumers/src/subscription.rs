@@ -138,10 +138,10 @@ impl Subscription {
     }
 
     /// Declares the service's queues (idempotent); `run` does it too.
-    pub async fn declare(&self, ch: &lapin::Channel) -> Result<(), lapin::Error> {
+    pub async fn declare(&self, conn: &lapin::Connection) -> Result<(), lapin::Error> {
         self.topology
             .declare_service(
-                ch,
+                conn,
                 self.router.service(),
                 &self.catalog.bindings(&self.router.handled_types()),
                 &self.config.retry.delays(),
@@ -197,7 +197,7 @@ impl Subscription {
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
-        self.declare(&ch).await?;
+        self.declare(conn).await?;
         let processor = self.processor(conn, &ch).await?;
         let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
         let queue = self.topology.queue(service);

@@ -160,7 +160,7 @@ async fn consumer_killed_between_commit_and_ack_does_not_apply_the_event_twice(p
         .unwrap();
     let bus = TestBus::new().await;
     let probe = subscription(pool.clone(), &bus.namespace, config());
-    probe.declare(&bus.channel).await.unwrap();
+    probe.declare(&bus.conn).await.unwrap();
     bus.remember(SERVICE, &config().retry.delays());
 
     let database = pool.connect_options().get_database().unwrap().to_owned();

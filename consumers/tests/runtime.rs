@@ -159,7 +159,7 @@ async fn start_routed(
         cfg.clone(),
     )
     .unwrap();
-    sub.declare(&bus.channel).await.unwrap();
+    sub.declare(&bus.conn).await.unwrap();
     bus.remember(SERVICE, &cfg.retry.delays());
     let stop = CancellationToken::new();
     let (s, t) = (sub.clone(), stop.clone());
@@ -391,6 +391,34 @@ async fn redelivery_after_a_failed_ack_is_absorbed_by_the_inbox(pool: PgPool) {
     proxy.restore();
     f.wait_for(&[Outcome::Duplicate], 1).await;
     assert_eq!(f.effects().await.len(), 1, "the redelivery changed nothing");
+    f.stop().await;
+}
+
+/// `AMQP_URL` listing two nodes (here two proxies to the one broker):
+/// when the node the consumer is on dies, its reconnect, which reads the
+/// whole list again, lands on the other and the next event is handled.
+#[sqlx::test(migrations = false)]
+async fn a_consumer_whose_node_dies_reconnects_to_the_other_url_of_the_list(pool: PgPool) {
+    install(&pool).await;
+    let (a, b) = (
+        Proxy::start("127.0.0.1:5672").await,
+        Proxy::start("127.0.0.1:5672").await,
+    );
+    let list = format!("{},{}", a.amqp_url(), b.amqp_url());
+    let mut f = start(pool, Recorder::default(), Some(list)).await;
+    f.publish(&placed(Uuid::now_v7(), 1)).await;
+    f.wait_for(&[Outcome::Handled], 1).await;
+    let (on, other) = match (a.forwarded(), b.forwarded()) {
+        (n, 0) if n > 0 => (&a, &b),
+        (0, n) if n > 0 => (&b, &a),
+        seen => panic!("the consumer should be on exactly one node: {seen:?}"),
+    };
+    // The node dies: its connections drop and it refuses new ones.
+    on.cut();
+    f.publish(&placed(Uuid::now_v7(), 1)).await;
+    f.wait_for(&[Outcome::Handled], 2).await;
+    assert!(other.forwarded() > 0, "reconnected through the other URL");
+    assert_eq!(f.effects().await.len(), 2);
     f.stop().await;
 }
 

@@ -456,7 +456,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
         .max(Duration::from_secs(5));
     let (mut audit, _) = check::settle(&env, &good_orders, &stock, true, remaining).await?;
     let known: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.customers")
-        .fetch_one(&env.pool)
+        .fetch_one(env.orders())
         .await?;
     audit.violations.insert(
         "registered customer not in orders' read model".into(),

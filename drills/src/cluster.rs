@@ -28,6 +28,10 @@ pub struct Servers {
     pub amqp_url: String,
     /// A PostgreSQL URL; its path is replaced by each drill's database.
     pub database_url: String,
+    /// Another PostgreSQL server for the orders service's database (path
+    /// replaced likewise), to drill a database per service; `None`: orders
+    /// shares `database_url`'s.
+    pub orders_database_url: Option<String>,
     /// Logs of the warren processes go here.
     pub log_dir: PathBuf,
 }
@@ -44,6 +48,32 @@ pub struct Env {
     pub namespace: String,
     /// A pool on the drill's database, for seeding checks and the final audit.
     pub pool: PgPool,
+    /// The orders service's own database (`WARREN_ORDERS_DATABASE_URL`)
+    /// and a pool on it, when it has one.
+    pub orders_database: Option<(String, PgPool)>,
+}
+
+/// `url` with the database `db`, and the same server's `postgres`
+/// database for dropping it.
+fn drill_urls(url: &str, db: &str) -> anyhow::Result<(url::Url, url::Url)> {
+    let mut admin = url::Url::parse(url).context("database URL")?;
+    admin.set_path("/postgres");
+    let mut own = admin.clone();
+    own.set_path(&format!("/{db}"));
+    Ok((own, admin))
+}
+
+async fn drop_database(admin_url: &url::Url, db: &str) -> anyhow::Result<()> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url.as_str())
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(())
 }
 
 impl Env {
@@ -64,6 +94,16 @@ impl Env {
         admin.close().await;
         let mut url = admin_url.clone();
         url.set_path(&format!("/{db}"));
+        let orders_url = match &servers.orders_database_url {
+            // A name of its own, so that the other server may also be
+            // this one.
+            Some(other) => {
+                let (own, admin) = drill_urls(other, &format!("{db}_orders"))?;
+                drop_database(&admin, &format!("{db}_orders")).await?;
+                Some(own.to_string())
+            }
+            None => None,
+        };
         let namespace = format!(
             "drill_{name}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -73,8 +113,12 @@ impl Env {
             servers: servers.clone(),
             database_url: url.to_string(),
             namespace,
-            // Placeholder until the database exists; replaced below.
+            // Placeholders until the databases exist; replaced below.
             pool: PgPoolOptions::new().connect_lazy(url.as_str())?,
+            orders_database: match &orders_url {
+                Some(u) => Some((u.clone(), PgPoolOptions::new().connect_lazy(u)?)),
+                None => None,
+            },
         };
         let status = Command::new(&servers.warren)
             .arg("migrate")
@@ -92,11 +136,31 @@ impl Env {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url.as_str())
             .await?;
-        Ok(Env { pool, ..env })
+        let orders_database = match orders_url {
+            Some(u) => {
+                let p = PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(&u)
+                    .await?;
+                Some((u, p))
+            }
+            None => None,
+        };
+        Ok(Env {
+            pool,
+            orders_database,
+            ..env
+        })
+    }
+
+    /// The pool on the orders service's database.
+    pub fn orders(&self) -> &PgPool {
+        self.orders_database.as_ref().map_or(&self.pool, |(_, p)| p)
     }
 
     fn warren_env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("AMQP_URL", self.servers.amqp_url.clone()),
             ("DATABASE_URL", self.database_url.clone()),
             ("WARREN_NAMESPACE", self.namespace.clone()),
@@ -105,7 +169,11 @@ impl Env {
             // long for a look); a passed drill removes them at once.
             ("WARREN_QUEUE_EXPIRES_SECS", "3600".into()),
             ("RUST_LOG", "info".into()),
-        ]
+        ];
+        if let Some((url, _)) = &self.orders_database {
+            env.push(("WARREN_ORDERS_DATABASE_URL", url.clone()));
+        }
+        env
     }
 
     /// Starts `warren run` (every service) serving HTTP on `port`.
@@ -162,6 +230,12 @@ impl Env {
         topo.delete_exchange(&ch).await?;
         transport::close(conn, "drill cleaned up").await;
         self.pool.close().await;
+        if let Some((url, pool)) = &self.orders_database {
+            pool.close().await;
+            let db = format!("warren_drill_{}_orders", self.name);
+            let (_, admin) = drill_urls(url, &db)?;
+            drop_database(&admin, &db).await?;
+        }
         let mut admin_url = url::Url::parse(&self.database_url)?;
         admin_url.set_path("/postgres");
         let admin = PgPoolOptions::new()

@@ -122,7 +122,7 @@ pub async fn seed(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let known: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.customers")
-            .fetch_one(&env.pool)
+            .fetch_one(env.orders())
             .await?;
         if known as usize >= n {
             return Ok((customers, stock));
@@ -438,7 +438,7 @@ pub async fn probe(
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM orders.orders WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&env.pool)
+                .fetch_optional(env.orders())
                 .await
                 .ok()
                 .flatten();

@@ -40,6 +40,11 @@ struct Args {
         hide_env_values = true
     )]
     database_url: String,
+    /// Another PostgreSQL server for the orders service's database (each
+    /// drill's database created there too): the rest stay on
+    /// `--database-url`'s.
+    #[arg(long, env = "WARREN_ORDERS_DATABASE_URL", hide_env_values = true)]
+    orders_database_url: Option<String>,
     /// Orders per fault drill.
     #[arg(long, default_value_t = 2000)]
     orders: usize,
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         warren,
         amqp_url: args.amqp_url.clone(),
         database_url: args.database_url.clone(),
+        orders_database_url: args.orders_database_url.clone(),
         log_dir: log_dir.clone(),
     };
     let drills: Vec<String> = if args.drills.is_empty() || args.drills.iter().any(|d| d == "all") {

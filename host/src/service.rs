@@ -324,7 +324,7 @@ impl Service {
             self.bus
                 .topology()
                 .declare_service(
-                    &ch,
+                    conn,
                     &self.name,
                     &bindings,
                     &self.subscription.retry.delays(),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use consumers::{Router, Stats, SubscriptionConfig};
 use producers::relay::RelayStats;
 use producers::{Outbox, RelayConfig};
-use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use transport::Topology;
@@ -18,6 +17,7 @@ use warren::{Bus, Running, Service};
 
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{Outboxes, Shared};
+use crate::store::Stores;
 use crate::{customers, http, inventory, orders, payments, shipping, ALL};
 
 /// What to run and how.
@@ -103,13 +103,21 @@ impl App {
     /// Declares the topology of the chosen services, then starts each on
     /// warren's service host (consumer, relay) and serves their HTTP
     /// routes.
-    pub async fn start(pool: PgPool, config: AppConfig) -> Result<App, AppError> {
+    ///
+    /// `stores` is a pool every service shares, or a [`Stores`] giving
+    /// some services a database of their own.
+    pub async fn start(stores: impl Into<Stores>, config: AppConfig) -> Result<App, AppError> {
+        let stores: Stores = stores.into();
         for s in &config.services {
             if !ALL.contains(&s.as_str()) {
                 return Err(AppError::UnknownService(s.clone()));
             }
         }
-        let gateway = Arc::new(Gateway::new(config.gateway.clone(), pool.clone()));
+        // The gateway's ledger is in the payments schema.
+        let gateway = Arc::new(Gateway::new(
+            config.gateway.clone(),
+            stores.of(crate::payments::SERVICE).clone(),
+        ));
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let bus = Bus::new(
@@ -123,7 +131,7 @@ impl App {
         let mut declared = Vec::new();
         for s in &config.services {
             let mut service = Service::new(s.clone(), bus.clone())
-                .pool(pool.clone())
+                .pool(stores.of(s).clone())
                 .subscription(config.subscription.clone())
                 .relay(config.relay.clone())
                 .shutdown_on(&shutdown);
@@ -149,7 +157,7 @@ impl App {
         let mut http_addr = None;
         if let Some(addr) = config.http {
             let shared = Shared {
-                pool: pool.clone(),
+                stores: stores.clone(),
                 amqp_url: config.amqp_url.clone(),
                 outboxes: Arc::new(Outboxes {
                     customers: Outbox::new(customers::SERVICE)?,

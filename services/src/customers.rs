@@ -74,7 +74,7 @@ async fn register(
     req.validate()?;
     let id = Uuid::now_v7();
     let (name, email) = (req.name.trim(), req.email.trim().to_lowercase());
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.stores.of(SERVICE).begin().await?;
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO customers.customers (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING RETURNING version",
     )
@@ -122,7 +122,7 @@ async fn update(
         IfMatch::Absent | IfMatch::Any => None,
     };
     let (name, email) = (req.name.trim(), req.email.trim().to_lowercase());
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.stores.of(SERVICE).begin().await?;
     // Compare-and-set in one statement: of two writers naming the same
     // version, the second's UPDATE waits for the first's row lock, then
     // finds the version moved and changes nothing.
@@ -179,7 +179,7 @@ async fn show(
     let row: Option<(String, String, i64)> =
         sqlx::query_as("SELECT name, email, version FROM customers.customers WHERE id = $1")
             .bind(id)
-            .fetch_optional(&shared.pool)
+            .fetch_optional(shared.stores.of(SERVICE))
             .await?;
     let (name, email, version) =
         row.ok_or_else(|| ApiError::not_found(format!("customer {id} not found")))?;
@@ -268,7 +268,7 @@ async fn list(
         None => {
             sqlx::query_as(&format!("{COLUMNS} {ORDER} $1"))
                 .bind(limit + 1)
-                .fetch_all(&shared.pool)
+                .fetch_all(shared.stores.of(SERVICE))
                 .await?
         }
         Some(c) => {
@@ -278,7 +278,7 @@ async fn list(
             .bind(c.created_at)
             .bind(c.id)
             .bind(limit + 1)
-            .fetch_all(&shared.pool)
+            .fetch_all(shared.stores.of(SERVICE))
             .await?
         }
     };

@@ -15,10 +15,10 @@ use tracing::Instrument;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::store::Stores;
 use consumers::Stats;
 use producers::relay::RelayStats;
 use producers::Outbox;
-use sqlx::PgPool;
 
 use crate::gateway::Gateway;
 
@@ -228,13 +228,16 @@ pub async fn health() -> impl IntoResponse {
 
 /// Readiness: the database and the broker answer.
 pub async fn ready(State(shared): State<Shared>) -> Response {
-    let db = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&shared.pool),
-    )
-    .await
-    .map(|r| r.is_ok())
-    .unwrap_or(false);
+    let mut db = true;
+    for (pool, _) in shared.stores.databases() {
+        db &= tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(pool),
+        )
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+    }
     let broker = match transport::connect(&shared.amqp_url, "warren readiness").await {
         Ok(conn) => {
             let _ = conn.close(200, "ready check").await;
@@ -301,8 +304,8 @@ pub struct Outboxes {
 /// State shared by the HTTP handlers.
 #[derive(Clone)]
 pub struct Shared {
-    /// The database.
-    pub pool: PgPool,
+    /// Each service's database.
+    pub stores: Stores,
     /// For readiness checks.
     pub amqp_url: String,
     /// Outboxes of the services that take HTTP commands.

@@ -325,8 +325,8 @@ async fn set_stock(
         return Err(ApiError::invalid("on_hand: must be 0 or more"));
     }
     let (on_hand, reserved, version) = match IfMatch::from_headers(&headers) {
-        IfMatch::Absent => set_level(&shared.pool, &sku, req.on_hand).await?,
-        condition => set_level_if(&shared.pool, &sku, req.on_hand, &condition)
+        IfMatch::Absent => set_level(shared.stores.of(SERVICE), &sku, req.on_hand).await?,
+        condition => set_level_if(shared.stores.of(SERVICE), &sku, req.on_hand, &condition)
             .await?
             .ok_or_else(|| {
                 ApiError::precondition_failed(format!(
@@ -394,7 +394,7 @@ async fn show_stock(
     let row: Option<(i32, i32, i64)> =
         sqlx::query_as("SELECT on_hand, reserved, version FROM inventory.stock WHERE sku = $1")
             .bind(&sku)
-            .fetch_optional(&shared.pool)
+            .fetch_optional(shared.stores.of(SERVICE))
             .await?;
     let (on_hand, reserved, version) =
         row.ok_or_else(|| ApiError::not_found(format!("sku {sku} not found")))?;

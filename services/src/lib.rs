@@ -13,7 +13,8 @@
 //! - [`shipping`]: one shipment per confirmed order.
 //! - [`http`]: the API's error type, JSON extraction, health and readiness.
 //! - [`metrics`]: `/metrics`, the counters of the services in this process (prometheus-client).
-//! - [`store`]: the shop's migrations and warren's tables in each service's schema ([`migrate`]).
+//! - [`store`]: the shop's migrations and warren's tables in each service's schema ([`migrate`]);
+//!   [`Stores`], each service's database when they do not all share one.
 //! - [`app`]: starting chosen services (relays, consumers, HTTP) and stopping them cleanly.
 
 pub mod app;
@@ -29,7 +30,7 @@ pub mod shipping;
 pub mod store;
 
 pub use app::{App, AppConfig, AppError};
-pub use store::{migrate, MigrateError};
+pub use store::{migrate, migrate_for, migrate_stores, MigrateError, Stores};
 
 /// Every service, in the order of the saga.
 pub const ALL: [&str; 5] = ["customers", "orders", "inventory", "payments", "shipping"];

@@ -120,7 +120,9 @@ impl Reading {
             let Ok(outbox) = producers::Outbox::new(service) else {
                 continue;
             };
-            match tokio::time::timeout(BACKLOG_TIMEOUT, outbox.backlog(&shared.pool)).await {
+            match tokio::time::timeout(BACKLOG_TIMEOUT, outbox.backlog(shared.stores.of(service)))
+                .await
+            {
                 Ok(Ok(b)) => outboxes.push((
                     service.clone(),
                     b.unpublished,

@@ -295,7 +295,7 @@ async fn place(
     Json(req): Json<PlaceOrder>,
 ) -> Result<(StatusCode, axum::Json<serde_json::Value>), ApiError> {
     let total = req.validate()?;
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.stores.of(SERVICE).begin().await?;
     let known: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders.customers WHERE id = $1")
         .bind(req.customer_id)
         .fetch_optional(&mut *tx)
@@ -335,7 +335,7 @@ async fn show(
         "SELECT customer_id, status, total, reason FROM orders.orders WHERE id = $1",
     )
     .bind(id)
-    .fetch_optional(&shared.pool)
+    .fetch_optional(shared.stores.of(SERVICE))
     .await?;
     let (customer_id, status, total, reason) =
         row.ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
@@ -343,7 +343,7 @@ async fn show(
         "SELECT sku, qty, unit_price FROM orders.order_lines WHERE order_id = $1 ORDER BY line_no",
     )
     .bind(id)
-    .fetch_all(&shared.pool)
+    .fetch_all(shared.stores.of(SERVICE))
     .await?;
     let lines: Vec<_> = lines
         .into_iter()
@@ -361,7 +361,7 @@ async fn cancel(
     State(shared): State<Shared>,
     Path(id): Path<Uuid>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.stores.of(SERVICE).begin().await?;
     let status: Option<String> =
         sqlx::query_scalar("SELECT status FROM orders.orders WHERE id = $1 FOR UPDATE")
             .bind(id)

@@ -76,7 +76,7 @@ impl TestBus {
     /// Declares a consuming service's queues and records them for cleanup.
     pub async fn declare_service(&self, service: &str, bindings: &[&str], delays: &[Duration]) {
         self.topology
-            .declare_service(&self.channel, service, bindings, delays)
+            .declare_service(&self.conn, service, bindings, delays)
             .await
             .expect("declare service");
         self.remember(service, delays);
@@ -251,6 +251,9 @@ pub struct Proxy {
     /// Where clients connect instead of the server.
     pub addr: std::net::SocketAddr,
     down: Arc<AtomicBool>,
+    /// Connections forwarded so far (refused ones while cut not counted),
+    /// so a test can tell which of several proxies a client went through.
+    forwarded: Arc<AtomicUsize>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -262,14 +265,16 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let down = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let forwarded = Arc::new(AtomicUsize::new(0));
         let target = target.to_owned();
-        let (d, c) = (down.clone(), conns.clone());
+        let (d, c, f) = (down.clone(), conns.clone(), forwarded.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                f.fetch_add(1, Ordering::SeqCst);
                 let target = target.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(&target).await {
@@ -282,6 +287,7 @@ impl Proxy {
         Proxy {
             addr,
             down,
+            forwarded,
             conns,
             accept,
         }
@@ -293,6 +299,11 @@ impl Proxy {
         for task in self.conns.lock().expect("lock").drain(..) {
             task.abort();
         }
+    }
+
+    /// How many connections were forwarded to the target so far.
+    pub fn forwarded(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
     }
 
     /// Accepts connections again.

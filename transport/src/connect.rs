@@ -62,6 +62,23 @@ pub enum ConnectError {
         /// The connection error, or the timeout.
         reason: String,
     },
+    /// `AMQP_URL` listed several nodes and none answered (see
+    /// [`crate::nodes`]).
+    #[error("no RabbitMQ node answered ({} tried): {}", .errors.len(), one_line(.errors))]
+    NoNode {
+        /// Each node's error, in the order tried.
+        errors: Vec<ConnectError>,
+    },
+}
+
+/// The nodes' errors, numbered, on one line.
+fn one_line(errors: &[ConnectError]) -> String {
+    let each: Vec<String> = errors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{}) {e}", i + 1))
+        .collect();
+    each.join("; ")
 }
 
 /// Connects to `url` (amqp:// or amqps://) within [`CONNECT_TIMEOUT`].
@@ -262,7 +279,19 @@ fn rejected_certificate(e: &lapin::Error) -> bool {
 }
 
 /// The URL with its password replaced by `***`, safe for logs and errors.
+/// A comma-separated list of URLs (see [`crate::nodes::urls`]) has every
+/// URL's password masked.
 pub fn redact(url: &str) -> String {
+    let all = crate::nodes::urls(url);
+    if all.len() <= 1 {
+        return redact_one(url);
+    }
+    let each: Vec<String> = all.into_iter().map(redact_one).collect();
+    each.join(",")
+}
+
+/// One URL with its password masked.
+pub(crate) fn redact_one(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             // set_password fails only for URLs that cannot have one, and
@@ -286,6 +315,18 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact("not a url"), "<unparseable URL>");
+    }
+
+    #[test]
+    fn redact_hides_every_password_of_a_list() {
+        let list =
+            "amqp://a:pw-one@h1:5672/%2f,amqps://b:pw-two@h2:5671/v, amqp://c:pw,three@h3/%2f";
+        let shown = redact(list);
+        assert_eq!(
+            shown,
+            "amqp://a:***@h1:5672/%2f,amqps://b:***@h2:5671/v,amqp://c:***@h3/%2f"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
     }
 
     #[tokio::test]

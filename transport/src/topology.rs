@@ -23,12 +23,25 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// Deliveries of one message before the broker itself dead-letters it.
 /// The runtime dead-letters far earlier with a reason; this only stops a
 /// message that crashes the consuming process from looping forever.
 pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Members each quorum queue starts with (`x-quorum-initial-group-size`):
+/// on a cluster of three or more nodes, a queue survives the loss of any
+/// one node; RabbitMQ caps the size at the number of nodes, so the same
+/// declaration gives one member on a single node
+/// (`rabbit_quorum_queue:select_quorum_nodes`). Without it RabbitMQ 3.x
+/// puts a member on every node, which on a large cluster makes each
+/// publish wait for a majority of all of them. RabbitMQ compares the
+/// argument when a queue is declared again (checked on 3.10: a queue
+/// created without it answers 406 `inequivalent arg`), so a queue created
+/// before warren set it is declared again without it and keeps its
+/// members (add some with `rabbitmq-queues grow`).
+pub const QUORUM_GROUP_SIZE: i64 = 3;
 
 /// Names and declarations of one namespace.
 #[derive(Debug, Clone)]
@@ -105,8 +118,32 @@ impl Topology {
     /// Declares a consuming service's work queue bound to `bindings`
     /// (routing keys: see `Catalog::bindings`), its retry queues (one per
     /// delay) and its dead-letter queue.
+    ///
+    /// It takes the connection rather than a channel because each queue is
+    /// declared on a channel of its own: a queue created before warren set
+    /// [`QUORUM_GROUP_SIZE`] refuses the new argument (406
+    /// PRECONDITION_FAILED, which closes the channel), and is then declared
+    /// again as it was, on a fresh channel.
     pub async fn declare_service(
         &self,
+        conn: &Connection,
+        service: &str,
+        bindings: &[&str],
+        retry_delays: &[Duration],
+    ) -> Result<(), lapin::Error> {
+        let ch = conn.create_channel().await?;
+        let result = self
+            .declare_work_queue(conn, &ch, service, bindings, retry_delays)
+            .await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "declared").await;
+        }
+        result
+    }
+
+    async fn declare_work_queue(
+        &self,
+        conn: &Connection,
         ch: &Channel,
         service: &str,
         bindings: &[&str],
@@ -115,7 +152,8 @@ impl Topology {
         self.declare_exchange(ch).await?;
         let queue = self.queue(service);
         let dlq = self.dlq(service);
-        self.declare_quorum(ch, &dlq, FieldTable::default()).await?;
+        self.declare_quorum(conn, &dlq, FieldTable::default())
+            .await?;
 
         let mut args = FieldTable::default();
         args.insert("x-dead-letter-exchange".into(), string(""));
@@ -124,7 +162,7 @@ impl Topology {
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
-        self.declare_quorum(ch, &queue, args).await?;
+        self.declare_quorum(conn, &queue, args).await?;
         for key in bindings {
             ch.queue_bind(
                 &queue,
@@ -150,15 +188,19 @@ impl Topology {
             args.insert("x-dead-letter-routing-key".into(), string(&queue));
             args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
             args.insert("x-overflow".into(), string("reject-publish"));
-            self.declare_quorum(ch, &self.retry_queue(service, *delay), args)
+            self.declare_quorum(conn, &self.retry_queue(service, *delay), args)
                 .await?;
         }
         Ok(())
     }
 
+    /// Declares a quorum queue with [`QUORUM_GROUP_SIZE`]; a queue that
+    /// exists without it is declared again as it was (see
+    /// [`Topology::declare_service`]). Any other difference fails the
+    /// second declaration too, and its error is the one returned.
     async fn declare_quorum(
         &self,
-        ch: &Channel,
+        conn: &Connection,
         name: &str,
         mut args: FieldTable,
     ) -> Result<(), lapin::Error> {
@@ -169,16 +211,22 @@ impl Topology {
                 AMQPValue::LongLongInt(expires.as_millis() as i64),
             );
         }
-        ch.queue_declare(
-            name,
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .map(|_| ())
+        let mut sized = args.clone();
+        sized.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(QUORUM_GROUP_SIZE),
+        );
+        match declare_on_own_channel(conn, name, sized).await {
+            Err(e) if precondition_failed(&e) => {
+                declare_on_own_channel(conn, name, args).await?;
+                tracing::info!(
+                    queue = name,
+                    "quorum queue predates warren's initial group size; kept as it is (rabbitmq-queues grow adds members)"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Deletes a service's queues (work, retry, dead letters). Used by
@@ -205,6 +253,42 @@ impl Topology {
         ch.exchange_delete(&self.exchange(), ExchangeDeleteOptions::default())
             .await
     }
+}
+
+/// Declares a durable queue on a channel opened for it (a refusal closes
+/// only that channel).
+async fn declare_on_own_channel(
+    conn: &Connection,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            name,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await;
+    if declared.is_ok() {
+        let _ = ch.close(200, "declared").await;
+    }
+    declared.map(|_| ())
+}
+
+/// Whether the broker refused a declaration as inequivalent to the
+/// existing queue (reply code 406), by the code, not the text.
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(
+        e,
+        lapin::Error::ProtocolError(amqp) if matches!(
+            amqp.kind(),
+            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+        )
+    )
 }
 
 fn string(s: &str) -> AMQPValue {

@@ -13,13 +13,14 @@ use anyhow::Context as _;
 use consumers::{Outcome, RetryPolicy, SubscriptionConfig};
 use producers::RelayConfig;
 use services::gateway::GatewayConfig;
+use services::Stores;
 use services::{App, AppConfig, ALL};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::{PgPool, Postgres};
+use sqlx::Postgres;
 
 use crate::commands::replay::{replay, replay_lines, ReplayArgs};
 use crate::commands::status::queue_counts;
-use crate::config::{connect_db, migrate, Settings};
+use crate::config::{connect_db, connect_stores, migrate_stores, Settings};
 use crate::error::InvalidInput;
 
 /// fixtures/demo.jsonl and demo-stock.json, built in: `warren demo` runs
@@ -70,8 +71,13 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     let server_check = connect_db(&settings.with_database("postgres")?, false, 1).await?;
     server_check.close().await;
     let _ = Postgres::drop_database(&settings.database_url).await;
-    let pool = connect_db(&settings, true, 40).await?;
-    migrate(&pool).await?;
+    for s in ALL {
+        if let Some(own) = settings.own_database(s) {
+            let _ = Postgres::drop_database(own).await;
+        }
+    }
+    let stores = connect_stores(&settings, true, 40).await?;
+    migrate_stores(&stores).await?;
     tracing::info!(database = %db_name, namespace = %settings.namespace, "demo database and namespace ready");
 
     // The namespace is the demo's own: its queues expire on the broker if
@@ -103,7 +109,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     // Ctrl-C/SIGTERM from here on stops the services and removes the
     // namespace, as the end of the story does.
     let shutdown = super::shutdown_on_signal();
-    let app = match App::start(pool.clone(), config).await {
+    let app = match App::start(stores.clone(), config).await {
         Ok(app) => app,
         Err(e) => {
             super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
@@ -111,12 +117,12 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         }
     };
     let told = tokio::select! {
-        r = story(&settings, args, &pool, &app, &retry_delays) => r,
+        r = story(&settings, args, &stores, &app, &retry_delays) => r,
         () = shutdown.cancelled() => Err(crate::error::Interrupted.into()),
     };
     app.stop().await;
     super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
-    pool.close().await;
+    stores.close().await;
     told
 }
 
@@ -125,7 +131,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
 async fn story(
     settings: &Settings,
     args: &DemoArgs,
-    pool: &PgPool,
+    stores: &Stores,
     app: &App,
     retry_delays: &[Duration],
 ) -> anyhow::Result<()> {
@@ -139,7 +145,7 @@ async fn story(
     let stock: BTreeMap<String, i32> = serde_json::from_str(&stock_text)
         .with_context(|| format!("{stock_name} must be a JSON object of SKU → units"))?;
     for (sku, units) in &stock {
-        services::inventory::set_level(pool, sku, *units).await?;
+        services::inventory::set_level(stores.of("inventory"), sku, *units).await?;
         tracing::info!(sku, units, "stock set");
     }
 
@@ -173,13 +179,13 @@ async fn story(
 
     let settled = wait_settled(
         settings,
-        pool,
+        stores,
         app,
         retry_delays,
         Duration::from_secs(args.timeout),
     )
     .await;
-    print_summary(pool, app, settings).await?;
+    print_summary(stores, app, settings).await?;
     settled
 }
 
@@ -187,7 +193,7 @@ async fn story(
 /// outcome for a while.
 async fn wait_settled(
     settings: &Settings,
-    pool: &PgPool,
+    stores: &Stores,
     app: &App,
     delays: &[Duration],
     timeout: Duration,
@@ -210,7 +216,12 @@ async fn wait_settled(
         }
         let mut busy = false;
         for s in ALL {
-            if producers::Outbox::new(s)?.backlog(pool).await?.unpublished > 0 {
+            if producers::Outbox::new(s)?
+                .backlog(stores.of(s))
+                .await?
+                .unpublished
+                > 0
+            {
                 busy = true;
             }
             if s == "customers" {
@@ -236,7 +247,7 @@ async fn wait_settled(
     Ok(())
 }
 
-async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow::Result<()> {
+async fn print_summary(stores: &Stores, app: &App, settings: &Settings) -> anyhow::Result<()> {
     let cols = [
         Outcome::Handled,
         Outcome::Duplicate,
@@ -266,7 +277,7 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
         "SELECT o.id, coalesce(c.name, o.customer_id::text), o.status, o.total, o.reason \
          FROM orders.orders o LEFT JOIN orders.customers c ON c.id = o.customer_id ORDER BY o.created_at, o.id",
     )
-    .fetch_all(pool)
+    .fetch_all(stores.of("orders"))
     .await?;
     println!(
         "{:<38} {:<16} {:<10} {:>9}  reason",
@@ -284,7 +295,7 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
     println!("== stock ==");
     let stock: Vec<(String, i32, i32)> =
         sqlx::query_as("SELECT sku, on_hand, reserved FROM inventory.stock ORDER BY sku")
-            .fetch_all(pool)
+            .fetch_all(stores.of("inventory"))
             .await?;
     println!("{:<10} {:>8} {:>9}", "sku", "on_hand", "reserved");
     for (sku, on_hand, reserved) in stock {
@@ -296,13 +307,13 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
     let payments: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status, count(*) FROM payments.payments GROUP BY status ORDER BY status",
     )
-    .fetch_all(pool)
+    .fetch_all(stores.of("payments"))
     .await?;
     for (status, n) in payments {
         println!("payments {status:<9} {n}");
     }
     let shipments: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping.shipments")
-        .fetch_one(pool)
+        .fetch_one(stores.of("shipping"))
         .await?;
     println!("shipments          {shipments}");
 

@@ -6,7 +6,7 @@ use producers::RelayConfig;
 use services::gateway::GatewayConfig;
 use services::{App, AppConfig, ALL};
 
-use crate::config::{connect_db, migrate_if_permitted, Service, Settings};
+use crate::config::{connect_stores, migrate_stores_if_permitted, Service, Settings};
 use crate::error::InvalidInput;
 
 /// Tuning flags of `warren run`.
@@ -97,15 +97,15 @@ impl RunArgs {
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
     let config = args.app_config(settings, Some(settings.http))?;
-    let pool = connect_db(
+    let stores = connect_stores(
         settings,
         false,
         (args.lanes as u32 + 3) * config.services.len() as u32 + 4,
     )
     .await?;
-    migrate_if_permitted(&pool).await?;
+    migrate_stores_if_permitted(&stores).await?;
     let shutdown = super::shutdown_on_signal();
-    let app = App::start(pool, config).await?;
+    let app = App::start(stores, config).await?;
     tracing::info!(services = ?args.services(), namespace = %settings.namespace, "warren running; Ctrl-C to stop");
     shutdown.cancelled().await;
     app.stop().await;

@@ -19,7 +19,7 @@ use services::ALL;
 use sqlx::PgPool;
 use transport::Topology;
 
-use crate::config::{connect_db, migrate, Service, Settings};
+use crate::config::{connect_stores, migrate_stores, Service, Settings};
 use crate::error::InvalidInput;
 use crate::output;
 
@@ -79,10 +79,20 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
         );
     }
 
-    let pool = connect_db(settings, true, 2).await?;
-    migrate(&pool).await?;
+    // Each service's part where it lives: its database migrated, its role
+    // created on that database's server.
+    let stores = connect_stores(settings, true, 2).await?;
     let roles: Vec<(String, String, SecretString)> = passwords.clone();
-    postgres_roles(&pool, &roles).await?;
+    let prepared = async {
+        migrate_stores(&stores).await?;
+        for role in &roles {
+            postgres_roles(stores.of(&role.0), std::slice::from_ref(role)).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stores.close().await;
+    prepared?;
     // What `--json` prints: names and permissions, never a password.
     let (mut pg_roles, mut amqp_users) = (Vec::new(), Vec::new());
     for (s, name, _) in &roles {
@@ -123,7 +133,7 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
     let example = format!(
         "DATABASE_URL={} AMQP_URL={} warren run {}",
         transport::redact(&with_user(
-            &settings.database_url,
+            settings.database_url_of(&roles[0].0),
             &roles[0].1,
             &roles[0].2
         )?),
@@ -153,13 +163,20 @@ fn chosen(services: &[Service]) -> Vec<String> {
     services.iter().map(|s| s.as_str().to_owned()).collect()
 }
 
-/// `url` with `user` and `password` as its credentials.
+/// `url` with `user` and `password` as its credentials; each URL of a
+/// comma-separated list of broker nodes (see `transport::nodes`).
 pub fn with_user(url: &str, user: &str, password: &SecretString) -> anyhow::Result<String> {
-    let mut u = url::Url::parse(url).map_err(|_| anyhow::anyhow!("not a URL"))?;
-    u.set_username(user)
-        .and_then(|_| u.set_password(Some(password.expose_secret())))
-        .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
-    Ok(u.to_string())
+    let each = transport::nodes::urls(url)
+        .into_iter()
+        .map(|one| {
+            let mut u = url::Url::parse(one).map_err(|_| anyhow::anyhow!("not a URL"))?;
+            u.set_username(user)
+                .and_then(|_| u.set_password(Some(password.expose_secret())))
+                .map_err(|_| anyhow::anyhow!("{} cannot carry credentials", u.scheme()))?;
+            Ok(u.to_string())
+        })
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    Ok(each.join(","))
 }
 
 /// Creates or updates each (schema, role, password) in the database of
@@ -186,10 +203,7 @@ pub async fn rabbitmq_users(
     topology: &Topology,
     users: &[AmqpUser],
 ) -> anyhow::Result<()> {
-    let vhost = admin_url
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| anyhow::anyhow!("invalid AMQP URL: {e}"))?
-        .vhost;
+    let vhost = transport::nodes::vhost(admin_url)?;
     let definitions = access::rabbitmq_definitions(&vhost, users).to_string();
     rabbitmqctl_run(rabbitmqctl, &["import_definitions"], Some(&definitions)).await?;
 

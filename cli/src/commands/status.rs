@@ -3,18 +3,22 @@
 //! Exits 1 when something needs attention.
 //!
 //! The broker's own health (resource alarms, file descriptors, memory)
-//! comes from `rabbitmqctl status`; without rabbitmqctl the report says so
-//! and goes on: the per-service figures need only AMQP and PostgreSQL.
+//! comes from `rabbitmqctl status`, and where things are on a cluster
+//! (nodes, the node each warren connection is on, each work queue's
+//! leader and members: see [`crate::placement`]) from other rabbitmqctl
+//! listings; without rabbitmqctl the report says so and goes on: the
+//! per-service figures need only AMQP and PostgreSQL.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Connection;
 use serde::Serialize;
-use sqlx::PgPool;
+use services::Stores;
 
-use crate::config::{connect_db, Settings};
+use crate::config::{connect_stores, Settings};
 use crate::error::Unhealthy;
 use crate::output::{escape, Out};
+use crate::placement::{self, Placement};
 use crate::rabbitmqctl::{broker_health, BrokerHealth, RabbitmqctlArg};
 
 /// Arguments of `warren status`.
@@ -34,6 +38,9 @@ pub const STALE_OUTBOX_S: f64 = 60.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
     pub service: String,
+    /// Where its store is (DATABASE_URL's database, or its own), password
+    /// masked.
+    pub database: String,
     /// Ready messages in the work queue (`None`: not declared).
     pub queue_depth: Option<u32>,
     pub consumers: Option<u32>,
@@ -42,6 +49,10 @@ pub struct ServiceStatus {
     pub outbox_oldest_s: Option<f64>,
     pub inbox_size: i64,
     pub relay_active: bool,
+    /// The work queue's leader node and members (from rabbitmqctl; `None`
+    /// without it).
+    pub queue_leader: Option<String>,
+    pub queue_members: Option<Vec<String>>,
     pub problems: Vec<String>,
 }
 
@@ -49,14 +60,21 @@ pub struct ServiceStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub namespace: String,
+    /// The broker URL this report's own connection went to, password
+    /// masked (with several in AMQP_URL, the one that answered).
+    pub connected_to: String,
     pub services: Vec<ServiceStatus>,
     /// The broker's alarms and resources; `None` when rabbitmqctl could
     /// not be run (see `broker_unavailable`).
     pub broker: Option<BrokerHealth>,
     /// Why `broker` is missing.
     pub broker_unavailable: Option<String>,
-    /// Alarms, and resources near their limit.
+    /// Alarms, resources near their limit, nodes down, queue members
+    /// offline.
     pub broker_problems: Vec<String>,
+    /// The cluster's nodes and the node of each warren connection; `None`
+    /// when rabbitmqctl could not be run.
+    pub cluster: Option<Placement>,
     pub healthy: bool,
 }
 
@@ -86,12 +104,13 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Opti
 /// Gathers the report.
 pub async fn gather(
     settings: &Settings,
-    pool: &PgPool,
+    stores: &Stores,
     conn: &Connection,
 ) -> anyhow::Result<Status> {
     let topology = settings.topology();
     let mut services = Vec::new();
     for service in services::ALL {
+        let pool = stores.of(service);
         let outbox = producers::Outbox::new(service)?;
         let backlog = outbox.backlog(pool).await?;
         let inbox_size = consumers::inbox::Inbox::new(service).size(pool).await?;
@@ -126,6 +145,7 @@ pub async fn gather(
         }
         services.push(ServiceStatus {
             service: service.to_owned(),
+            database: stores.shown(service),
             queue_depth: queue.map(|q| q.0),
             consumers: queue.map(|q| q.1),
             dead_letters: if service == "customers" {
@@ -137,16 +157,20 @@ pub async fn gather(
             outbox_oldest_s: backlog.oldest_age_s,
             inbox_size,
             relay_active,
+            queue_leader: None,
+            queue_members: None,
             problems,
         });
     }
     let healthy = services.iter().all(|s| s.problems.is_empty());
     Ok(Status {
         namespace: settings.namespace.clone(),
+        connected_to: String::new(),
         services,
         broker: None,
         broker_unavailable: None,
         broker_problems: Vec::new(),
+        cluster: None,
         healthy,
     })
 }
@@ -157,18 +181,26 @@ fn opt(v: Option<u32>) -> String {
 
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
-    let pool = connect_db(settings, false, 2).await?;
-    let conn = transport::connect(&settings.amqp_url, "warren status").await?;
-    let gathered = gather(settings, &pool, &conn).await;
+    let stores = connect_stores(settings, false, 2).await?;
+    let (conn, connected_to) = transport::connect_any(&settings.amqp_url, "warren status").await?;
+    let gathered = gather(settings, &stores, &conn).await;
     transport::close(conn, "status done").await;
-    pool.close().await;
+    stores.close().await;
     let mut status = gathered?;
+    status.connected_to = connected_to;
     match broker_health(&args.rabbitmqctl.rabbitmqctl).await {
         Ok(h) => {
             status.broker_problems = h.problems();
             status.broker = Some(h);
         }
         Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
+    }
+    if status.broker.is_some() {
+        let vhost = transport::nodes::vhost(&settings.amqp_url)?;
+        match placement::gather(&args.rabbitmqctl.rabbitmqctl, &vhost).await {
+            Ok(p) => place(&mut status, &settings.topology(), p),
+            Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
+        }
     }
     status.healthy &= status.broker_problems.is_empty();
     let mut out = Out::stdout();
@@ -183,8 +215,38 @@ pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the cluster's placement to the report: each work queue's leader
+/// and members, and as problems the nodes down and the members offline.
+fn place(status: &mut Status, topology: &transport::Topology, p: Placement) {
+    for n in p.nodes.iter().filter(|n| !n.running) {
+        status
+            .broker_problems
+            .push(format!("node {} is not running", n.node));
+    }
+    for s in &mut status.services {
+        let Some(q) = p.queues.get(&topology.queue(&s.service)) else {
+            continue;
+        };
+        if q.online.len() < q.members.len() {
+            status.broker_problems.push(format!(
+                "queue {}: {} of {} members online",
+                topology.queue(&s.service),
+                q.online.len(),
+                q.members.len()
+            ));
+        }
+        s.queue_leader = Some(q.leader.clone());
+        s.queue_members = Some(q.members.clone());
+    }
+    status.cluster = Some(p);
+}
+
 fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
     out.line(&format!("namespace {}", escape(&status.namespace)))?;
+    out.line(&format!(
+        "connected to {}",
+        escape(&transport::redact(&status.connected_to))
+    ))?;
     match (&status.broker, &status.broker_unavailable) {
         (Some(b), _) => {
             let pair = |u: Option<u64>, l: Option<u64>| format!("{}/{}", opt64(u), opt64(l));
@@ -209,6 +271,60 @@ fn print_table(out: &mut Out, status: &Status) -> anyhow::Result<()> {
             escape(why)
         ))?,
         (None, None) => {}
+    }
+    if let Some(cluster) = &status.cluster {
+        let nodes: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} ({}{})",
+                    escape(&n.node),
+                    if n.running { "running" } else { "DOWN" },
+                    if n.listeners.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", escape(&n.listeners.join(" ")))
+                    }
+                )
+            })
+            .collect();
+        out.line(&format!("nodes: {}", nodes.join(", ")))?;
+        for s in &status.services {
+            if let (Some(leader), Some(members)) = (&s.queue_leader, &s.queue_members) {
+                out.line(&format!(
+                    "queue of {}: leader {}, members {}",
+                    s.service,
+                    escape(leader),
+                    escape(&members.join(" "))
+                ))?;
+            }
+        }
+        for c in &cluster.connections {
+            out.line(&format!(
+                "connection {} on {}{}",
+                escape(&c.name),
+                escape(&c.node),
+                if c.count > 1 {
+                    format!(" (x{})", c.count)
+                } else {
+                    String::new()
+                }
+            ))?;
+        }
+    }
+    // One line per database when the services do not all share one.
+    let mut databases: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in &status.services {
+        match databases.iter_mut().find(|(d, _)| *d == s.database) {
+            Some((_, names)) => names.push(&s.service),
+            None => databases.push((&s.database, vec![&s.service])),
+        }
+    }
+    if databases.len() > 1 {
+        for (db, names) in &databases {
+            out.line(&format!("database {}: {}", escape(db), names.join(", ")))?;
+        }
     }
     out.line(&format!(
         "{:<10} {:>7} {:>9} {:>6} {:>8} {:>10} {:>8} {:>6}  problems",

@@ -196,11 +196,8 @@ pub async fn run(settings: &Settings, args: &TeardownArgs) -> anyhow::Result<()>
         )
         .into());
     }
-    let vhost = settings
-        .amqp_url
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| InvalidInput(format!("invalid AMQP URL: {e}")))?
-        .vhost;
+    let vhost =
+        transport::nodes::vhost(&settings.amqp_url).map_err(|e| InvalidInput(e.to_string()))?;
     let cmd = &args.rabbitmqctl.rabbitmqctl;
     let listed = async {
         let q = rabbitmqctl::list_names(cmd, "list_queues", &vhost).await?;
