@@ -10,7 +10,7 @@ use consumers::Prepare;
 use events::Envelope;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
-use warren_shop::catalog::{OrderCancelled, OrderLine, OrderPlaced, StockLine};
+use warren_shop::catalog::{OrderCancelled, OrderLine, OrderPlaced, ShipmentDispatched, StockLine};
 use warren_shop::inventory::{reserve, Reservation, StockLock};
 
 async fn stock(pool: &PgPool, levels: &[(&str, i32)]) {
@@ -217,20 +217,23 @@ async fn a_reservation_of_an_overlapping_sku_waits_for_the_holder_and_never_over
 #[sqlx::test(migrations = false)]
 async fn the_preparer_locks_every_sku_of_a_batch_sorted_before_any_handler(pool: PgPool) {
     warren_shop::migrate(&pool).await.unwrap();
-    stock(&pool, &[("A", 5), ("B", 5), ("C", 5), ("D", 5)]).await;
-    // An order already holding C, whose cancellation is in the batch.
-    let held = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO inventory.reservations (order_id, lines, status) VALUES ($1, $2, 'held')",
-    )
-    .bind(held)
-    .bind(sqlx::types::Json(vec![StockLine {
-        sku: "C".into(),
-        qty: 1,
-    }]))
-    .execute(&pool)
-    .await
-    .unwrap();
+    stock(&pool, &[("A", 5), ("B", 5), ("C", 5), ("D", 5), ("E", 5)]).await;
+    // An order already holding C, whose cancellation is in the batch, and
+    // one holding E, whose dispatch is.
+    let (held, shipped) = (Uuid::now_v7(), Uuid::now_v7());
+    for (order, sku) in [(held, "C"), (shipped, "E")] {
+        sqlx::query(
+            "INSERT INTO inventory.reservations (order_id, lines, status) VALUES ($1, $2, 'held')",
+        )
+        .bind(order)
+        .bind(sqlx::types::Json(vec![StockLine {
+            sku: sku.into(),
+            qty: 1,
+        }]))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     let placed = |skus: &[&str]| {
         let order = Uuid::now_v7();
         Envelope::new(
@@ -263,14 +266,22 @@ async fn the_preparer_locks_every_sku_of_a_batch_sorted_before_any_handler(pool:
             },
         ),
         placed(&["A"]),
+        Envelope::new(
+            "shipping",
+            shipped.to_string(),
+            &ShipmentDispatched {
+                order_id: shipped,
+                shipment_id: Uuid::now_v7(),
+            },
+        ),
     ];
     let refs: Vec<&Envelope> = batch.iter().collect();
     let (mut tx, _) = open_tx(&pool).await;
     StockLock.prepare(&mut tx, &refs).await.unwrap();
     assert_eq!(
-        locked_rows(&pool, &["A", "B", "C", "D"]).await,
-        ["A", "B", "C"],
-        "the placed orders' SKUs and the cancelled reservation's, not D"
+        locked_rows(&pool, &["A", "B", "C", "D", "E"]).await,
+        ["A", "B", "C", "E"],
+        "the placed orders' SKUs, the cancelled and the dispatched reservations', not D"
     );
     sqlx::query("ROLLBACK").execute(&mut tx).await.unwrap();
 }

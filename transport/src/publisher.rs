@@ -203,6 +203,25 @@ mod tests {
     }
 
     #[test]
+    fn event_properties_repeat_the_attributes_and_are_persistent() {
+        let p = event_properties("e-1", "order.placed", Some("c-1"), 1_700_000_000, "orders");
+        let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.to_string());
+        assert_eq!(text(p.message_id()), Some("e-1".to_owned()));
+        assert_eq!(text(p.kind()), Some("order.placed".to_owned()));
+        assert_eq!(text(p.correlation_id()), Some("c-1".to_owned()));
+        assert_eq!(text(p.app_id()), Some("orders".to_owned()));
+        assert_eq!(
+            text(p.content_type()),
+            Some(events::CONTENT_TYPE_STRUCTURED.to_owned())
+        );
+        assert_eq!(*p.timestamp(), Some(1_700_000_000));
+        assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+        let p = event_properties("e-2", "order.placed", None, -5, "orders");
+        assert_eq!(*p.correlation_id(), None);
+        assert_eq!(*p.timestamp(), Some(0), "a time before 1970 is clamped");
+    }
+
+    #[test]
     fn confirm_problem_counts_only_a_plain_ack_as_published() {
         use lapin::publisher_confirm::Confirmation;
         assert_eq!(confirm_problem(Ok(Confirmation::Ack(None))), None);
