@@ -64,8 +64,6 @@ pub(crate) struct Processor {
     pub feed: Option<Feed>,
     /// In-process outcome listeners.
     pub outcomes: tokio::sync::broadcast::Sender<OutcomeRecord>,
-    /// The consumer channel's acknowledgements.
-    pub acks: Arc<Acks>,
     /// `/warren/<service>`: events from here are our own.
     pub own_source: String,
 }
@@ -75,8 +73,12 @@ pub(crate) struct Processor {
 /// round trip (sqlx checks it on release), one per batch under a trickle.
 pub(crate) type Held = Option<PoolConnection<Postgres>>;
 
-/// A delivery with what decoding made of it.
-pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
+/// A delivery with what decoding made of it and the acknowledgements of
+/// the channel it came on (a partitioned session consumes on several).
+pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>, Arc<Acks>);
+
+/// A settled delivery: its channel's acks and its outcome.
+type Settled = (Delivery, Arc<Acks>, OutcomeRecord);
 
 /// Decodes a delivery in either CloudEvents mode.
 pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeError> {
@@ -140,23 +142,23 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<(), SettleError> {
         let started = Instant::now();
-        let mut settled: Vec<(Delivery, OutcomeRecord)> = Vec::with_capacity(items.len());
-        let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
-        for (delivery, decoded) in items {
+        let mut settled: Vec<Settled> = Vec::with_capacity(items.len());
+        let mut good: Vec<(Delivery, Envelope, Arc<Acks>)> = Vec::with_capacity(items.len());
+        for (delivery, decoded, acks) in items {
             match decoded {
-                Ok(e) => good.push((delivery, e)),
+                Ok(e) => good.push((delivery, e, acks)),
                 Err(e) => {
                     let record = self.dead_letter_undecodable(&delivery, &e).await?;
-                    settled.push((delivery, record));
+                    settled.push((delivery, acks, record));
                 }
             }
         }
         if !good.is_empty() {
-            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e, _)| e).collect();
             let results = self.apply_batch(conn, &envelopes, shutdown).await?;
-            for ((delivery, envelope), result) in good.into_iter().zip(results) {
+            for ((delivery, envelope, acks), result) in good.into_iter().zip(results) {
                 let record = self.settle(&delivery, &envelope, result).await?;
-                settled.push((delivery, record));
+                settled.push((delivery, acks, record));
             }
         }
         self.finish(settled, started).await
@@ -445,16 +447,26 @@ impl Processor {
     /// (or their forward to a retry or dead-letter queue), then reports
     /// each outcome. One ack with `multiple` covers the batch and whatever
     /// other lanes settled below it (see [`crate::acks`]).
-    async fn finish(
-        &self,
-        settled: Vec<(Delivery, OutcomeRecord)>,
-        started: Instant,
-    ) -> Result<(), SettleError> {
-        self.acks
-            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
-            .await?;
+    async fn finish(&self, settled: Vec<Settled>, started: Instant) -> Result<(), SettleError> {
+        // One ack per channel the batch's deliveries came on (one, unless
+        // the session consumes several partitions).
+        let mut done = vec![false; settled.len()];
+        for i in 0..settled.len() {
+            if done[i] {
+                continue;
+            }
+            let acks = &settled[i].1;
+            let mut tags = Vec::new();
+            for (j, (d, other, _)) in settled.iter().enumerate().skip(i) {
+                if !done[j] && Arc::ptr_eq(acks, other) {
+                    done[j] = true;
+                    tags.push(d.delivery_tag);
+                }
+            }
+            acks.settle(tags).await?;
+        }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        for (_, mut record) in settled {
+        for (_, _, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();
             record.log();

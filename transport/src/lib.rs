@@ -22,4 +22,4 @@ pub use backoff::Backoff;
 pub use connect::{close, connect, redact, ConnectError, CONNECT_TIMEOUT};
 pub use publisher::{confirm_problem, event_properties, Outgoing, PublishError, Publisher};
 pub use reconnect::Reconnect;
-pub use topology::Topology;
+pub use topology::{Topology, TopologyError, SUBJECT_HEADER};

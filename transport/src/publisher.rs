@@ -134,16 +134,25 @@ pub fn confirm_problem(confirm: Result<Confirmation, lapin::Error>) -> Option<St
 }
 
 /// AMQP properties of an event message: what brokers and tools look at,
-/// repeated from the CloudEvents attributes. Persistent.
+/// repeated from the CloudEvents attributes, and the subject in the
+/// [`SUBJECT_HEADER`](crate::topology::SUBJECT_HEADER) header, which a
+/// partitioned service's consistent-hash exchange hashes. Persistent.
 pub fn event_properties(
     event_id: &str,
     event_type: &str,
+    subject: &str,
     correlation_id: Option<&str>,
     timestamp: i64,
     app_id: &str,
 ) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        crate::topology::SUBJECT_HEADER.into(),
+        lapin::types::AMQPValue::LongString(subject.into()),
+    );
     let props = BasicProperties::default()
         .with_content_type(events::CONTENT_TYPE_STRUCTURED.into())
+        .with_headers(headers)
         .with_message_id(event_id.into())
         .with_type(event_type.into())
         .with_timestamp(timestamp.max(0) as u64)
