@@ -183,12 +183,20 @@ pub(crate) struct PartitionSource<'a> {
     pub drain: Duration,
 }
 
-/// A partition this process consumes.
+/// A partition this process consumes. Dropped (its session's future
+/// dropped, say), it aborts its consumer task, which would otherwise
+/// outlive the session.
 pub(crate) struct Owned {
     /// Cancelled to hand the partition over.
     release: CancellationToken,
     /// Its consumer: ends after a hand-over, or with the error that ended it.
     task: JoinHandle<Result<(), SubscriptionError>>,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The partitions a session holds, by number.
@@ -214,9 +222,9 @@ impl Held {
         {
             // A consumer that ended by itself (its channel failed, or the
             // broker cancelled it): the session restarts.
-            let ended = self.owned.remove(&k).map(|o| o.task);
+            let ended = self.owned.remove(&k);
             return match ended {
-                Some(task) => match task.await {
+                Some(mut owned) => match (&mut owned.task).await {
                     Ok(Ok(())) => Err(SubscriptionError::ConsumerEnded),
                     Ok(Err(e)) => Err(e),
                     Err(_) => Err(SubscriptionError::ConsumerEnded),
@@ -274,7 +282,7 @@ impl Held {
                     tracing::warn!(service = source.service, partition = k, error = %e, "partition not handed over cleanly; the broker redelivers what was not acknowledged");
                 }
             } else {
-                owned.task.abort();
+                drop(owned);
             }
         }
     }
@@ -313,12 +321,12 @@ async fn start_partition(source: &PartitionSource<'_>, k: u16) -> Result<Owned, 
 async fn hand_over(
     source: &PartitionSource<'_>,
     k: u16,
-    owned: Owned,
+    mut owned: Owned,
 ) -> Result<(), SubscriptionError> {
     owned.release.cancel();
     // The task bounds its own wait for acks; this bound is for a lane
     // stuck in a dispatch.
-    match tokio::time::timeout(source.drain + Duration::from_secs(5), owned.task).await {
+    match tokio::time::timeout(source.drain + Duration::from_secs(5), &mut owned.task).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(SubscriptionError::ConsumerEnded),
         Err(_) => {

@@ -315,8 +315,8 @@ impl Topology {
         Ok(())
     }
 
-    /// Deletes a partitioned service's partitions, retry queues and hash
-    /// exchange (its dead-letter queue goes with [`Topology::delete_service`]).
+    /// Deletes a partitioned service's partitions, retry queues, dead-letter
+    /// queue and hash exchange.
     pub async fn delete_partitions(
         &self,
         ch: &Channel,
@@ -332,6 +332,7 @@ impl Topology {
                 .iter()
                 .map(|d| self.partition_retry_queue(service, *d)),
         );
+        names.push(self.dlq(service));
         for name in names {
             ch.queue_delete(&name, QueueDeleteOptions::default())
                 .await?;
