@@ -271,6 +271,14 @@ impl Subscription {
         let service = self.router.service();
         let ch = conn.create_channel().await?;
         self.declare(&ch).await?;
+        // Left by a larger partition count: off the ring, still drained.
+        let surplus = self
+            .topology
+            .retire_surplus_partitions(conn, service, self.config.partitions)
+            .await?;
+        if surplus > 0 {
+            tracing::warn!(service, partitions = self.config.partitions, surplus, "partition queues beyond the partition count get no new events; they are drained, then can be deleted");
+        }
         let processor = self.processor(conn).await?;
         let mut membership = Membership::join(&self.pool, service).await?;
         tracing::info!(
@@ -287,7 +295,7 @@ impl Subscription {
             conn,
             service,
             topology: &self.topology,
-            partitions: self.config.partitions,
+            partitions: self.config.partitions + surplus,
             prefetch: self.config.prefetch,
             codec: Codec::new(self.catalog.clone()).with_max_body(self.config.max_body),
             dispatcher: lanes.dispatcher(),

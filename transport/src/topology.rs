@@ -315,6 +315,50 @@ impl Topology {
         Ok(())
     }
 
+    /// Partition queues beyond `partitions` left by a larger partition
+    /// count: those that exist (asked with a passive declare on a channel
+    /// of their own, since a failed one closes its channel), from
+    /// `partitions` upwards until one does not, each taken off the hash
+    /// exchange's ring so it gets no new events. Returns how many exist:
+    /// the consumer still drains them.
+    pub async fn retire_surplus_partitions(
+        &self,
+        conn: &lapin::Connection,
+        service: &str,
+        partitions: u16,
+    ) -> Result<u16, lapin::Error> {
+        let mut surplus = 0;
+        for i in partitions..MAX_PARTITIONS {
+            let probe = conn.create_channel().await?;
+            let queue = self.partition_queue(service, i);
+            let exists = probe
+                .queue_declare(
+                    &queue,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok();
+            if !exists {
+                break;
+            }
+            probe
+                .queue_unbind(
+                    &queue,
+                    &self.partition_exchange(service),
+                    "1",
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = probe.close(200, "probed").await;
+            surplus += 1;
+        }
+        Ok(surplus)
+    }
+
     /// Deletes a partitioned service's partitions, retry queues, dead-letter
     /// queue and hash exchange.
     pub async fn delete_partitions(
