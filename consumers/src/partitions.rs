@@ -134,13 +134,13 @@ impl Membership {
 
     /// Takes partition `k`'s lock if it is free.
     async fn try_take(&mut self, k: u16) -> Result<bool, SubscriptionError> {
-        Ok(bounded(
+        bounded(
             sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2) & 2147483647)")
                 .bind(PARTITION_LOCK_BASE | i32::from(k))
                 .bind(&self.service)
                 .fetch_one(&mut self.conn),
         )
-        .await?)
+        .await
     }
 
     /// Gives partition `k`'s lock back.

@@ -200,28 +200,94 @@ async fn publish(bus: &TestBus, events: &[Envelope]) {
     }
 }
 
-#[sqlx::test(migrations = false)]
-async fn three_processes_share_partitions_and_one_dies_midway_without_reordering(pool: PgPool) {
-    producers::install::install(&pool, SERVICE).await.unwrap();
-    warren_consumers::install::install(&pool, SERVICE)
+/// The service's tables, the test's ledger, and a namespace whose
+/// partitioned queues are removed afterwards.
+async fn setup(pool: &PgPool) -> TestBus {
+    producers::install::install(pool, SERVICE).await.unwrap();
+    warren_consumers::install::install(pool, SERVICE)
         .await
         .unwrap();
     sqlx::query(
         "CREATE TABLE ledger.applied (n bigserial PRIMARY KEY, event_id uuid NOT NULL, \
          subject text NOT NULL, seq bigint NOT NULL)",
     )
-    .execute(&pool)
+    .execute(pool)
     .await
     .unwrap();
     let bus = TestBus::new().await;
     bus.remember_partitioned(SERVICE, PARTITIONS, &config().retry.delays());
+    bus
+}
 
+/// A pool of its own, as a process has.
+fn own_pool(options: sqlx::postgres::PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(config().lanes as u32 + 2)
+        .connect_lazy_with(options)
+}
+
+/// Settled for good by a consumer.
+fn settled(stats: &Stats) -> u64 {
+    [Outcome::Handled, Outcome::Duplicate, Outcome::Skipped]
+        .iter()
+        .map(|o| stats.count(*o))
+        .sum::<u64>()
+}
+
+/// Every event applied exactly once, each subject's in sequence order.
+async fn assert_applied_once_in_order(pool: &PgPool) {
+    assert_eq!(
+        scalar(pool, "SELECT count(*) FROM ledger.applied").await,
+        EVENTS as i64,
+        "each event applied once"
+    );
+    assert_eq!(
+        scalar(pool, "SELECT count(DISTINCT event_id) FROM ledger.applied").await,
+        EVENTS as i64
+    );
+    // Each subject's sequences, in the order applied, are exactly
+    // 1..=PER_SUBJECT.
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT subject, seq FROM ledger.applied ORDER BY n")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut by_subject: HashMap<String, Vec<i64>> = HashMap::new();
+    for (subject, seq) in rows {
+        by_subject.entry(subject).or_default().push(seq);
+    }
+    assert_eq!(by_subject.len(), SUBJECTS);
+    let in_order: Vec<i64> = (1..=PER_SUBJECT).collect();
+    for (subject, seqs) in &by_subject {
+        assert_eq!(seqs, &in_order, "subject {subject} applied out of order");
+    }
+}
+
+/// Nothing deferred for coming early, nothing retried or dead-lettered.
+fn assert_nothing_deferred<'a>(processes: impl IntoIterator<Item = &'a Process>) {
+    for p in processes {
+        for o in [Outcome::Deferred, Outcome::Retried, Outcome::DeadLettered] {
+            assert_eq!(p.stats.count(o), 0, "{o:?}");
+        }
+    }
+}
+
+async fn wait_all_applied(pool: &PgPool) {
+    wait_for(
+        "every event applied",
+        Duration::from_secs(300),
+        async || {
+            scalar(pool, "SELECT count(DISTINCT event_id) FROM ledger.applied").await
+                >= EVENTS as i64
+        },
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn three_processes_share_partitions_and_one_dies_midway_without_reordering(pool: PgPool) {
+    let bus = setup(&pool).await;
     let db = pool.connect_options();
-    let own_pool = |options: sqlx::postgres::PgConnectOptions| {
-        PgPoolOptions::new()
-            .max_connections(config().lanes as u32 + 2)
-            .connect_lazy_with(options)
-    };
     let amqp: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
     let broker = format!("{}:{}", amqp.authority.host, amqp.authority.port);
     let db_server = format!("{}:{}", db.get_host(), db.get_port());
@@ -257,12 +323,6 @@ async fn three_processes_share_partitions_and_one_dies_midway_without_reordering
     let events = events();
     let started = Instant::now();
     publish(&bus, &events).await;
-    let settled = |stats: &Stats| {
-        [Outcome::Handled, Outcome::Duplicate, Outcome::Skipped]
-            .iter()
-            .map(|o| stats.count(*o))
-            .sum::<u64>()
-    };
     // Midway: a third of the events applied; the victim has taken part.
     wait_for(
         "a third of the events",
@@ -295,38 +355,9 @@ async fn three_processes_share_partitions_and_one_dies_midway_without_reordering
     .await;
     let drained = started.elapsed();
 
-    // 0 lost, 0 doubled.
-    assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM ledger.applied").await,
-        EVENTS as i64,
-        "each event applied once"
-    );
-    assert_eq!(
-        scalar(&pool, "SELECT count(DISTINCT event_id) FROM ledger.applied").await,
-        EVENTS as i64
-    );
-    // Each subject applied in order: its sequences, in the order applied,
-    // are exactly 1..=PER_SUBJECT.
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT subject, seq FROM ledger.applied ORDER BY n")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    let mut by_subject: HashMap<String, Vec<i64>> = HashMap::new();
-    for (subject, seq) in rows {
-        by_subject.entry(subject).or_default().push(seq);
-    }
-    assert_eq!(by_subject.len(), SUBJECTS);
-    let in_order: Vec<i64> = (1..=PER_SUBJECT).collect();
-    for (subject, seqs) in &by_subject {
-        assert_eq!(seqs, &in_order, "subject {subject} applied out of order");
-    }
-    // Nothing deferred for coming early, nothing retried or dead-lettered.
-    for p in survivors.iter().chain([&victim]) {
-        for o in [Outcome::Deferred, Outcome::Retried, Outcome::DeadLettered] {
-            assert_eq!(p.stats.count(o), 0, "{o:?}");
-        }
-    }
+    // 0 lost, 0 doubled, each subject in order, 0 deferred.
+    assert_applied_once_in_order(&pool).await;
+    assert_nothing_deferred(survivors.iter().chain([&victim]));
     let (dups, handled): (u64, u64) = survivors
         .iter()
         .chain([&victim])
@@ -339,6 +370,65 @@ async fn three_processes_share_partitions_and_one_dies_midway_without_reordering
     );
 
     for p in survivors {
+        p.stop.cancel();
+        p.task.await.unwrap();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: PgPool) {
+    let bus = setup(&pool).await;
+    let db = pool.connect_options();
+    let first = [
+        start(subscription(
+            own_pool((*db).clone()),
+            amqp_url(),
+            &bus.namespace,
+        )),
+        start(subscription(
+            own_pool((*db).clone()),
+            amqp_url(),
+            &bus.namespace,
+        )),
+    ];
+    wait_for(
+        "two members with three partitions each",
+        Duration::from_secs(30),
+        async || holders(&pool).await == vec![3, 3],
+    )
+    .await;
+    publish(&bus, &events()).await;
+    wait_for(
+        "a third of the events",
+        Duration::from_secs(120),
+        async || scalar(&pool, "SELECT count(*) FROM ledger.applied").await >= (EVENTS / 3) as i64,
+    )
+    .await;
+    // The newcomer: the two hand one partition each over, mid-stream.
+    let joined = start(subscription(
+        own_pool((*db).clone()),
+        amqp_url(),
+        &bus.namespace,
+    ));
+    wait_for(
+        "three members with two partitions each",
+        Duration::from_secs(30),
+        async || holders(&pool).await == vec![2, 2, 2],
+    )
+    .await;
+    wait_all_applied(&pool).await;
+    assert_applied_once_in_order(&pool).await;
+    assert_nothing_deferred(first.iter().chain([&joined]));
+    // A hand-over settles what was sent before the lock goes: nothing
+    // comes twice.
+    let dups: u64 = first
+        .iter()
+        .chain([&joined])
+        .map(|p| p.stats.count(Outcome::Duplicate))
+        .sum();
+    assert_eq!(dups, 0, "no redelivery on a clean hand-over");
+    assert!(settled(&joined.stats) > 0, "the newcomer took part");
+    for p in first.into_iter().chain([joined]) {
         p.stop.cancel();
         p.task.await.unwrap();
     }
