@@ -433,3 +433,123 @@ async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: Pg
         p.task.await.unwrap();
     }
 }
+
+/// Messages ready in a queue.
+async fn ready(bus: &TestBus, queue: &str) -> u32 {
+    bus.channel
+        .queue_declare(
+            queue,
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+#[tokio::test]
+async fn a_retried_event_comes_back_to_its_subjects_partition() {
+    let bus = TestBus::new().await;
+    let delays = config().retry.delays();
+    bus.topology
+        .declare_partitioned_service(
+            &bus.channel,
+            SERVICE,
+            &["order.placed"],
+            &delays,
+            PARTITIONS,
+        )
+        .await
+        .unwrap();
+    bus.remember_partitioned(SERVICE, PARTITIONS, &delays);
+    let queues: Vec<String> = (0..PARTITIONS)
+        .map(|i| bus.topology.partition_queue(SERVICE, i))
+        .collect();
+
+    // Published as the relay does: it lands in exactly one partition.
+    let event = &events()[0];
+    publish(&bus, std::slice::from_ref(event)).await;
+    let mut home = None;
+    wait_for(
+        "the event in a partition",
+        Duration::from_secs(10),
+        async || {
+            let mut found = Vec::new();
+            for (i, q) in queues.iter().enumerate() {
+                if ready(&bus, q).await > 0 {
+                    found.push(i);
+                }
+            }
+            home = (found.len() == 1).then(|| found[0]);
+            home.is_some()
+        },
+    )
+    .await;
+    let home = home.unwrap();
+
+    // The consumer's forwarder defers it (the shortest retry queue);
+    // when the delay runs out it comes back to the same partition.
+    // A consumer of its own (basic.get is refused on a queue with a
+    // single active consumer).
+    let ch = bus.conn.create_channel().await.unwrap();
+    ch.basic_qos(1, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            &queues[home],
+            "test",
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let taken = futures::StreamExt::next(&mut consumer)
+        .await
+        .expect("the event")
+        .unwrap();
+    let publisher = Publisher::open(&bus.conn).await.unwrap();
+    let forwarder = warren_consumers::deadletter::Forwarder::new(
+        publisher,
+        bus.topology.clone(),
+        SERVICE,
+        Duration::from_secs(10),
+    )
+    .partitioned(true);
+    forwarder
+        .retry(
+            &taken,
+            delays[0],
+            warren_consumers::deadletter::H_DEFERRALS,
+            1,
+        )
+        .await
+        .unwrap();
+    taken
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    ch.close(200, "taken").await.unwrap();
+    wait_for(
+        "the copy back in its partition",
+        Duration::from_secs(10),
+        async || ready(&bus, &queues[home]).await == 1,
+    )
+    .await;
+    for (i, q) in queues.iter().enumerate() {
+        if i != home {
+            assert_eq!(ready(&bus, q).await, 0, "{q} got nothing");
+        }
+    }
+    assert_eq!(
+        ready(
+            &bus,
+            &bus.topology.partition_retry_queue(SERVICE, delays[0])
+        )
+        .await,
+        0
+    );
+}
