@@ -553,3 +553,27 @@ async fn a_retried_event_comes_back_to_its_subjects_partition() {
         0
     );
 }
+
+/// What `declare_partitioned_service` reads as "the plugin is missing":
+/// RabbitMQ answers an exchange type it does not know with reply code 503
+/// (COMMAND_INVALID), which closes the connection.
+#[tokio::test]
+async fn an_unknown_exchange_type_is_refused_with_command_invalid() {
+    let conn = transport::connect(&amqp_url(), "warren test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let refused = ch
+        .exchange_declare(
+            &format!("t{}.unknown", Uuid::now_v7().simple()),
+            lapin::ExchangeKind::Custom("x-no-such-type".into()),
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect_err("an unknown exchange type");
+    match refused {
+        lapin::Error::ProtocolError(amqp) => assert_eq!(amqp.get_id(), 503, "{amqp}"),
+        other => panic!("another error: {other}"),
+    }
+}

@@ -212,6 +212,18 @@ mod tests {
     }
 
     #[test]
+    fn event_properties_carry_the_subject_header_partitions_hash() {
+        let props = event_properties("id", "order.placed", "order-7", None, 0, "orders");
+        let headers = props.headers().as_ref().expect("headers");
+        assert_eq!(
+            headers.inner().get(crate::topology::SUBJECT_HEADER),
+            // A long string: the exchange hashes the value with its type.
+            Some(&lapin::types::AMQPValue::LongString("order-7".into()))
+        );
+        assert_eq!(props.message_id().as_ref().map(|m| m.as_str()), Some("id"));
+    }
+
+    #[test]
     fn confirm_problem_counts_only_a_plain_ack_as_published() {
         use lapin::publisher_confirm::Confirmation;
         assert_eq!(confirm_problem(Ok(Confirmation::Ack(None))), None);

@@ -463,6 +463,12 @@ mod tests {
             "warren.billing.retry.1500"
         );
         assert_eq!(t.partition_exchange("billing"), "warren.billing.partitions");
+        let missing = TopologyError::MissingPlugin(lapin::Error::InvalidChannelState(
+            lapin::ChannelState::Closed,
+        ));
+        assert!(missing
+            .to_string()
+            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"));
         assert_eq!(t.partition_queue("billing", 3), "warren.billing.p3");
         assert_eq!(
             t.partition_retry_queue("billing", Duration::from_millis(250)),
