@@ -101,13 +101,13 @@ pub struct BenchReport {
 }
 
 /// The consuming service (and its schema).
-const SINK: &str = "bench_sink";
+pub const SINK: &str = "bench_sink";
 
 /// The benchmark's consumer: one store row per event, written for a run of
 /// events in one statement (a batch handler, as a projection or a sink
 /// would be written).
 #[derive(Clone)]
-struct Sink;
+pub(crate) struct Sink;
 
 #[async_trait::async_trait]
 impl HandleBatch<OrderPlaced> for Sink {
@@ -131,7 +131,7 @@ impl HandleBatch<OrderPlaced> for Sink {
 }
 
 /// An `order.placed` of about 1 KB, like a real order with a few lines.
-fn sample(subject: Uuid) -> Envelope {
+pub(crate) fn sample(subject: Uuid) -> Envelope {
     let data = OrderPlaced {
         order_id: subject,
         customer_id: Uuid::now_v7(),
@@ -254,8 +254,16 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     let producer = Producer {
         outbox: outbox.clone(),
         eager: opts.eager.then(|| eager.clone()),
+        subjects: None,
     };
-    let run = latency(&pool, &producer, &sink, opts.rate, opts.duration).await?;
+    let run = latency(
+        &pool,
+        &producer,
+        std::slice::from_ref(&sink),
+        opts.rate,
+        opts.duration,
+    )
+    .await?;
     let relayed = publisher_stats.confirms().since(before);
     let LatencyRun {
         latencies,
@@ -317,7 +325,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
     })
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -424,7 +432,7 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
 }
 
 /// Commits `n` events in the outbox, 1000 per transaction, 20 per subject.
-async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()> {
     let mut left = n;
     let mut subject = Uuid::now_v7();
     let mut i = 0usize;
@@ -444,7 +452,7 @@ async fn prefill(pool: &PgPool, outbox: &Outbox, n: usize) -> anyhow::Result<()>
 }
 
 /// Waits until the sink has handled `n` events in all, for at most `limit`.
-async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Result<()> {
+pub(crate) async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     while (stats.count(Outcome::Handled) as usize) < n {
         if started.elapsed() > limit {
@@ -459,23 +467,26 @@ async fn until_handled(stats: &Stats, n: usize, limit: Duration) -> anyhow::Resu
 }
 
 /// What the latency run measured; every series sorted, in ms.
-struct LatencyRun {
+pub(crate) struct LatencyRun {
     /// Commit to handled, per event.
-    latencies: Vec<f64>,
+    pub latencies: Vec<f64>,
     /// The rate the producer really committed at.
-    committed_per_s: f64,
+    pub committed_per_s: f64,
     /// The producer's transactions.
-    txns: Vec<f64>,
+    pub txns: Vec<f64>,
     /// The consumer's batch (taken to acked) of each handled event.
-    consumer_batches: Vec<f64>,
+    pub consumer_batches: Vec<f64>,
 }
 
 /// How the latency run's producer appends and publishes.
 #[derive(Clone)]
-struct Producer {
-    outbox: Outbox,
+pub(crate) struct Producer {
+    pub outbox: Outbox,
     /// Publish right after the commit instead of leaving it to the relay.
-    eager: Option<Eager>,
+    pub eager: Option<Eager>,
+    /// Subjects the events are spread over, round-robin; `None`: a new
+    /// subject per event.
+    pub subjects: Option<std::sync::Arc<Vec<Uuid>>>,
 }
 
 impl Producer {
@@ -499,15 +510,36 @@ impl Producer {
 }
 
 /// Commits one event per tick at `rate`/s for `duration`, and times each
-/// from its commit to its handling.
-async fn latency(
+/// from its commit to its handling by any of `sinks`.
+pub(crate) async fn latency(
     pool: &PgPool,
     producer: &Producer,
-    sink: &Running,
+    sinks: &[Running],
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
-    let mut outcomes = sink.outcomes().context("the sink consumes")?;
+    // Every sink's outcomes into one bounded channel.
+    let (merged, mut outcomes) = tokio::sync::mpsc::channel::<consumers::OutcomeRecord>(1 << 16);
+    for sink in sinks {
+        let mut rx = sink.outcomes().context("the sink consumes")?;
+        let merged = merged.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(r) => {
+                        if merged.send(r).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "latency collector lagged");
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    drop(merged);
     // Wall-clock instants on both ends: "handled" is the time the consumer
     // stamped on its outcome after the ack (`OutcomeRecord::at`), not when
     // this collector task got round to reading it, which added the
@@ -522,16 +554,13 @@ async fn latency(
             let mut batches: Vec<f64> = Vec::with_capacity(total);
             while handled.len() < total {
                 match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
-                    Ok(Ok(r)) if r.outcome == Outcome::Handled => {
+                    Ok(Some(r)) if r.outcome == Outcome::Handled => {
                         if let Some(id) = r.event_id.and_then(|i| i.parse::<Uuid>().ok()) {
                             handled.insert(id, r.at);
                             batches.push(r.elapsed_ms);
                         }
                     }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
-                        tracing::warn!(lost = n, "latency collector lagged");
-                    }
+                    Ok(Some(_)) => {}
                     _ => break,
                 }
             }
@@ -557,7 +586,7 @@ async fn latency(
     // holding their connections, because a connection given back to the
     // pool costs a round trip that is sqlx's, not warren's.
     const WORKERS: usize = 16;
-    let (ticks, rx) = tokio::sync::mpsc::channel::<()>(WORKERS * 16);
+    let (ticks, rx) = tokio::sync::mpsc::channel::<usize>(WORKERS * 16);
     let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..WORKERS {
@@ -570,8 +599,12 @@ async fn latency(
         producers.spawn(async move {
             let mut conn = pool.acquire().await?;
             let mut txns = Vec::new();
-            while rx.lock().await.recv().await.is_some() {
-                let e = sample(Uuid::now_v7());
+            while let Some(n) = rx.lock().await.recv().await {
+                let subject = match &producer.subjects {
+                    Some(s) if !s.is_empty() => s[n % s.len()],
+                    _ => Uuid::now_v7(),
+                };
+                let e = sample(subject);
                 let id = e.id;
                 let began = Instant::now();
                 producer.commit_one(&mut conn, e).await?;
@@ -587,9 +620,9 @@ async fn latency(
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
-    for _ in 0..total {
+    for n in 0..total {
         tick.tick().await;
-        if ticks.send(()).await.is_err() {
+        if ticks.send(n).await.is_err() {
             break;
         }
     }

@@ -74,6 +74,7 @@ impl Bus {
         let props = transport::event_properties(
             &e.id.to_string(),
             &e.event_type,
+            &e.subject,
             e.correlationid.as_deref(),
             e.time.timestamp(),
             e.service(),

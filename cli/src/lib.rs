@@ -9,6 +9,7 @@
 //! - [`bus`]: publishing events and raw messages with confirms.
 //! - [`commands`]: one module per command.
 //! - [`mod@bench`]: the benchmark behind `warren bench`.
+//! - [`scaling`]: `warren bench --scaling`, the consumer layouts with 1 to 3 consumers.
 //! - [`error`]: errors that choose the exit code.
 //! - [`output`]: standard output as tools are expected to write it (colour choice, closed pipes, escaping).
 //! - [`rabbitmqctl`]: RabbitMQ's own CLI, for what AMQP cannot ask (users, listings, alarms).
@@ -22,4 +23,5 @@ pub mod error;
 pub mod output;
 pub mod placement;
 pub mod rabbitmqctl;
+pub mod scaling;
 pub mod telemetry;

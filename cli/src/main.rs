@@ -100,6 +100,20 @@ struct BenchArgs {
     /// goes to standard error).
     #[arg(long)]
     json: bool,
+    /// Measure how the consumer layouts scale instead: drain and latency
+    /// with 1 to `--consumers` consumers of one service, competing on one
+    /// queue and on `--partitions` partitions, deferrals counted.
+    #[arg(long)]
+    scaling: bool,
+    /// With `--scaling`: the most consumers.
+    #[arg(long, default_value_t = 3)]
+    consumers: usize,
+    /// With `--scaling`: partitions of the partitioned layout.
+    #[arg(long, default_value_t = 6)]
+    partitions: u16,
+    /// With `--scaling`: subjects the latency runs' events are spread over.
+    #[arg(long, default_value_t = 100)]
+    subjects: usize,
 }
 
 /// `warren bench --publish`.
@@ -117,6 +131,9 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     let pool = warren_cli::config::connect_db(settings, true, lanes as u32 + 24).await?;
     let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let shutdown = warren_cli::commands::shutdown_on_signal();
+    if args.scaling {
+        return scaling(settings, args, pool, lanes, namespace, shutdown).await;
+    }
     let options = warren_cli::bench::BenchOptions {
         events: args.events,
         rate: args.rate,
@@ -147,6 +164,57 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         // Standard output carries the JSON alone.
         output::eline(&table);
         output::line(&serde_json::to_string(&report)?)?;
+    } else {
+        output::line(&table)?;
+    }
+    Ok(())
+}
+
+/// `warren bench --scaling`.
+async fn scaling(
+    settings: &Settings,
+    args: &BenchArgs,
+    pool: sqlx::PgPool,
+    lanes: usize,
+    namespace: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let options = warren_cli::scaling::ScalingOptions {
+        events: args.events,
+        rate: args.rate,
+        duration: std::time::Duration::from_secs(args.seconds),
+        amqp_url: settings.amqp_url.clone(),
+        lanes,
+        prefetch: args.prefetch,
+        partitions: args.partitions,
+        max_consumers: args.consumers,
+        subjects: args.subjects,
+        namespace: namespace.clone(),
+    };
+    let rows = tokio::select! {
+        r = warren_cli::scaling::run(pool.clone(), &options) => r,
+        () = shutdown.cancelled() => {
+            let mut topology = transport::Topology::new(namespace);
+            topology.expires = Some(teardown::THROWAWAY_EXPIRES);
+            let delays = consumers::SubscriptionConfig::default().retry.delays();
+            if let Ok(conn) = transport::connect(&settings.amqp_url, "warren cleanup").await {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = topology
+                        .delete_partitions(&ch, warren_cli::bench::SINK, args.partitions, &delays)
+                        .await;
+                }
+                transport::close(conn, "cleanup done").await;
+            }
+            teardown::cleanup_throwaway(&settings.amqp_url, &topology, &delays).await;
+            return Err(warren_cli::error::Interrupted.into());
+        }
+    };
+    pool.close().await;
+    let rows = rows?;
+    let table = warren_cli::scaling::render(&rows, &options);
+    if args.json {
+        output::eline(&table);
+        output::line(&serde_json::to_string(&rows)?)?;
     } else {
         output::line(&table)?;
     }

@@ -224,6 +224,7 @@ async fn orders_on_a_database_of_its_own_completes_a_saga_and_status_names_both(
                 latency: std::time::Duration::from_millis(1),
                 ..Default::default()
             },
+            partitions: Default::default(),
         },
     )
     .await

@@ -357,6 +357,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
             subscription,
             relay: RelayConfig::default(),
             gateway: Default::default(),
+            partitions: Default::default(),
         },
     )
     .await

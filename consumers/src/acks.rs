@@ -66,6 +66,12 @@ impl Acks {
         }
     }
 
+    /// Every delivery tag up to this one is settled and acknowledged: a
+    /// partition handed over waits until it covers the last tag delivered.
+    pub(crate) async fn floor(&self) -> u64 {
+        self.window.lock().await.floor
+    }
+
     /// Records `tags` as settled and acknowledges whatever that makes
     /// contiguous. The ack is written under the lock: two lanes' acks
     /// crossing on the wire would acknowledge a tag twice, which the broker

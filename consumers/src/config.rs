@@ -25,6 +25,12 @@ pub struct SubscriptionConfig {
     pub inbox_retention: Duration,
     /// Whether to publish outcomes on the live feed for `warren tail`.
     pub live_feed: bool,
+    /// 0 (the default): one work queue, `<ns>.<service>`, whose consumers
+    /// compete, with per-subject order kept by deferring early events.
+    /// P ≥ 1: P ordered partitions, `<ns>.<service>.p<i>`, each with one
+    /// active consumer at a time, shared out among the service's
+    /// processes (see [`crate::partitions`]).
+    pub partitions: u16,
     /// Test-only fault injection: stop dead at this point, as a process
     /// that is about to be killed would.
     #[cfg(feature = "testkit")]
@@ -53,6 +59,7 @@ impl Default for SubscriptionConfig {
             max_body: events::DEFAULT_MAX_BODY,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             live_feed: true,
+            partitions: 0,
             #[cfg(feature = "testkit")]
             crash_at: None,
         }

@@ -55,6 +55,9 @@ pub struct Forwarder {
     topology: Topology,
     service: String,
     timeout: Duration,
+    /// Retries go to the partitioned layout's retry queues, which expire
+    /// back into the service's hash exchange.
+    partitioned: bool,
 }
 
 impl Forwarder {
@@ -66,7 +69,15 @@ impl Forwarder {
             topology,
             service: service.to_owned(),
             timeout,
+            partitioned: false,
         }
+    }
+
+    /// Retries of a partitioned service: through its own retry queues,
+    /// which return a copy to its subject's partition.
+    pub fn partitioned(mut self, partitioned: bool) -> Self {
+        self.partitioned = partitioned;
+        self
     }
 
     /// Sends a copy to the retry queue of `delay`, with `header` set to `value`.
@@ -79,7 +90,11 @@ impl Forwarder {
     ) -> Result<(), ForwardError> {
         let mut headers = base_headers(delivery);
         headers.insert(header.into(), AMQPValue::LongInt(value as i32));
-        let queue = self.topology.retry_queue(&self.service, delay);
+        let queue = if self.partitioned {
+            self.topology.partition_retry_queue(&self.service, delay)
+        } else {
+            self.topology.retry_queue(&self.service, delay)
+        };
         self.publish(&queue, delivery, headers).await
     }
 

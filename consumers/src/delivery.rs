@@ -66,8 +66,6 @@ pub(crate) struct Processor {
     pub feed: Option<Feed>,
     /// In-process outcome listeners.
     pub outcomes: tokio::sync::broadcast::Sender<OutcomeRecord>,
-    /// The consumer channel's acknowledgements.
-    pub acks: Arc<Acks>,
     /// `/warren/<service>`: events from here are our own.
     pub own_source: String,
 }
@@ -77,8 +75,12 @@ pub(crate) struct Processor {
 /// round trip (sqlx checks it on release), one per batch under a trickle.
 pub(crate) type Held = Option<PoolConnection<Postgres>>;
 
-/// A delivery with what decoding made of it.
-pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>);
+/// A delivery with what decoding made of it and the acknowledgements of
+/// the channel it came on (a partitioned session consumes on several).
+pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>, Arc<Acks>);
+
+/// A settled delivery: its channel's acks and its outcome.
+type Settled = (Delivery, Arc<Acks>, OutcomeRecord);
 
 /// Decodes a delivery in either CloudEvents mode.
 pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeError> {
@@ -160,39 +162,34 @@ impl Processor {
         items: Vec<Item>,
         conn: &mut Held,
         shutdown: &CancellationToken,
-    ) -> Result<Vec<(Delivery, OutcomeRecord)>, SettleError> {
-        let mut settled: Vec<(Delivery, OutcomeRecord)> = Vec::with_capacity(items.len());
-        let mut good: Vec<(Delivery, Envelope)> = Vec::with_capacity(items.len());
-        for (delivery, decoded) in items {
+    ) -> Result<Vec<Settled>, SettleError> {
+        let mut settled: Vec<Settled> = Vec::with_capacity(items.len());
+        let mut good: Vec<(Delivery, Envelope, Arc<Acks>)> = Vec::with_capacity(items.len());
+        for (delivery, decoded, acks) in items {
             match decoded {
-                Ok(e) => good.push((delivery, e)),
+                Ok(e) => good.push((delivery, e, acks)),
                 Err(e) => {
                     let record = self.dead_letter_undecodable(&delivery, &e).await?;
-                    settled.push((delivery, record));
+                    settled.push((delivery, acks, record));
                 }
             }
         }
         if !good.is_empty() {
-            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+            let envelopes: Vec<&Envelope> = good.iter().map(|(_, e, _)| e).collect();
             let service = self.router.service();
             let handling: Vec<Span> = good
                 .iter()
-                .map(|(d, e)| spans::handle(service, e, attempt_of(d)))
+                .map(|(d, e, _)| spans::handle(service, e, attempt_of(d)))
                 .collect();
             let results = self
                 .apply_batch(conn, &envelopes, &handling, shutdown)
                 .await?;
-            for ((delivery, envelope), result) in good.into_iter().zip(results) {
+            for ((delivery, envelope, acks), result) in good.into_iter().zip(results) {
                 let record = self.settle(&delivery, &envelope, result).await?;
-                settled.push((delivery, record));
+                settled.push((delivery, acks, record));
             }
         }
-        // One ack with `multiple` covers the batch and whatever other
-        // lanes settled below it (see [`crate::acks`]): all of it after
-        // its commit, or its forward to a retry or dead-letter queue.
-        self.acks
-            .settle(settled.iter().map(|(d, _)| d.delivery_tag))
-            .await?;
+        self.acknowledge(&settled).await?;
         Ok(settled)
     }
 
@@ -491,13 +488,38 @@ impl Processor {
         }
     }
 
+    /// Acknowledges a batch's deliveries, all of them after their commit
+    /// (or their forward to a retry or dead-letter queue). One ack with
+    /// `multiple` per channel covers the batch and whatever other lanes
+    /// settled below it (see [`crate::acks`]).
+    async fn acknowledge(&self, settled: &[Settled]) -> Result<(), SettleError> {
+        // One ack per channel the batch's deliveries came on (one, unless
+        // the session consumes several partitions).
+        let mut done = vec![false; settled.len()];
+        for i in 0..settled.len() {
+            if done[i] {
+                continue;
+            }
+            let acks = &settled[i].1;
+            let mut tags = Vec::new();
+            for (j, (d, other, _)) in settled.iter().enumerate().skip(i) {
+                if !done[j] && Arc::ptr_eq(acks, other) {
+                    done[j] = true;
+                    tags.push(d.delivery_tag);
+                }
+            }
+            acks.settle(tags).await?;
+        }
+        Ok(())
+    }
+
     /// Reports each outcome of an acknowledged batch: its log line, the
     /// counters, the live feed and in-process listeners.
-    async fn report(&self, settled: Vec<(Delivery, OutcomeRecord)>, started: Instant) {
+    async fn report(&self, settled: Vec<Settled>, started: Instant) {
         let elapsed = started.elapsed();
         self.stats.record_batch(elapsed);
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-        for (_, mut record) in settled {
+        for (_, _, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();
             record.log();

@@ -72,13 +72,16 @@ impl Lanes {
     /// undecodable delivery has no subject and no order to keep: its tag
     /// spreads those over the lanes.
     pub(crate) async fn dispatch(&self, item: Item) {
-        let lane = match &item.1 {
-            Ok(e) => lane_of(&e.subject, self.senders.len()),
-            Err(_) => item.0.delivery_tag as usize % self.senders.len(),
-        };
-        // A closed lane ended with an error, which `failure` reports; the
-        // delivery stays unacknowledged and the broker redelivers it.
-        let _ = self.senders[lane].send(item).await;
+        dispatch(&self.senders, item).await;
+    }
+
+    /// A handle that dispatches to these lanes from another task (a
+    /// partition's consumer). The lanes end only once every handle is
+    /// dropped too.
+    pub(crate) fn dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            senders: self.senders.clone(),
+        }
     }
 
     /// Waits until a lane ends, which while the lanes are open only a
@@ -118,6 +121,29 @@ impl Lanes {
         // Past the timeout, dropping the JoinSet aborts the lanes.
         let _ = drained.await;
     }
+}
+
+/// Dispatches deliveries to a session's lanes (see [`Lanes::dispatcher`]).
+#[derive(Clone)]
+pub(crate) struct Dispatcher {
+    senders: Vec<mpsc::Sender<Item>>,
+}
+
+impl Dispatcher {
+    /// As [`Lanes::dispatch`].
+    pub(crate) async fn dispatch(&self, item: Item) {
+        dispatch(&self.senders, item).await;
+    }
+}
+
+async fn dispatch(senders: &[mpsc::Sender<Item>], item: Item) {
+    let lane = match &item.1 {
+        Ok(e) => lane_of(&e.subject, senders.len()),
+        Err(_) => item.0.delivery_tag as usize % senders.len(),
+    };
+    // A closed lane ended with an error, which `failure` reports; the
+    // delivery stays unacknowledged and the broker redelivers it.
+    let _ = senders[lane].send(item).await;
 }
 
 /// One lane: settles batches from `rx` until the session closes it, or

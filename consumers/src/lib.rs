@@ -27,6 +27,8 @@
 //!   queue) and the headers they set.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
 //! - [`install`]: the inbox's tables, installed by the library's versioned installer.
+//! - [`partitions`]: ordered partitions: which of a partitioned service's partitions this
+//!   process consumes, and how they change hands (single active consumer, advisory locks).
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
 //! - `spans`: the spans a batch and each event's handling run in (`warren.batch`,
@@ -46,6 +48,7 @@ pub mod install;
 mod lanes;
 mod order;
 pub mod outcome;
+pub mod partitions;
 pub mod retry;
 pub mod router;
 mod spans;

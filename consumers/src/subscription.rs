@@ -10,6 +10,10 @@
 //!
 //! Shutdown: stop consuming (basic.cancel), let every lane finish what it
 //! holds — handle, commit, ack — then close the connection.
+//!
+//! A partitioned service (`SubscriptionConfig::partitions` > 0) consumes
+//! the partitions it holds instead of one work queue; which ones, and how
+//! they change hands, is [`crate::partitions`]' part.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +22,12 @@ use events::{Catalog, Codec};
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Connection, Consumer};
 use producers::Outbox;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use transport::{self, ConnectError};
-use transport::{Backoff, Publisher, Reconnect, Topology};
+use transport::{Backoff, Publisher, Reconnect, Topology, TopologyError};
 
 use crate::acks::Acks;
 use crate::config::SubscriptionConfig;
@@ -32,6 +36,7 @@ use crate::delivery::{decode, Processor, SettleError};
 use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
+use crate::partitions::{Held, Membership, PartitionSource, REBALANCE_EVERY};
 use crate::Router;
 
 /// Why a subscription could not be built, or why a session ended (the
@@ -47,6 +52,16 @@ pub enum SubscriptionError {
     /// The channel or consumer failed.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// The broker refused the service's topology (or lacks a plugin it needs).
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The database session that holds a partitioned service's membership
+    /// and partitions failed.
+    #[error("partition membership: {0}")]
+    Membership(#[source] sqlx::Error),
+    /// This process's member lock is gone from the database's view.
+    #[error("partition membership lost")]
+    MembershipLost,
     /// The broker cancelled the consumer (queue deleted?).
     #[error("the broker ended the consumer")]
     ConsumerEnded,
@@ -138,15 +153,27 @@ impl Subscription {
     }
 
     /// Declares the service's queues (idempotent); `run` does it too.
-    pub async fn declare(&self, conn: &lapin::Connection) -> Result<(), lapin::Error> {
-        self.topology
-            .declare_service(
-                conn,
-                self.router.service(),
-                &self.catalog.bindings(&self.router.handled_types()),
-                &self.config.retry.delays(),
-            )
-            .await
+    /// A partitioned service gets its hash exchange and partitions.
+    pub async fn declare(&self, conn: &lapin::Connection) -> Result<(), TopologyError> {
+        let bindings = self.catalog.bindings(&self.router.handled_types());
+        let delays = self.config.retry.delays();
+        let service = self.router.service();
+        if self.config.partitions > 0 {
+            return self
+                .topology
+                .declare_partitioned_service(
+                    conn,
+                    service,
+                    &bindings,
+                    &delays,
+                    self.config.partitions,
+                )
+                .await;
+        }
+        Ok(self
+            .topology
+            .declare_service(conn, service, &bindings, &delays)
+            .await?)
     }
 
     /// Consumes until `shutdown`, reconnecting with backoff.
@@ -193,12 +220,15 @@ impl Subscription {
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<(), SubscriptionError> {
+        if self.config.partitions > 0 {
+            return self.consume_partitions(conn, shutdown, backoff).await;
+        }
         let service = self.router.service();
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.declare(conn).await?;
-        let processor = self.processor(conn, &ch).await?;
+        let processor = self.processor(conn).await?;
         let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
         let queue = self.topology.queue(service);
         let mut consumer = ch
@@ -213,7 +243,10 @@ impl Subscription {
         backoff.reset();
 
         let mut lanes = Lanes::start(&self.config, &processor, shutdown);
-        let result = self.feed_lanes(&mut consumer, &mut lanes, shutdown).await;
+        let acks = Arc::new(Acks::new(ch.clone()));
+        let result = self
+            .feed_lanes(&mut consumer, &acks, &mut lanes, shutdown)
+            .await;
         if result.is_ok() {
             // No more deliveries, so the lanes can finish what they hold.
             let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
@@ -224,14 +257,80 @@ impl Subscription {
         result
     }
 
-    /// What the lanes settle deliveries with: the consumer channel's acks,
-    /// a publisher of its own for retries and dead letters, and the live
-    /// feed when enabled.
-    async fn processor(
+    /// A partitioned session: declares, joins the service's members, then
+    /// every [`REBALANCE_EVERY`] takes or hands over partitions (see
+    /// [`crate::partitions`]) while their consumers feed the lanes, until
+    /// shutdown or a failure; then hands its partitions over (or drops
+    /// them, after a failure), drains the lanes and leaves.
+    async fn consume_partitions(
         &self,
         conn: &Connection,
-        ch: &Channel,
-    ) -> Result<Processor, SubscriptionError> {
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), SubscriptionError> {
+        let service = self.router.service();
+        self.declare(conn).await?;
+        // Left by a larger partition count: off the ring, still drained.
+        let surplus = self
+            .topology
+            .retire_surplus_partitions(conn, service, self.config.partitions)
+            .await?;
+        if surplus > 0 {
+            tracing::warn!(service, partitions = self.config.partitions, surplus, "partition queues beyond the partition count get no new events; they are drained, then can be deleted");
+        }
+        let processor = self.processor(conn).await?;
+        let mut membership = Membership::join(&self.pool, service).await?;
+        tracing::info!(
+            service,
+            partitions = self.config.partitions,
+            prefetch = self.config.prefetch,
+            lanes = self.config.lanes,
+            "consuming partitions"
+        );
+        backoff.reset();
+
+        let mut lanes = Lanes::start(&self.config, &processor, shutdown);
+        let source = PartitionSource {
+            conn,
+            service,
+            topology: &self.topology,
+            partitions: self.config.partitions + surplus,
+            prefetch: self.config.prefetch,
+            codec: Codec::new(self.catalog.clone()).with_max_body(self.config.max_body),
+            dispatcher: lanes.dispatcher(),
+            drain: self.config.handler_timeout * 2,
+        };
+        let mut held = Held::default();
+        let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
+        rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(Duration::from_secs(300));
+        let result = loop {
+            tokio::select! {
+                _ = rebalance.tick() => {
+                    if let Err(e) = held.rebalance(&source, &mut membership).await {
+                        break Err(e);
+                    }
+                }
+                failed = lanes.failure() => {
+                    break Err(failed.map_or(SubscriptionError::ConsumerEnded, Into::into));
+                }
+                _ = prune.tick() => self.prune().await,
+                _ = shutdown.cancelled() => break Ok(()),
+            }
+        };
+        held.release_all(&source, result.is_ok()).await;
+        // The partitions' consumers are done: the lanes may end.
+        drop(source);
+        lanes
+            .stop(result.is_ok(), self.config.handler_timeout * 2, service)
+            .await;
+        membership.leave().await;
+        result
+    }
+
+    /// What the lanes settle deliveries with: a publisher of its own for
+    /// retries and dead letters, and the live feed when enabled.
+    async fn processor(&self, conn: &Connection) -> Result<Processor, SubscriptionError> {
         let service = self.router.service();
         let forwards = Publisher::open(conn).await?;
         Ok(Processor {
@@ -244,13 +343,13 @@ impl Subscription {
                 self.topology.clone(),
                 service,
                 Duration::from_secs(15),
-            ),
+            )
+            .partitioned(self.config.partitions > 0),
             config: self.config.clone(),
             stats: self.stats.clone(),
             feed: self.open_feed(conn).await?,
             outcomes: self.outcomes.clone(),
             own_source: events::envelope::source_of(service),
-            acks: Arc::new(Acks::new(ch.clone())),
         })
     }
 
@@ -273,6 +372,7 @@ impl Subscription {
     async fn feed_lanes(
         &self,
         consumer: &mut Consumer,
+        acks: &Arc<Acks>,
         lanes: &mut Lanes,
         shutdown: &CancellationToken,
     ) -> Result<(), SubscriptionError> {
@@ -295,7 +395,7 @@ impl Subscription {
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let decoded = decode(&codec, &delivery);
-            lanes.dispatch((delivery, decoded)).await;
+            lanes.dispatch((delivery, decoded, acks.clone())).await;
         }
     }
 

@@ -343,6 +343,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
             props: transport::event_properties(
                 &e.id.to_string(),
                 &e.event_type,
+                &e.subject,
                 None,
                 e.time.timestamp(),
                 "drills",

@@ -306,6 +306,7 @@ impl BusPublisher {
             let props = transport::event_properties(
                 &envelope.id.to_string(),
                 &envelope.event_type,
+                &envelope.subject,
                 envelope.correlationid.as_deref(),
                 envelope.time.timestamp(),
                 "drills",

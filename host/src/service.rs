@@ -128,6 +128,9 @@ pub enum ServiceError {
     /// The broker refused the topology.
     #[error("declaring the broker topology failed: {0}")]
     Topology(#[from] lapin::Error),
+    /// The broker refused the partitioned topology, or lacks its plugin.
+    #[error("declaring the broker topology failed: {0}")]
+    Partitions(#[from] transport::TopologyError),
 }
 
 /// Where the service's store is.
@@ -213,9 +216,21 @@ impl Service {
         self
     }
 
-    /// Consumer tuning: lanes, prefetch, retries, timeouts.
+    /// Consumer tuning: lanes, prefetch, retries, timeouts, partitions.
     pub fn subscription(mut self, config: SubscriptionConfig) -> Self {
         self.subscription = config;
+        self
+    }
+
+    /// Splits the service's work into `partitions` ordered partitions
+    /// (`<ns>.<name>.p<i>`): every event of a subject goes to one
+    /// partition, each partition has one active consumer at a time, and
+    /// the service's processes share the partitions out (see
+    /// [`consumers::partitions`]). 0, the default, is one queue with
+    /// competing consumers. Needs RabbitMQ's
+    /// `rabbitmq_consistent_hash_exchange` plugin.
+    pub fn partitions(mut self, partitions: u16) -> Self {
+        self.subscription.partitions = partitions;
         self
     }
 
@@ -274,9 +289,11 @@ impl Service {
         } else {
             0
         };
+        // A partitioned consumer holds one more: its membership session.
+        let membership = u32::from(self.consumes() && self.subscription.partitions > 0);
         let relay = if self.relay.is_some() { 3 } else { 0 };
         let eager = u32::from(self.eager.is_some());
-        lanes + relay + eager + self.extra_connections
+        lanes + membership + relay + eager + self.extra_connections
     }
 
     /// The service's pool (built on first call from its database URL).
@@ -321,15 +338,20 @@ impl Service {
         self.bus.topology().declare_exchange(&ch).await?;
         if self.consumes() {
             let bindings = self.bus.catalog().bindings(&self.router.handled_types());
-            self.bus
-                .topology()
-                .declare_service(
-                    conn,
-                    &self.name,
-                    &bindings,
-                    &self.subscription.retry.delays(),
-                )
-                .await?;
+            let delays = self.subscription.retry.delays();
+            let topology = self.bus.topology();
+            match self.subscription.partitions {
+                0 => {
+                    topology
+                        .declare_service(conn, &self.name, &bindings, &delays)
+                        .await?
+                }
+                p => {
+                    topology
+                        .declare_partitioned_service(conn, &self.name, &bindings, &delays, p)
+                        .await?
+                }
+            }
         }
         Ok(())
     }

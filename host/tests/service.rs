@@ -89,3 +89,78 @@ async fn an_event_type_of_the_tests_own_goes_outbox_to_broker_to_inbox_once(pool
     helpdesk.stop().await;
     triage.stop().await;
 }
+
+/// Records each ticket event in the order applied.
+struct Log;
+#[warren::async_trait]
+impl Handle<TicketOpened> for Log {
+    async fn handle(&self, ctx: &mut Context<'_>, _: TicketOpened) -> Result<(), HandleError> {
+        sqlx::query("INSERT INTO sorter.log (subject, seq) VALUES ($1, $2)")
+            .bind(&ctx.event.subject)
+            .bind(ctx.event.sequence)
+            .execute(&mut *ctx.tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_partitioned_service_gets_each_subject_in_order_from_the_relay(pool: PgPool) {
+    let test_bus = TestBus::new().await;
+    let bus = Bus::new(
+        testkit::amqp_url(),
+        test_bus.topology.clone(),
+        Catalog::new().with::<TicketOpened>(),
+    );
+    let sorter = Service::new("sorter", bus.clone())
+        .pool(pool.clone())
+        .handle::<TicketOpened, _>(Log)
+        .partitions(3);
+    test_bus.remember_partitioned(
+        "sorter",
+        3,
+        &warren::SubscriptionConfig::default().retry.delays(),
+    );
+    let helpdesk = Service::new("helpdesk", bus).pool(pool.clone());
+    for service in [&sorter, &helpdesk] {
+        service.install().await.unwrap();
+        service.declare().await.unwrap();
+    }
+    sqlx::query("CREATE TABLE sorter.log (n bigserial PRIMARY KEY, subject text, seq bigint)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sorter = sorter.start().await.unwrap();
+    let helpdesk = helpdesk.start().await.unwrap();
+
+    // 30 tickets, 3 events each, interleaved; the outbox numbers each
+    // subject's events 1, 2, 3 and the relay puts the subject header on.
+    for round in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        for t in 0..30 {
+            let event = Envelope::new(
+                "helpdesk",
+                format!("T-{t}"),
+                &TicketOpened {
+                    title: format!("round {round}"),
+                },
+            );
+            helpdesk.outbox().append(&mut tx, event).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    assert!(sorter.settled(90, Duration::from_secs(60)).await);
+    let stats = sorter.stats().unwrap();
+    assert_eq!(stats.count(Outcome::Handled), 90);
+    assert_eq!(stats.count(Outcome::Deferred), 0, "nothing came early");
+    let out_of_order: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT seq, lag(seq) OVER (PARTITION BY subject ORDER BY n) AS prev \
+         FROM sorter.log) t WHERE seq <> coalesce(prev, 0) + 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(out_of_order, 0);
+    helpdesk.stop().await;
+    sorter.stop().await;
+}

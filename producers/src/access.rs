@@ -148,7 +148,7 @@ impl AmqpPermissions {
     /// implicit; permissions cannot tie it to the service's own queues.
     pub fn for_service(topology: &Topology, catalog: &events::Catalog, service: &str) -> Self {
         let own = format!(
-            "{}(\\.dlq|\\.retry\\.[0-9]+)?",
+            "{}(\\.dlq|\\.retry\\.[0-9]+|\\.partitions|\\.p[0-9]+|\\.p\\.retry\\.[0-9]+)?",
             regex_escape(&topology.queue(service))
         );
         let events = regex_escape(&topology.exchange());
@@ -261,7 +261,7 @@ mod tests {
         let p = AmqpPermissions::for_service(&Topology::new("warren"), &catalog, "helpdesk");
         assert_eq!(
             p.configure,
-            r"^(warren\.helpdesk(\.dlq|\.retry\.[0-9]+)?|warren\.events|warren\.outcomes)$"
+            r"^(warren\.helpdesk(\.dlq|\.retry\.[0-9]+|\.partitions|\.p[0-9]+|\.p\.retry\.[0-9]+)?|warren\.events|warren\.outcomes)$"
         );
         assert!(p.write.ends_with(r"|amq\.default)$"), "{}", p.write);
         assert_eq!(p.topic_write, r"^(ticket\.opened|ticket\.closed)$");

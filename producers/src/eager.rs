@@ -102,6 +102,8 @@ impl Default for EagerConfig {
 pub struct Appended {
     event_id: Uuid,
     event_type: String,
+    /// The aggregate: the subject header partitions hash.
+    subject: String,
     correlation_id: Option<String>,
     timestamp: i64,
     payload: String,
@@ -161,6 +163,7 @@ impl Eager {
         Ok(Appended {
             event_id: event.id,
             event_type: event.event_type,
+            subject: event.subject,
             correlation_id: event.correlationid,
             timestamp: event.time.timestamp(),
             payload,

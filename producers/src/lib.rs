@@ -27,6 +27,9 @@
 //!   handshake before it sleeps (transaction lock in the trigger; tried by the relay).
 //! - `0x5749` (`'WI'`, [`install::INSTALL_LOCK_CLASS`]): one installer at a time per schema
 //!   (transaction lock).
+//! - `0x574D` (`'WM'`): the processes of a partitioned consumer, shared (session lock), and
+//!   `0x5750_0000 | i` (`'WP'` and the partition): who consumes partition `i` (session lock);
+//!   both in `warren-consumers`' `partitions` module.
 //!
 //! [`access`] serialises its grants on the one-key `hashtext('warren access setup')`.
 

@@ -33,6 +33,10 @@ pub struct AppConfig {
     pub http: Option<SocketAddr>,
     /// Consumer tuning.
     pub subscription: SubscriptionConfig,
+    /// Ordered partitions per consuming service (see
+    /// `warren::Service::partitions`); a service not named here uses
+    /// `subscription.partitions` (0: competing consumers on one queue).
+    pub partitions: BTreeMap<String, u16>,
     /// Relay tuning.
     pub relay: RelayConfig,
     /// The simulated gateway.
@@ -130,9 +134,15 @@ impl App {
         // consumer of its type connects comes back unroutable.
         let mut declared = Vec::new();
         for s in &config.services {
+            let partitions = config
+                .partitions
+                .get(s)
+                .copied()
+                .unwrap_or(config.subscription.partitions);
             let mut service = Service::new(s.clone(), bus.clone())
                 .pool(stores.of(s).clone())
                 .subscription(config.subscription.clone())
+                .partitions(partitions)
                 .relay(config.relay.clone())
                 .shutdown_on(&shutdown);
             if let Some(router) = router_of(s, &gateway) {

@@ -68,6 +68,7 @@ async fn spawn_api(pool: PgPool) -> Api {
             ..Default::default()
         },
         gateway: GatewayConfig::default(),
+        partitions: Default::default(),
     };
     let app_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(20)

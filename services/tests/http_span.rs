@@ -27,6 +27,7 @@ async fn a_request_runs_in_an_http_span_named_by_its_route(pool: PgPool) {
         },
         relay: Default::default(),
         gateway: GatewayConfig::default(),
+        partitions: Default::default(),
     };
     bus.remember("orders", &config.subscription.retry.delays());
     let app = App::start(pool.clone(), config).await.unwrap();

@@ -112,6 +112,7 @@ async fn metrics_parse_and_stay_bounded_after_hostile_headers(pool: PgPool) {
         },
         relay: Default::default(),
         gateway: GatewayConfig::default(),
+        partitions: Default::default(),
     };
     for s in services {
         bus.remember(s, &config.subscription.retry.delays());

@@ -57,6 +57,7 @@ fn app_config(bus: &TestBus, services: &[&str], http: bool) -> AppConfig {
             ..Default::default()
         },
         gateway: gateway_config(),
+        partitions: Default::default(),
     }
 }
 

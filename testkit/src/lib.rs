@@ -51,6 +51,9 @@ pub struct TestBus {
     pub channel: Channel,
     /// Services whose queues are deleted on drop.
     services: Mutex<Vec<(String, Vec<Duration>)>>,
+    /// Partitioned services (name, partitions, retry delays) whose
+    /// partitions, retry queues and hash exchange are deleted on drop.
+    partitioned: Mutex<Vec<(String, u16, Vec<Duration>)>>,
 }
 
 impl TestBus {
@@ -70,6 +73,7 @@ impl TestBus {
             conn,
             channel,
             services: Mutex::new(Vec::new()),
+            partitioned: Mutex::new(Vec::new()),
         }
     }
 
@@ -90,6 +94,17 @@ impl TestBus {
             .push((service.to_owned(), delays.to_vec()));
     }
 
+    /// Records a partitioned service (declared by its subscription) for
+    /// cleanup: its partitions, retry queues, hash exchange and dead-letter
+    /// queue.
+    pub fn remember_partitioned(&self, service: &str, partitions: u16, delays: &[Duration]) {
+        self.partitioned.lock().expect("lock").push((
+            service.to_owned(),
+            partitions,
+            delays.to_vec(),
+        ));
+    }
+
     /// An exclusive queue bound to `pattern` that sees everything the
     /// exchange routes there: the test's view of the bus.
     pub async fn wiretap(&self, pattern: &str) -> Wiretap {
@@ -102,6 +117,8 @@ impl Drop for TestBus {
         let topology = self.topology.clone();
         let services =
             std::mem::take(&mut *self.services.lock().unwrap_or_else(|e| e.into_inner()));
+        let partitioned =
+            std::mem::take(&mut *self.partitioned.lock().unwrap_or_else(|e| e.into_inner()));
         // Drop cannot await: clean up on a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -115,6 +132,11 @@ impl Drop for TestBus {
                 let Ok(ch) = conn.create_channel().await else {
                     return;
                 };
+                for (service, partitions, delays) in partitioned {
+                    let _ = topology
+                        .delete_partitions(&ch, &service, partitions, &delays)
+                        .await;
+                }
                 for (service, delays) in services {
                     let _ = topology.delete_service(&ch, &service, &delays).await;
                 }

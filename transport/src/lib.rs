@@ -27,4 +27,4 @@ pub use connect::{close, close_within, redact, ConnectError, CONNECT_TIMEOUT};
 pub use nodes::{connect, connect_any};
 pub use publisher::{confirm_problem, event_properties, Outgoing, PublishError, Publisher};
 pub use reconnect::Reconnect;
-pub use topology::Topology;
+pub use topology::{Topology, TopologyError, SUBJECT_HEADER};

@@ -134,16 +134,25 @@ pub fn confirm_problem(confirm: Result<Confirmation, lapin::Error>) -> Option<St
 }
 
 /// AMQP properties of an event message: what brokers and tools look at,
-/// repeated from the CloudEvents attributes. Persistent.
+/// repeated from the CloudEvents attributes, and the subject in the
+/// [`SUBJECT_HEADER`](crate::topology::SUBJECT_HEADER) header, which a
+/// partitioned service's consistent-hash exchange hashes. Persistent.
 pub fn event_properties(
     event_id: &str,
     event_type: &str,
+    subject: &str,
     correlation_id: Option<&str>,
     timestamp: i64,
     app_id: &str,
 ) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        crate::topology::SUBJECT_HEADER.into(),
+        lapin::types::AMQPValue::LongString(subject.into()),
+    );
     let props = BasicProperties::default()
         .with_content_type(events::CONTENT_TYPE_STRUCTURED.into())
+        .with_headers(headers)
         .with_message_id(event_id.into())
         .with_type(event_type.into())
         .with_timestamp(timestamp.max(0) as u64)
@@ -204,7 +213,14 @@ mod tests {
 
     #[test]
     fn event_properties_repeat_the_attributes_and_are_persistent() {
-        let p = event_properties("e-1", "order.placed", Some("c-1"), 1_700_000_000, "orders");
+        let p = event_properties(
+            "e-1",
+            "order.placed",
+            "order-1",
+            Some("c-1"),
+            1_700_000_000,
+            "orders",
+        );
         let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.to_string());
         assert_eq!(text(p.message_id()), Some("e-1".to_owned()));
         assert_eq!(text(p.kind()), Some("order.placed".to_owned()));
@@ -216,9 +232,21 @@ mod tests {
         );
         assert_eq!(*p.timestamp(), Some(1_700_000_000));
         assert_eq!(*p.delivery_mode(), Some(2), "persistent");
-        let p = event_properties("e-2", "order.placed", None, -5, "orders");
+        let p = event_properties("e-2", "order.placed", "order-2", None, -5, "orders");
         assert_eq!(*p.correlation_id(), None);
         assert_eq!(*p.timestamp(), Some(0), "a time before 1970 is clamped");
+    }
+
+    #[test]
+    fn event_properties_carry_the_subject_header_partitions_hash() {
+        let props = event_properties("id", "order.placed", "order-7", None, 0, "orders");
+        let headers = props.headers().as_ref().expect("headers");
+        assert_eq!(
+            headers.inner().get(crate::topology::SUBJECT_HEADER),
+            // A long string: the exchange hashes the value with its type.
+            Some(&lapin::types::AMQPValue::LongString("order-7".into()))
+        );
+        assert_eq!(props.message_id().as_ref().map(|m| m.as_str()), Some("id"));
     }
 
     #[test]

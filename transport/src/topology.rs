@@ -9,6 +9,16 @@
 //! | `<ns>.<service>.retry.<ms>` | quorum queue, TTL | delayed retry; expires back into the work queue |
 //! | `<ns>.<service>.dlq` | quorum queue | dead letters, with reason headers |
 //!
+//! A service split into P ordered partitions (see
+//! [`Topology::declare_partitioned_service`]) has instead of its work and
+//! retry queues:
+//!
+//! | name | kind | role |
+//! |---|---|---|
+//! | `<ns>.<service>.partitions` | `x-consistent-hash` exchange, bound to `<ns>.events` | hashes the [`SUBJECT_HEADER`] onto the partitions |
+//! | `<ns>.<service>.p<i>` | quorum queue, single active consumer | partition `i` (0-based), weight 1 on the ring |
+//! | `<ns>.<service>.p.retry.<ms>` | quorum queue, TTL | delayed retry; expires back into the hash exchange, so into the same partition |
+//!
 //! A service's queue is bound to every type raised by the services whose
 //! events it handles, not only to the types it handles: `sequence` counts
 //! all events of a (source, subject), so a consumer must see them all to
@@ -19,8 +29,8 @@
 use std::time::Duration;
 
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -42,6 +52,36 @@ pub const DELIVERY_LIMIT: i64 = 20;
 /// before warren set it is declared again without it and keeps its
 /// members (add some with `rabbitmq-queues grow`).
 pub const QUORUM_GROUP_SIZE: i64 = 3;
+
+/// The header carrying an event's `subject` on every message warren
+/// publishes: what a partitioned service's consistent-hash exchange hashes,
+/// so every event of a subject lands in one partition. Always a long
+/// string: the exchange hashes the value with its AMQP type.
+pub const SUBJECT_HEADER: &str = "x-warren-subject";
+
+/// The RabbitMQ plugin that provides the `x-consistent-hash` exchange type
+/// that partitions need.
+pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
+
+/// Most partitions a service may have.
+pub const MAX_PARTITIONS: u16 = 1024;
+
+/// Declaring a topology failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The channel or connection failed, or the broker refused a declaration.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// The broker does not know the `x-consistent-hash` exchange type.
+    #[error(
+        "the broker has no x-consistent-hash exchange type, which partitions need: \
+         enable the plugin with `rabbitmq-plugins enable {CONSISTENT_HASH_PLUGIN}` ({0})"
+    )]
+    MissingPlugin(lapin::Error),
+    /// A partition count out of range.
+    #[error("{0} partitions: a partitioned service has 1 to {MAX_PARTITIONS}")]
+    Partitions(u16),
+}
 
 /// Names and declarations of one namespace.
 #[derive(Debug, Clone)]
@@ -99,6 +139,24 @@ impl Topology {
     /// queue's TTL cannot change once declared.
     pub fn retry_queue(&self, service: &str, delay: Duration) -> String {
         format!("{}.{service}.retry.{}", self.namespace, delay.as_millis())
+    }
+
+    /// `<ns>.<service>.partitions`: a partitioned service's consistent-hash
+    /// exchange.
+    pub fn partition_exchange(&self, service: &str) -> String {
+        format!("{}.{service}.partitions", self.namespace)
+    }
+
+    /// `<ns>.<service>.p<i>`: partition `i` of a partitioned service.
+    pub fn partition_queue(&self, service: &str, partition: u16) -> String {
+        format!("{}.{service}.p{partition}", self.namespace)
+    }
+
+    /// `<ns>.<service>.p.retry.<ms>`: a partitioned service's retry queue.
+    /// A name of its own, since it dead-letters elsewhere than the
+    /// competing layout's (queue arguments cannot change once declared).
+    pub fn partition_retry_queue(&self, service: &str, delay: Duration) -> String {
+        format!("{}.{service}.p.retry.{}", self.namespace, delay.as_millis())
     }
 
     /// Declares the events exchange (durable topic).
@@ -192,6 +250,203 @@ impl Topology {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Declares a service split into `partitions` ordered partitions: a
+    /// consistent-hash exchange bound to the events exchange with
+    /// `bindings`, hashing on [`SUBJECT_HEADER`]; one quorum queue with
+    /// single active consumer per partition, each on the ring with weight
+    /// 1; retry queues that expire back into the hash exchange (so a retry
+    /// returns to its subject's partition); the dead-letter queue.
+    ///
+    /// The ring maps a hash to the n-th binding in the order bindings were
+    /// made, and a restarted broker rebuilds it from its bindings sorted by
+    /// queue name: the partitions are bound in that same (byte) order, so
+    /// that a restart moves no subject (`p10` sorts before `p2`).
+    ///
+    /// Takes the connection for the reason [`Topology::declare_service`]
+    /// does: each quorum queue is declared on a channel of its own.
+    pub async fn declare_partitioned_service(
+        &self,
+        conn: &Connection,
+        service: &str,
+        bindings: &[&str],
+        retry_delays: &[Duration],
+        partitions: u16,
+    ) -> Result<(), TopologyError> {
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(TopologyError::Partitions(partitions));
+        }
+        let ch = conn.create_channel().await?;
+        let result = self
+            .declare_partitions(conn, &ch, service, bindings, retry_delays, partitions)
+            .await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "declared").await;
+        }
+        result
+    }
+
+    async fn declare_partitions(
+        &self,
+        conn: &Connection,
+        ch: &Channel,
+        service: &str,
+        bindings: &[&str],
+        retry_delays: &[Duration],
+        partitions: u16,
+    ) -> Result<(), TopologyError> {
+        self.declare_exchange(ch).await?;
+        let hash = self.partition_exchange(service);
+        let mut args = FieldTable::default();
+        args.insert("hash-header".into(), string(SUBJECT_HEADER));
+        ch.exchange_declare(
+            &hash,
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| {
+            // 503 COMMAND_INVALID is RabbitMQ's answer to an exchange type
+            // it does not know: the plugin is not enabled.
+            match &e {
+                lapin::Error::ProtocolError(amqp) if amqp.get_id() == 503 => {
+                    TopologyError::MissingPlugin(e)
+                }
+                _ => TopologyError::Broker(e),
+            }
+        })?;
+        let dlq = self.dlq(service);
+        self.declare_quorum(conn, &dlq, FieldTable::default())
+            .await?;
+
+        let mut names: Vec<String> = (0..partitions)
+            .map(|i| self.partition_queue(service, i))
+            .collect();
+        names.sort();
+        for queue in &names {
+            let mut args = FieldTable::default();
+            args.insert("x-dead-letter-exchange".into(), string(""));
+            args.insert("x-dead-letter-routing-key".into(), string(&dlq));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            self.declare_quorum(conn, queue, args).await?;
+            // Weight 1 each: every partition takes an equal share.
+            ch.queue_bind(
+                queue,
+                &hash,
+                "1",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        for key in bindings {
+            ch.exchange_bind(
+                &hash,
+                &self.exchange(),
+                key,
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        for delay in retry_delays {
+            // As in the competing layout (at-least-once dead-lettering),
+            // but back through the hash exchange: the copy keeps its
+            // subject header, so it returns to its partition.
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            args.insert("x-dead-letter-exchange".into(), string(&hash));
+            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            args.insert("x-overflow".into(), string("reject-publish"));
+            self.declare_quorum(conn, &self.partition_retry_queue(service, *delay), args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Partition queues beyond `partitions` left by a larger partition
+    /// count: those that exist (asked with a passive declare on a channel
+    /// of their own, since a failed one closes its channel), from
+    /// `partitions` upwards until one does not, each taken off the hash
+    /// exchange's ring so it gets no new events. Returns how many exist:
+    /// the consumer still drains them.
+    pub async fn retire_surplus_partitions(
+        &self,
+        conn: &lapin::Connection,
+        service: &str,
+        partitions: u16,
+    ) -> Result<u16, lapin::Error> {
+        let mut surplus = 0;
+        for i in partitions..MAX_PARTITIONS {
+            let probe = conn.create_channel().await?;
+            let queue = self.partition_queue(service, i);
+            let exists = probe
+                .queue_declare(
+                    &queue,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok();
+            if !exists {
+                break;
+            }
+            probe
+                .queue_unbind(
+                    &queue,
+                    &self.partition_exchange(service),
+                    "1",
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = probe.close(200, "probed").await;
+            surplus += 1;
+        }
+        Ok(surplus)
+    }
+
+    /// Deletes a partitioned service's partitions, retry queues, dead-letter
+    /// queue and hash exchange.
+    pub async fn delete_partitions(
+        &self,
+        ch: &Channel,
+        service: &str,
+        partitions: u16,
+        retry_delays: &[Duration],
+    ) -> Result<(), lapin::Error> {
+        let mut names: Vec<String> = (0..partitions)
+            .map(|i| self.partition_queue(service, i))
+            .collect();
+        names.extend(
+            retry_delays
+                .iter()
+                .map(|d| self.partition_retry_queue(service, *d)),
+        );
+        names.push(self.dlq(service));
+        for name in names {
+            ch.queue_delete(&name, QueueDeleteOptions::default())
+                .await?;
+        }
+        ch.exchange_delete(
+            &self.partition_exchange(service),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
     }
 
     /// Declares a quorum queue with [`QUORUM_GROUP_SIZE`]; a queue that
@@ -313,6 +568,18 @@ mod tests {
         assert_eq!(
             t.retry_queue("billing", Duration::from_millis(1500)),
             "warren.billing.retry.1500"
+        );
+        assert_eq!(t.partition_exchange("billing"), "warren.billing.partitions");
+        let missing = TopologyError::MissingPlugin(lapin::Error::InvalidChannelState(
+            lapin::ChannelState::Closed,
+        ));
+        assert!(missing
+            .to_string()
+            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"));
+        assert_eq!(t.partition_queue("billing", 3), "warren.billing.p3");
+        assert_eq!(
+            t.partition_retry_queue("billing", Duration::from_millis(250)),
+            "warren.billing.p.retry.250"
         );
     }
 }

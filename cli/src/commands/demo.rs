@@ -104,6 +104,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         gateway: GatewayConfig::default(),
+        partitions: Default::default(),
     };
     let retry_delays = config.subscription.retry.delays();
     // Ctrl-C/SIGTERM from here on stops the services and removes the

@@ -258,6 +258,14 @@ pub async fn walk(
     let Some((present, _)) = queue_counts(conn, &dlq).await? else {
         return Ok(0);
     };
+    // A partitioned service has no work queue: a redriven event goes back
+    // through its hash exchange, to its subject's partition (the dead
+    // letter kept the subject header).
+    let partitioned = queue_counts(conn, &queue).await?.is_none()
+        && queue_counts(conn, &topology.partition_queue(service, 0))
+            .await?
+            .is_some();
+    let hash = topology.partition_exchange(service);
     let publisher = Publisher::open(conn).await?;
     let ch = publisher.channel();
     let mut visited = 0;
@@ -274,13 +282,17 @@ pub async fn walk(
             let (action, flow) = decide(&d);
             let old = m.delivery.properties.headers().as_ref();
             let copy = match action {
-                Action::Keep => Some((&dlq, without(old, &["x-delivery-count"]))),
-                Action::Redrive => Some((&queue, without(old, &REDRIVE_DROPS))),
+                Action::Keep => Some(("", &dlq, without(old, &["x-delivery-count"]))),
+                Action::Redrive if partitioned => {
+                    Some((hash.as_str(), &hash, without(old, &REDRIVE_DROPS)))
+                }
+                Action::Redrive => Some(("", &queue, without(old, &REDRIVE_DROPS))),
                 Action::Drop => None,
             };
-            if let Some((to, headers)) = copy {
+            if let Some((exchange, to, headers)) = copy {
                 let message = Outgoing {
-                    exchange: "",
+                    exchange,
+                    // The hash exchange ignores it (it hashes the header).
                     routing_key: to,
                     body: &m.delivery.data,
                     properties: m.delivery.properties.clone().with_headers(headers),

@@ -1,6 +1,8 @@
 //! `warren run [SERVICE…]`: runs services until Ctrl-C/SIGTERM, then
 //! drains in-flight work and stops.
 
+use std::collections::BTreeMap;
+
 use consumers::{RetryPolicy, SubscriptionConfig};
 use producers::RelayConfig;
 use services::gateway::GatewayConfig;
@@ -41,6 +43,39 @@ pub struct RunArgs {
     /// from a namespace's first run on, or never.
     #[arg(long, env = "WARREN_QUEUE_EXPIRES_SECS")]
     pub queue_expires_secs: Option<u64>,
+    /// Ordered partitions: `SERVICE=P` (e.g. `orders=4`) splits a consuming
+    /// service's work into P partitions, each with one active consumer,
+    /// shared among the processes that run it; a bare `P` applies to every
+    /// consuming service run. Repeat the flag or separate with commas.
+    /// Needs RabbitMQ's rabbitmq_consistent_hash_exchange plugin.
+    #[arg(long, env = "WARREN_PARTITIONS", value_delimiter = ',', value_parser = parse_partitions)]
+    pub partitions: Vec<Partitions>,
+}
+
+/// One `--partitions` value: a service's partition count, or every
+/// service's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitions {
+    /// `None`: every consuming service run.
+    pub service: Option<String>,
+    /// The partition count (0: competing consumers on one queue).
+    pub count: u16,
+}
+
+/// Parses `SERVICE=P` or `P`.
+fn parse_partitions(s: &str) -> Result<Partitions, String> {
+    let (service, count) = match s.split_once('=') {
+        Some((service, count)) => (Some(service.trim().to_owned()), count),
+        None => (None, s),
+    };
+    let count: u16 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("{count:?} is not a partition count (0 to 1024)"))?;
+    if count > 1024 {
+        return Err(format!("{count} partitions: at most 1024"));
+    }
+    Ok(Partitions { service, count })
 }
 
 impl RunArgs {
@@ -54,6 +89,33 @@ impl RunArgs {
             .iter()
             .map(|s| s.as_str().to_owned())
             .collect()
+    }
+
+    /// The partition count of every service that `--partitions` names,
+    /// checked against the services that consume; a bare count applies to
+    /// each consuming service.
+    pub fn partitions(&self) -> Result<BTreeMap<String, u16>, InvalidInput> {
+        let consuming = ["orders", "inventory", "payments", "shipping"];
+        let mut out = BTreeMap::new();
+        for p in &self.partitions {
+            match &p.service {
+                None => {
+                    for s in consuming {
+                        out.insert(s.to_owned(), p.count);
+                    }
+                }
+                Some(s) if consuming.contains(&s.as_str()) => {
+                    out.insert(s.clone(), p.count);
+                }
+                Some(s) => {
+                    return Err(InvalidInput(format!(
+                        "--partitions {s:?}: only a consuming service has partitions ({})",
+                        consuming.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The application configuration these flags describe.
@@ -70,6 +132,7 @@ impl RunArgs {
                 t
             },
             services: self.services(),
+            partitions: self.partitions()?,
             http,
             subscription: SubscriptionConfig {
                 prefetch: self.prefetch,
@@ -100,7 +163,9 @@ pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
     let stores = connect_stores(
         settings,
         false,
-        (args.lanes as u32 + 3) * config.services.len() as u32 + 4,
+        // Per service: its lanes, the relay's three, a partitioned
+        // consumer's membership session.
+        (args.lanes as u32 + 4) * config.services.len() as u32 + 4,
     )
     .await?;
     migrate_stores_if_permitted(&stores).await?;
@@ -111,4 +176,29 @@ pub async fn run(settings: &Settings, args: &RunArgs) -> anyhow::Result<()> {
     app.stop().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_given_per_service_or_for_all() {
+        assert_eq!(
+            parse_partitions("orders=4"),
+            Ok(Partitions {
+                service: Some("orders".into()),
+                count: 4
+            })
+        );
+        assert_eq!(
+            parse_partitions("3"),
+            Ok(Partitions {
+                service: None,
+                count: 3
+            })
+        );
+        assert!(parse_partitions("orders=x").is_err());
+        assert!(parse_partitions("2000").is_err());
+    }
 }

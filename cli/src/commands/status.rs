@@ -101,6 +101,25 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Opti
     })
 }
 
+/// A partitioned service's messages and consumers summed over its
+/// partition queues (`p0`, `p1`, … while they exist); `None` when it has
+/// none.
+async fn partition_counts(
+    conn: &Connection,
+    topology: &transport::Topology,
+    service: &str,
+) -> anyhow::Result<Option<(u32, u32)>> {
+    let mut total: Option<(u32, u32)> = None;
+    for i in 0..transport::topology::MAX_PARTITIONS {
+        let Some((n, c)) = queue_counts(conn, &topology.partition_queue(service, i)).await? else {
+            break;
+        };
+        let (tn, tc) = total.unwrap_or((0, 0));
+        total = Some((tn + n, tc + c));
+    }
+    Ok(total)
+}
+
 /// Gathers the report.
 pub async fn gather(
     settings: &Settings,
@@ -127,7 +146,10 @@ pub async fn gather(
         let (queue, dlq) = if service == "customers" {
             (None, Some((0, 0)))
         } else {
-            let q = queue_counts(conn, &topology.queue(service)).await?;
+            let q = match queue_counts(conn, &topology.queue(service)).await? {
+                Some(q) => Some(q),
+                None => partition_counts(conn, &topology, service).await?,
+            };
             if q.is_none() {
                 problems.push("queue not declared".to_owned());
             }

@@ -62,8 +62,9 @@ pub struct Removed {
 }
 
 /// Whether `name` is one the topology of `namespace` gives: its
-/// exchanges, a service's work, dead-letter or retry queue, or the
-/// benchmark's ceiling queue.
+/// exchanges, a service's work, dead-letter or retry queue (or a
+/// partitioned service's hash exchange, partitions and retry queues), or
+/// the benchmark's ceiling queue.
 pub fn belongs(namespace: &str, name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix(namespace)
@@ -79,12 +80,16 @@ pub fn belongs(namespace: &str, name: &str) -> bool {
         && service
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    // A partitioned service's: its hash exchange, partitions, retry queues.
+    let partitioned = tail == "partitions"
+        || tail.strip_prefix("p.retry.").is_some_and(digits)
+        || tail.strip_prefix('p').is_some_and(digits);
     service_ok
         && (tail.is_empty()
             || tail == "dlq"
-            || tail
-                .strip_prefix("retry.")
-                .is_some_and(|ms| !ms.is_empty() && ms.chars().all(|c| c.is_ascii_digit())))
+            || tail.strip_prefix("retry.").is_some_and(digits)
+            || partitioned)
 }
 
 /// The names the topology knows for `services` with `delays`.
@@ -257,6 +262,10 @@ mod tests {
             "ns.orders.retry.1500",
             "ns.bench_sink.retry.250",
             "ns.ceiling",
+            "ns.orders.partitions",
+            "ns.orders.p0",
+            "ns.orders.p12",
+            "ns.orders.p.retry.250",
         ] {
             assert!(belongs("ns", n), "{n}");
         }
@@ -269,6 +278,9 @@ mod tests {
             "ns.orders.retry.",
             "ns.orders.retry.x",
             "ns.Orders",
+            "ns.orders.p",
+            "ns.orders.px",
+            "ns.orders.p.retry.",
         ] {
             assert!(!belongs("ns", n), "{n}");
         }

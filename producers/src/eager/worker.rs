@@ -309,6 +309,7 @@ impl EagerWorker {
             properties: event_properties(
                 &a.event_id.to_string(),
                 &a.event_type,
+                &a.subject,
                 a.correlation_id.as_deref(),
                 a.timestamp,
                 service,

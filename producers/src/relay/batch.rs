@@ -176,6 +176,7 @@ impl Relay {
             properties: event_properties(
                 &row.event_id.to_string(),
                 &row.event_type,
+                &row.aggregate,
                 row.correlation_id.as_deref(),
                 row.created_at.timestamp(),
                 service,
