@@ -13,6 +13,8 @@
 //! - [`upcast`]: lifting older `dataversion`s to the current one with the catalog's steps.
 //! - [`fixtures`]: JSON Lines fixture reader/writer with file:line errors.
 //! - [`error`]: [`DecodeError`], what can be wrong with an incoming event.
+//! - [`trace_context`]: an event's `traceparent` from the current span, and
+//!   a handling span's parent from an event's `traceparent` (OpenTelemetry).
 
 #![warn(missing_docs)]
 
@@ -21,6 +23,7 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod fixtures;
+pub mod trace_context;
 pub mod upcast;
 
 pub use catalog::{Catalog, EventData, EventSpec, Upcaster};
