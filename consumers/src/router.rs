@@ -8,6 +8,7 @@ use std::time::Duration;
 use events::{Envelope, EventData};
 use producers::Outbox;
 use sqlx::PgConnection;
+use tracing::Instrument;
 
 use crate::handler::{Batch, HandleBatch, Prepare};
 use crate::{Context, Handle, HandleError};
@@ -45,6 +46,34 @@ fn data_of<E: EventData>(event: &Envelope) -> Result<E, HandleError> {
     event.data_as::<E>().map_err(HandleError::permanent)
 }
 
+/// The span a handler runs in: a child of the span that raised the event
+/// (its `traceparent`), so the saga of one order is one trace when
+/// OpenTelemetry records spans. A batch handler's span continues its first
+/// event's trace and links to the others'.
+fn handling_span(service: &str, events: &[&Envelope]) -> tracing::Span {
+    let Some(head) = events.first() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "warren.handle",
+        otel.name = %format_args!("process {}", head.event_type),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.message.id = %head.id,
+        service,
+        event_type = %head.event_type,
+        subject = %head.subject,
+        correlation_id = head.correlationid.as_deref(),
+        events = events.len(),
+    );
+    events::trace_context::continue_trace(&span, head.traceparent.as_deref());
+    for other in &events[1..] {
+        events::trace_context::link(&span, other.traceparent.as_deref());
+    }
+    span
+}
+
 struct Typed<E, H> {
     handler: H,
     _event: PhantomData<fn() -> E>,
@@ -61,8 +90,11 @@ impl<E: EventData, H: Handle<E>> ErasedHandler for Typed<E, H> {
     ) -> Result<(), HandleError> {
         for event in events {
             let data = data_of::<E>(event)?;
+            let span = handling_span(outbox.service(), &[*event]);
             let mut ctx = Context::new(tx, event, outbox);
-            bounded(timeout, self.handler.handle(&mut ctx, data)).await?;
+            bounded(timeout, self.handler.handle(&mut ctx, data))
+                .instrument(span)
+                .await?;
         }
         Ok(())
     }
@@ -86,8 +118,11 @@ impl<E: EventData, H: HandleBatch<E>> ErasedHandler for TypedBatch<E, H> {
             .iter()
             .map(|e| Ok((*e, data_of::<E>(e)?)))
             .collect::<Result<Vec<_>, HandleError>>()?;
+        let span = handling_span(outbox.service(), events);
         let mut batch = Batch::new(tx, outbox);
-        bounded(timeout, self.handler.handle_batch(&mut batch, items)).await
+        bounded(timeout, self.handler.handle_batch(&mut batch, items))
+            .instrument(span)
+            .await
     }
 }
 

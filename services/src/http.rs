@@ -1,6 +1,7 @@
 //! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
-//! rejections are JSON too, `ETag`/`If-Match` for versioned resources, and
-//! health, readiness and metrics.
+//! rejections are JSON too, `ETag`/`If-Match` for versioned resources, the
+//! request span (continuing a caller's `traceparent`), and health,
+//! readiness and metrics.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
@@ -188,6 +189,59 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
                 message: rejection.body_text(),
             }),
         }
+    }
+}
+
+/// The span of one request: `http.request`, named `METHOD /route` in
+/// OpenTelemetry. When the application installed a propagator (the
+/// `warren` binary installs W3C Trace Context when it exports traces), the
+/// caller's `traceparent` becomes its parent, so the events the request
+/// raises, and everything they cause, are one trace with the caller's.
+/// Without one, `extract` finds nothing and the span starts a trace.
+pub async fn traced(req: Request, next: axum::middleware::Next) -> Response {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    // A route_layer runs after routing: the matched route is known, and
+    // bounded (a template, never the raw path with its ids).
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+    }
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+/// Request headers as an OpenTelemetry propagation carrier.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
