@@ -260,7 +260,7 @@ fn tracer_provider(cfg: &OtlpConfig) -> Result<SdkTracerProvider, InvalidInput> 
     let mut resource = Resource::builder().build();
     let unnamed = resource
         .get(&opentelemetry::Key::new("service.name"))
-        .map_or(true, |v| v.as_str().starts_with("unknown_service"));
+        .is_none_or(|v| v.as_str().starts_with("unknown_service"));
     if unnamed {
         resource = Resource::builder()
             .with_service_name(DEFAULT_SERVICE_NAME)
