@@ -338,7 +338,10 @@ fn compose_observability_profile_scrapes_traces_and_shows_the_dashboard() {
     let example = read(".env.example");
     let endpoint = example
         .lines()
-        .find_map(|l| l.trim_start_matches('#').strip_prefix("WARREN_OTLP_ENDPOINT="))
+        .find_map(|l| {
+            l.trim_start_matches('#')
+                .strip_prefix("WARREN_OTLP_ENDPOINT=")
+        })
         .expect(".env.example sets WARREN_OTLP_ENDPOINT");
     assert_eq!(endpoint, "http://jaeger:4318");
     let otlp = warren_cli::telemetry::OtlpConfig::from_vars(|v| {

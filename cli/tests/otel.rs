@@ -147,7 +147,9 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(
 }
 
 #[sqlx::test(migrations = false)]
-async fn one_orders_saga_is_one_trace_continuing_the_traceparent_of_its_post(pool: PgPool) {
+async fn each_orders_saga_and_compensation_is_one_trace_continuing_the_traceparent_of_its_post(
+    pool: PgPool,
+) {
     let (endpoint, spans) = receiver().await;
     let bus = TestBus::new().await;
     let delays = consumers::SubscriptionConfig::default().retry.delays();
@@ -156,7 +158,12 @@ async fn one_orders_saga_is_one_trace_continuing_the_traceparent_of_its_post(poo
     }
     let log = Arc::new(Mutex::new(String::new()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["--namespace", &bus.namespace, "--database-url", &db_url(&pool)])
+        .args([
+            "--namespace",
+            &bus.namespace,
+            "--database-url",
+            &db_url(&pool),
+        ])
         .args(["run", "--http", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -212,40 +219,58 @@ async fn one_orders_saga_is_one_trace_continuing_the_traceparent_of_its_post(poo
     })
     .await;
 
-    let trace_id = Uuid::new_v4().simple().to_string();
-    let caller_span = &Uuid::new_v4().simple().to_string()[..16];
-    let traceparent = format!("00-{trace_id}-{caller_span}-01");
-    let placed = http
-        .post(format!("{base}/orders"))
-        .header("traceparent", &traceparent)
-        .json(&json!({
-            "customer_id": customer_id,
-            "lines": [{ "sku": "otel-sku", "qty": 1, "unit_price": 1250 }],
-            "payment_token": "tok_ok",
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(placed.status(), 202);
-    let order: Json = placed.json().await.unwrap();
-    let order_id = order["id"].as_str().unwrap().to_owned();
-    until("the order ships", Duration::from_secs(60), || {
-        let (http, url) = (http.clone(), format!("{base}/orders/{order_id}"));
+    // Two orders, each POSTed with a traceparent of the test's: one that
+    // ships, one whose payment is declined (its compensation: the order
+    // cancelled, the stock released).
+    let place = |token: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
         async move {
-            let o: Json = http.get(url).send().await.ok()?.json().await.ok()?;
-            (o["status"] == "shipped").then_some(())
+            let trace_id = Uuid::new_v4().simple().to_string();
+            let caller_span = Uuid::new_v4().simple().to_string()[..16].to_owned();
+            let placed = http
+                .post(format!("{base}/orders"))
+                .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+                .json(&json!({
+                    "customer_id": customer_id,
+                    "lines": [{ "sku": "otel-sku", "qty": 1, "unit_price": 1250 }],
+                    "payment_token": token,
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(placed.status(), 202);
+            let order: Json = placed.json().await.unwrap();
+            (
+                order["id"].as_str().unwrap().to_owned(),
+                trace_id,
+                caller_span,
+            )
         }
-    })
-    .await;
-    // The last step of the saga: inventory removes the shipped units.
-    until("inventory applied the dispatch", Duration::from_secs(60), || {
+    };
+    let (shipped_id, shipped_trace, shipped_caller) = place("tok_ok").await;
+    let (declined_id, declined_trace, declined_caller) = place("tok_decline").await;
+    for (id, status) in [(&shipped_id, "shipped"), (&declined_id, "cancelled")] {
+        until(&format!("order {status}"), Duration::from_secs(60), || {
+            let (http, url) = (http.clone(), format!("{base}/orders/{id}"));
+            async move {
+                let o: Json = http.get(url).send().await.ok()?.json().await.ok()?;
+                (o["status"] == status).then_some(())
+            }
+        })
+        .await;
+    }
+    // The last steps of both sagas: inventory removes the shipped unit and
+    // releases the declined order's.
+    until("inventory settled both", Duration::from_secs(60), || {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, i32>("SELECT reserved FROM inventory.stock WHERE sku = 'otel-sku'")
-                .fetch_one(&pool)
-                .await
-                .ok()
-                .filter(|r| *r == 0)
+            sqlx::query_scalar::<_, i32>(
+                "SELECT on_hand * 10 + reserved FROM inventory.stock WHERE sku = 'otel-sku'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .filter(|r| *r == 40)
         }
     })
     .await;
@@ -263,63 +288,113 @@ async fn one_orders_saga_is_one_trace_continuing_the_traceparent_of_its_post(poo
     assert!(status.success(), "warren run: {status}\n{log}");
 
     let spans = spans.lock().unwrap().clone();
-    let ours: Vec<&Received> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
-    let names: Vec<String> = ours
-        .iter()
-        .map(|s| format!("{} {:?}", s.name, s.attributes.get("service")))
-        .collect();
-    assert!(!ours.is_empty(), "no span of trace {trace_id} among {} received\n{log}", spans.len());
+    let shipped = Trace::of(&spans, &shipped_trace, &shipped_caller, &log);
+    let declined = Trace::of(&spans, &declined_trace, &declined_caller, &log);
 
-    // The request: a child of the caller's span.
-    let request = ours
-        .iter()
-        .find(|s| s.name == "POST /orders")
-        .unwrap_or_else(|| panic!("no request span in {names:?}"));
-    assert_eq!(request.parent_span_id, caller_span, "continues the caller's span");
-    assert_eq!(request.attributes["http.route"], "/orders");
-    assert_eq!(request.attributes["http.response.status_code"], "202");
-    assert_eq!(request.resource["service.name"], "warren-otel-test");
-    assert_eq!(request.resource["deployment.environment"], "test");
+    // The requests: each a child of its caller's span.
+    for (trace, caller) in [(&shipped, &shipped_caller), (&declined, &declined_caller)] {
+        let request = trace.named("POST /orders");
+        assert_eq!(
+            &request.parent_span_id, caller,
+            "continues the caller's span"
+        );
+        assert_eq!(request.attributes["http.route"], "/orders");
+        assert_eq!(request.attributes["http.response.status_code"], "202");
+        assert_eq!(request.resource["service.name"], "warren-otel-test");
+        assert_eq!(request.resource["deployment.environment"], "test");
+        trace.assert_connected(caller);
+    }
 
-    // Every service's handling of the saga's events, each a child of the
-    // span that raised its event: the request for order.placed, the
-    // previous handler for each event after it.
-    let handling = |service: &str, event_type: &str| -> &Received {
-        ours.iter()
+    // Every service's handling of the shipped order's events, each a child
+    // of the span that raised its event: the request for order.placed, the
+    // handler of the event before for each one after it.
+    let request = shipped.named("POST /orders");
+    let reserve = shipped.handling("inventory", "order.placed");
+    assert_eq!(reserve.name, "process order.placed");
+    assert_eq!(reserve.attributes["subject"], shipped_id);
+    assert_eq!(reserve.parent_span_id, request.span_id);
+    let capture = shipped.handling("payments", "stock.reserved");
+    assert_eq!(capture.parent_span_id, reserve.span_id);
+    let confirm = shipped.handling("orders", "payment.captured");
+    assert_eq!(confirm.parent_span_id, capture.span_id);
+    let dispatch = shipped.handling("shipping", "order.confirmed");
+    assert_eq!(dispatch.parent_span_id, confirm.span_id);
+    let done = shipped.handling("orders", "shipment.dispatched");
+    assert_eq!(done.parent_span_id, dispatch.span_id);
+    let removed = shipped.handling("inventory", "shipment.dispatched");
+    assert_eq!(removed.parent_span_id, dispatch.span_id);
+
+    // The declined order's failure and compensation, in its own trace.
+    let request = declined.named("POST /orders");
+    let reserve = declined.handling("inventory", "order.placed");
+    assert_eq!(reserve.attributes["subject"], declined_id);
+    assert_eq!(reserve.parent_span_id, request.span_id);
+    let decline = declined.handling("payments", "stock.reserved");
+    assert_eq!(decline.parent_span_id, reserve.span_id);
+    let cancel = declined.handling("orders", "payment.failed");
+    assert_eq!(cancel.parent_span_id, decline.span_id);
+    let release = declined.handling("inventory", "order.cancelled");
+    assert_eq!(release.parent_span_id, cancel.span_id);
+}
+
+/// The spans of one trace, as received.
+struct Trace<'a> {
+    spans: Vec<&'a Received>,
+    /// For messages: what the trace holds.
+    names: Vec<String>,
+}
+
+impl<'a> Trace<'a> {
+    fn of(all: &'a [Received], trace_id: &str, caller: &str, log: &str) -> Trace<'a> {
+        let spans: Vec<&Received> = all.iter().filter(|s| s.trace_id == trace_id).collect();
+        assert!(
+            !spans.is_empty(),
+            "no span of trace {trace_id} (caller {caller}) among {} received\n{log}",
+            all.len()
+        );
+        let names = spans
+            .iter()
+            .map(|s| format!("{} {:?}", s.name, s.attributes.get("service")))
+            .collect();
+        Trace { spans, names }
+    }
+
+    fn named(&self, name: &str) -> &'a Received {
+        self.spans
+            .iter()
+            .copied()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {:?}", self.names))
+    }
+
+    /// `service`'s span handling the trace's `event_type` event.
+    fn handling(&self, service: &str, event_type: &str) -> &'a Received {
+        self.spans
+            .iter()
             .copied()
             .find(|s| {
                 s.attributes.get("service").map(String::as_str) == Some(service)
                     && s.attributes.get("event_type").map(String::as_str) == Some(event_type)
             })
-            .unwrap_or_else(|| panic!("no {service} span for {event_type} in {names:?}"))
-    };
-    let reserve = handling("inventory", "order.placed");
-    assert_eq!(reserve.name, "process order.placed");
-    assert_eq!(reserve.parent_span_id, request.span_id);
-    let capture = handling("payments", "stock.reserved");
-    assert_eq!(capture.parent_span_id, reserve.span_id);
-    let confirm = handling("orders", "payment.captured");
-    assert_eq!(confirm.parent_span_id, capture.span_id);
-    let dispatch = handling("shipping", "order.confirmed");
-    assert_eq!(dispatch.parent_span_id, confirm.span_id);
-    let shipped = handling("orders", "shipment.dispatched");
-    assert_eq!(shipped.parent_span_id, dispatch.span_id);
-    let released = handling("inventory", "shipment.dispatched");
-    assert_eq!(released.parent_span_id, dispatch.span_id);
-    assert_eq!(reserve.attributes["subject"], order_id);
+            .unwrap_or_else(|| panic!("no {service} span for {event_type} in {:?}", self.names))
+    }
 
-    // No span of the trace hangs from a parent the collector never got,
-    // but the caller's own.
-    let ids: BTreeMap<&str, &str> = ours
-        .iter()
-        .map(|s| (s.span_id.as_str(), s.name.as_str()))
-        .collect();
-    for s in &ours {
-        assert!(
-            s.parent_span_id == caller_span || ids.contains_key(s.parent_span_id.as_str()),
-            "{} has a parent outside the trace: {names:?}",
-            s.name
-        );
+    /// No span hangs from a parent the collector never got, but the
+    /// caller's own.
+    fn assert_connected(&self, caller: &str) {
+        let ids: BTreeMap<&str, &str> = self
+            .spans
+            .iter()
+            .map(|s| (s.span_id.as_str(), s.name.as_str()))
+            .collect();
+        for s in &self.spans {
+            assert!(
+                s.parent_span_id == caller || ids.contains_key(s.parent_span_id.as_str()),
+                "{} has a parent outside the trace: {:?}",
+                s.name,
+                self.names
+            );
+        }
     }
 }
 
@@ -329,11 +404,13 @@ fn without_an_endpoint_no_exporter_layer_or_propagator_is_set_up() {
     for var in [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "RUST_LOG",
     ] {
         std::env::remove_var(var);
     }
+    // This test's spans logged, the drivers' lines of the other test not.
     let telemetry =
-        warren_cli::telemetry::init(warren_cli::config::LogFormat::Json, "info").unwrap();
+        warren_cli::telemetry::init(warren_cli::config::LogFormat::Json, "otel=info,warn").unwrap();
     assert!(!telemetry.exporting(), "no exporter");
     // No OpenTelemetry layer: a span cannot take a remote parent, and an
     // event raised in it carries no span of it.
