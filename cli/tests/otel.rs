@@ -426,3 +426,26 @@ fn without_an_endpoint_no_exporter_layer_or_propagator_is_set_up() {
     use opentelemetry::trace::TraceContextExt;
     assert!(!cx.span().span_context().is_valid());
 }
+
+#[test]
+fn the_exporter_brings_no_other_tls_stack_or_grpc() {
+    // rustls on ring is the one TLS stack (lapin's): no OpenSSL, no
+    // native-tls, no aws-lc (a second rustls provider would leave rustls
+    // without a default one), and no gRPC stack for an exporter that
+    // speaks OTLP/HTTP.
+    let lock =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+    for name in [
+        "openssl",
+        "openssl-sys",
+        "native-tls",
+        "aws-lc-rs",
+        "aws-lc-sys",
+        "tonic",
+    ] {
+        assert!(
+            !lock.contains(&format!("name = \"{name}\"\n")),
+            "{name} is in Cargo.lock"
+        );
+    }
+}
