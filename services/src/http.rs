@@ -210,12 +210,18 @@ pub async fn traced(req: Request, next: axum::middleware::Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let method = req.method().clone();
+    // Wire text: the standard methods by name, any other as `_OTHER`
+    // (OpenTelemetry's HTTP conventions), so span names stay bounded.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m,
+        _ => "_OTHER",
+    };
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
-        http.request.method = %method,
+        http.request.method = method,
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
     );
