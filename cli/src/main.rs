@@ -232,7 +232,13 @@ async fn main() {
         Command::Bench(_) => "warn",
         _ => warren_cli::telemetry::DEFAULT_FILTER,
     };
-    warren_cli::telemetry::init(cli.settings.log_format, default_filter);
+    let telemetry = match warren_cli::telemetry::init(cli.settings.log_format, default_filter) {
+        Ok(t) => t,
+        Err(e) => {
+            output::eline(&format!("error: {e}"));
+            std::process::exit(2);
+        }
+    };
     let s = &cli.settings;
     let result = match &cli.command {
         Command::Demo(a) => demo::run(s, a).await,
@@ -252,6 +258,8 @@ async fn main() {
             output::Out::stdout().raw(&out)
         }
     };
+    // Before any exit: the spans of the last moments are still buffered.
+    telemetry.shutdown().await;
     if let Err(e) = result {
         let code = warren_cli::error::exit_code(&e);
         if e.downcast_ref::<output::ClosedPipe>().is_some() {

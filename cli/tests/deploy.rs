@@ -337,11 +337,29 @@ fn compose_observability_profile_scrapes_traces_and_shows_the_dashboard() {
         );
     }
     for (name, s) in warren_services(&compose) {
-        assert!(
-            s["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].is_string(),
+        assert_eq!(
+            s["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            json!("${WARREN_OTLP_ENDPOINT:-}"),
             "{name}"
         );
     }
+    // The endpoint .env.example gives is Jaeger's OTLP/HTTP receiver (4318;
+    // 4317 is gRPC, which warren does not speak), and warren takes it.
+    let example = read(".env.example");
+    let endpoint = example
+        .lines()
+        .find_map(|l| {
+            l.trim_start_matches('#')
+                .strip_prefix("WARREN_OTLP_ENDPOINT=")
+        })
+        .expect(".env.example sets WARREN_OTLP_ENDPOINT");
+    assert_eq!(endpoint, "http://jaeger:4318");
+    let otlp = warren_cli::telemetry::OtlpConfig::from_vars(|v| {
+        (v == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| endpoint.to_owned())
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(otlp.traces_url, "http://jaeger:4318/v1/traces");
     let prometheus = yaml_docs("deploy/prometheus/prometheus.yml").remove(0);
     let jobs = prometheus["scrape_configs"].to_string();
     assert!(jobs.contains("15692"), "RabbitMQ's metrics are not scraped");

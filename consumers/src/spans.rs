@@ -26,8 +26,10 @@ pub(crate) fn batch(service: &str, size: usize) -> Span {
 
 /// The span of one event's handling, on its `attempt`th delivery.
 pub(crate) fn handle(service: &str, event: &Envelope, attempt: u32) -> Span {
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "warren.handle",
+        otel.name = %format_args!("process {}", event.event_type),
+        otel.kind = "consumer",
         service,
         event_id = %event.id,
         event_type = event.event_type.as_str(),
@@ -39,7 +41,11 @@ pub(crate) fn handle(service: &str, event: &Envelope, attempt: u32) -> Span {
             .as_deref()
             .unwrap_or(""),
         attempt,
-    )
+    );
+    // A child of the span that raised the event, when OpenTelemetry
+    // records spans: one order's saga is one trace.
+    events::trace_context::continue_trace(&span, event.traceparent.as_deref());
+    span
 }
 
 /// The span of a batch handler's call on a run of events, linked to the

@@ -70,15 +70,20 @@ impl Envelope {
             sequence: 0,
             correlationid: Some(id.to_string()),
             causationid: None,
-            traceparent: Some(traceparent(None)),
+            // The span raising the event (an HTTP request, a handler), when
+            // OpenTelemetry records spans; a new trace otherwise.
+            traceparent: Some(crate::trace_context::current().unwrap_or_else(|| traceparent(None))),
             // Serialising a plain data struct of the catalog into a Value
             // cannot fail: they hold only strings, numbers, uuids and vecs.
             data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
         }
     }
 
-    /// Marks this envelope as caused by `cause`: same correlation, and
-    /// `causationid` = the cause's id.
+    /// Marks this envelope as caused by `cause`: same correlation,
+    /// `causationid` = the cause's id, and the cause's trace: the current
+    /// span's context when it belongs to that trace (the span handling
+    /// `cause`, when OpenTelemetry records spans), else a new span id in the
+    /// cause's trace.
     pub fn caused_by(mut self, cause: &Envelope) -> Self {
         self.correlationid = Some(
             cause
@@ -87,7 +92,17 @@ impl Envelope {
                 .unwrap_or_else(|| cause.id.to_string()),
         );
         self.causationid = Some(cause.id.to_string());
-        self.traceparent = Some(traceparent(cause.traceparent.as_deref()));
+        let cause_trace = cause
+            .traceparent
+            .as_deref()
+            .and_then(crate::trace_context::trace_id);
+        self.traceparent = Some(
+            crate::trace_context::current()
+                .filter(|own| {
+                    cause_trace.is_some() && crate::trace_context::trace_id(own) == cause_trace
+                })
+                .unwrap_or_else(|| traceparent(cause.traceparent.as_deref())),
+        );
         self
     }
 
@@ -105,7 +120,8 @@ impl Envelope {
 /// A W3C `traceparent` for a new span: it continues the trace of `parent`
 /// when that is a valid traceparent, and starts a new trace otherwise. This
 /// propagates one trace across a whole saga without an OpenTelemetry SDK;
-/// a service that installs one can overwrite the attribute before append.
+/// with one, [`Envelope::new`] and [`Envelope::caused_by`] take the current
+/// span's context instead (see [`crate::trace_context`]).
 pub fn traceparent(parent: Option<&str>) -> String {
     let trace_id = parent
         .and_then(|p| {

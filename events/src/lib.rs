@@ -14,6 +14,8 @@
 //! - [`fixtures`]: JSON Lines fixture reader/writer with file:line errors.
 //! - [`mod@printable`]: wire text escaped and bounded for logs, spans and metrics.
 //! - [`error`]: [`DecodeError`], what can be wrong with an incoming event.
+//! - [`trace_context`]: an event's `traceparent` from the current span, and
+//!   a handling span's parent from an event's `traceparent` (OpenTelemetry).
 
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod envelope;
 pub mod error;
 pub mod fixtures;
 pub mod printable;
+pub mod trace_context;
 pub mod upcast;
 
 pub use catalog::{Catalog, EventData, EventSpec, Upcaster};

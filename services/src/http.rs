@@ -1,7 +1,7 @@
 //! The HTTP API's shared pieces: JSON errors, a JSON extractor whose
 //! rejections are JSON too, `ETag`/`If-Match` for versioned resources,
-//! health and readiness, the `http.request` span, and the state the
-//! handlers share.
+//! health and readiness, the `http.request` span (continuing a caller's
+//! `traceparent`), and the state the handlers share.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, MatchedPath, Request, State};
@@ -212,13 +212,47 @@ pub async fn trace(request: Request, next: Next) -> Response {
         .map_or("unmatched", MatchedPath::as_str);
     let span = tracing::info_span!(
         "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
         http.request.method = method,
         http.route = route,
         http.response.status_code = tracing::field::Empty,
     );
+    continue_callers_trace(&span, request.headers());
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response
+}
+
+/// Makes `span` a child of the caller's span when the application installed
+/// a propagator (the `warren` binary installs W3C Trace Context when it
+/// exports traces) and the request carries its header (`traceparent`), so
+/// the events the request raises, and everything they cause, are one trace
+/// with the caller's. Without one, `extract` finds nothing.
+fn continue_callers_trace(span: &tracing::Span, headers: &HeaderMap) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if span.is_disabled() {
+        return;
+    }
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Request headers as an OpenTelemetry propagation carrier.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 /// Liveness: the process answers.
