@@ -34,6 +34,7 @@ use crate::inbox::Inbox;
 use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
+use crate::trail::Trail;
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -58,6 +59,8 @@ pub(crate) struct Processor {
     pub pool: PgPool,
     pub outbox: Outbox,
     pub inbox: Inbox,
+    /// Where the outcomes the inbox does not show are kept.
+    pub trail: Trail,
     pub forwarder: Forwarder,
     pub config: Arc<SubscriptionConfig>,
     pub stats: Arc<Stats>,
@@ -255,7 +258,13 @@ impl Processor {
         events: &[&Envelope],
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
-        let admissions = self.inbox.admit(&mut tx, events).await?;
+        // Which events the service has no handler for, so the inbox
+        // records them as skipped (what `warren trace` shows).
+        let skipped: Vec<bool> = events
+            .iter()
+            .map(|e| self.router.handler(&e.event_type).is_none())
+            .collect();
+        let admissions = self.inbox.admit_marked(&mut tx, events, &skipped).await?;
         let mut plan = order::plan(events, &admissions);
         // Rare: at or below the applied sequence. Asked in a statement of
         // its own, whose snapshot is taken with the progress rows locked,
@@ -431,6 +440,9 @@ impl Processor {
                 .map_or_else(|| original_routing_key(delivery), |e| e.event_type.clone()),
             subject: envelope.map(|e| e.subject.clone()),
             correlation_id: envelope.and_then(|e| e.correlationid.clone()),
+            causation_id: envelope.and_then(|e| e.causationid.clone()),
+            source: envelope.map(|e| e.source.clone()),
+            event_time: envelope.map(|e| e.time),
             attempt: header_u32(&delivery.properties, H_ATTEMPT)
                 .unwrap_or(1)
                 .max(1),
@@ -454,6 +466,15 @@ impl Processor {
             .settle(settled.iter().map(|(d, _)| d.delivery_tag))
             .await?;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // After the acks: the record is for `warren trace`, not part of
+        // settling, and a failure must not hold the events up.
+        if let Err(e) = self
+            .trail
+            .record(&self.pool, settled.iter().map(|(_, r)| r))
+            .await
+        {
+            tracing::warn!(service = self.router.service(), error = %e, "could not record outcomes for warren trace");
+        }
         for (_, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();

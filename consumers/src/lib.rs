@@ -26,6 +26,8 @@
 //! - [`deadletter`]: carrying decisions out through the broker (retry queues, dead-letter
 //!   queue) and the headers they set.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
+//! - [`trail`]: the deliveries that ended otherwise than applied (duplicate, deferred,
+//!   retried, dead-lettered), kept for `warren trace`.
 //! - [`install`]: the inbox's tables, installed by the library's versioned installer.
 //! - `acks`: acknowledgements with `multiple`, safe across lanes.
 //! - [`outcome`]: outcomes, their log lines, counters and the live feed for `warren tail`.
@@ -47,6 +49,7 @@ pub mod outcome;
 pub mod retry;
 pub mod router;
 pub mod subscription;
+pub mod trail;
 
 #[cfg(feature = "testkit")]
 pub use config::CrashPoint;

@@ -32,6 +32,7 @@ use crate::delivery::{decode, Processor, SettleError};
 use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
+use crate::trail::Trail;
 use crate::Router;
 
 /// Why a subscription could not be built, or why a session ended (the
@@ -239,6 +240,7 @@ impl Subscription {
             pool: self.pool.clone(),
             outbox: self.outbox.clone(),
             inbox: self.inbox.clone(),
+            trail: Trail::new(service),
             forwarder: Forwarder::new(
                 forwards,
                 self.topology.clone(),
@@ -309,6 +311,15 @@ impl Subscription {
             Ok(0) => {}
             Ok(n) => tracing::info!(service, deleted = n, "pruned inbox rows"),
             Err(e) => tracing::warn!(service, error = %e, "inbox retention failed"),
+        }
+        // The outcomes kept for `warren trace` go with the inbox rows.
+        match Trail::new(service)
+            .prune(&self.pool, self.config.inbox_retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(service, deleted = n, "pruned outcome records"),
+            Err(e) => tracing::warn!(service, error = %e, "outcome record retention failed"),
         }
     }
 }
