@@ -131,6 +131,50 @@ fn undecoded_id(body: &[u8], ce_id: Option<String>) -> Option<String> {
         .map(|u| u.to_string())
 }
 
+/// Attributes of an envelope that did not decode as a whole, from the
+/// structured body or the binary mode's `ce-` headers.
+#[derive(Debug, Default)]
+struct Attributes {
+    subject: Option<String>,
+    correlationid: Option<String>,
+    causationid: Option<String>,
+    source: Option<String>,
+    time: Option<String>,
+}
+
+/// Reads [`Attributes`] leniently. They go into log lines and the trace
+/// record, so only short text without control characters is kept; a
+/// value that is not text (or the body that is not an object) counts as
+/// absent.
+fn undecoded_attributes(body: &[u8], props: &lapin::BasicProperties) -> Attributes {
+    let clean = |s: Option<String>| {
+        s.filter(|s| s.len() <= events::MAX_ATTRIBUTE_LEN && !s.chars().any(char::is_control))
+    };
+    let text =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let doc: serde_json::Value = (body.len() <= events::DEFAULT_MAX_BODY)
+        .then(|| serde_json::from_slice(body).ok())
+        .flatten()
+        .unwrap_or_default();
+    // In binary mode the body is the data alone, whose fields may share
+    // these names: only the headers count there.
+    let binary = header_str(props, "ce-specversion").is_some();
+    let pick = |k: &str| {
+        clean(if binary {
+            header_str(props, &format!("ce-{k}"))
+        } else {
+            text(&doc, k)
+        })
+    };
+    Attributes {
+        subject: pick("subject"),
+        correlationid: pick("correlationid"),
+        causationid: pick("causationid"),
+        source: pick("source"),
+        time: pick("time"),
+    }
+}
+
 impl Processor {
     /// Settles a batch of deliveries of one lane: the decodable ones are
     /// applied in one transaction; if that fails, each is applied on its
@@ -173,6 +217,15 @@ impl Processor {
         error: &DecodeError,
     ) -> Result<OutcomeRecord, SettleError> {
         let mut record = self.record_for(delivery, None);
+        // What can still be read of its envelope, so that `warren trace`
+        // finds the dead letter in its story (an order.placed whose data
+        // is wrong still names its order and correlation).
+        let attrs = undecoded_attributes(&delivery.data, &delivery.properties);
+        record.subject = attrs.subject;
+        record.correlation_id = attrs.correlationid;
+        record.causation_id = attrs.causationid;
+        record.source = attrs.source;
+        record.event_time = attrs.time.and_then(|t| t.parse().ok());
         let decision = Decision::DeadLetter {
             reason: error.kind(),
             error: error.to_string(),
@@ -518,6 +571,16 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_undecodable_envelope_keeps_its_clean_attributes_for_the_trace() {
+        let body = br#"{"id":"x","subject":"o-1","correlationid":"c-1","causationid":"e\u001b[31m","source":"/warren/orders","data":{}}"#;
+        let a = undecoded_attributes(body, &lapin::BasicProperties::default());
+        assert_eq!(a.subject.as_deref(), Some("o-1"));
+        assert_eq!(a.correlationid.as_deref(), Some("c-1"));
+        assert_eq!(a.causationid, None, "control characters: dropped");
+        assert_eq!(a.source.as_deref(), Some("/warren/orders"));
+    }
 
     #[test]
     fn an_undecodable_envelope_still_names_its_uuid_id_and_nothing_else() {
