@@ -325,5 +325,6 @@ async fn print_summary(pool: &PgPool, app: &App, settings: &Settings) -> anyhow:
         );
     }
     println!();
+    println!("Follow one order through every service: warren trace --demo <order id> [--format json|mermaid]");
     Ok(())
 }

@@ -33,6 +33,13 @@ pub struct RunArgs {
     /// inspection; 0 deletes it once the broker confirmed it.
     #[arg(long, env = "WARREN_OUTBOX_RETENTION_SECS", default_value_t = 0)]
     pub outbox_retention_secs: u64,
+    /// Days each service keeps its inbox rows and the outcome records
+    /// `warren trace` reads (pruned every 5 minutes). Must exceed the
+    /// longest redelivery (retries plus a dead-letter redrive): a later
+    /// duplicate is no longer recognised by its id.
+    #[arg(long, env = "WARREN_INBOX_RETENTION_DAYS", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub inbox_retention_days: u64,
 }
 
 impl RunArgs {
@@ -71,6 +78,9 @@ impl RunArgs {
                     ..Default::default()
                 },
                 max_body: settings.max_body,
+                inbox_retention: std::time::Duration::from_secs(
+                    self.inbox_retention_days * 24 * 3600,
+                ),
                 ..Default::default()
             },
             relay: RelayConfig {

@@ -9,7 +9,8 @@
 //! published, or kept by `--outbox-retention-secs`). An event is in the
 //! inbox of every service bound to its type, so a published event that
 //! no service consumes, once its outbox row is gone, is not in the story.
-//! Records older than the inbox retention (7 days by default) are pruned.
+//! Records older than the inbox retention (`warren run
+//! --inbox-retention-days`, 7 by default) are pruned.
 //!
 //! Finding the story: the rows whose event id, correlation id or subject
 //! is `ID` give the correlation ids; every row of those correlations is
@@ -144,7 +145,7 @@ pub async fn run(settings: &Settings, args: &TraceArgs) -> anyhow::Result<()> {
     let Some(story) = story? else {
         return Err(InvalidInput(format!(
             "nothing recorded about {:?}: no event, correlation or subject of that id in {} \
-             (records are kept for the inbox retention, 7 days by default)",
+             (records are kept for the inbox retention, `warren run --inbox-retention-days`, 7 by default)",
             crate::output::escape(&args.id),
             services::ALL.join(", ")
         ))
