@@ -506,7 +506,7 @@ fn assemble(
         if placed[r] {
             continue;
         }
-        roots.push(build(r, &all, &children, &mut placed, started_at));
+        roots.push(build(r, &all, &children, &mut placed));
     }
     Story {
         query: query.to_owned(),
@@ -525,14 +525,13 @@ fn build(
     all: &[Known],
     children: &[Vec<usize>],
     placed: &mut [bool],
-    started_at: DateTime<Utc>,
 ) -> Node {
     placed[i] = true;
     let k = &all[i];
     let mut caused = Vec::new();
     for &c in &children[i] {
         if !placed[c] {
-            caused.push(build(c, all, children, placed, started_at));
+            caused.push(build(c, all, children, placed));
         }
     }
     Node {
