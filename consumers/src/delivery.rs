@@ -34,7 +34,7 @@ use crate::inbox::Inbox;
 use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
-use crate::trail::Trail;
+use crate::trail::Recorder;
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -59,8 +59,8 @@ pub(crate) struct Processor {
     pub pool: PgPool,
     pub outbox: Outbox,
     pub inbox: Inbox,
-    /// Where the outcomes the inbox does not show are kept.
-    pub trail: Trail,
+    /// Where the outcomes the inbox does not show go.
+    pub trail: Recorder,
     pub forwarder: Forwarder,
     pub config: Arc<SubscriptionConfig>,
     pub stats: Arc<Stats>,
@@ -519,15 +519,9 @@ impl Processor {
             .settle(settled.iter().map(|(d, _)| d.delivery_tag))
             .await?;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        // After the acks: the record is for `warren trace`, not part of
-        // settling, and a failure must not hold the events up.
-        if let Err(e) = self
-            .trail
-            .record(&self.pool, settled.iter().map(|(_, r)| r))
-            .await
-        {
-            tracing::warn!(service = self.router.service(), error = %e, "could not record outcomes for warren trace");
-        }
+        // Handed to the trail's writer, never waited for: the record is
+        // for `warren trace`, not part of settling.
+        self.trail.record(settled.iter().map(|(_, r)| r));
         for (_, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();

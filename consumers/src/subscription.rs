@@ -32,7 +32,7 @@ use crate::delivery::{decode, Processor, SettleError};
 use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
-use crate::trail::Trail;
+use crate::trail::{Recorder, Trail};
 use crate::Router;
 
 /// Why a subscription could not be built, or why a session ended (the
@@ -199,7 +199,14 @@ impl Subscription {
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.declare(&ch).await?;
-        let processor = self.processor(conn, &ch).await?;
+        let (recorder, writer) = Trail::new(service).start(self.pool.clone(), service);
+        let processor = match self.processor(conn, &ch, recorder).await {
+            Ok(p) => p,
+            Err(e) => {
+                writer.finish().await;
+                return Err(e);
+            }
+        };
         let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
         let queue = self.topology.queue(service);
         let mut consumer = ch
@@ -222,6 +229,8 @@ impl Subscription {
         lanes
             .stop(result.is_ok(), self.config.handler_timeout * 2, service)
             .await;
+        drop(processor);
+        writer.finish().await;
         result
     }
 
@@ -232,6 +241,7 @@ impl Subscription {
         &self,
         conn: &Connection,
         ch: &Channel,
+        trail: Recorder,
     ) -> Result<Processor, SubscriptionError> {
         let service = self.router.service();
         let forwards = Publisher::open(conn).await?;
@@ -240,7 +250,7 @@ impl Subscription {
             pool: self.pool.clone(),
             outbox: self.outbox.clone(),
             inbox: self.inbox.clone(),
-            trail: Trail::new(service),
+            trail,
             forwarder: Forwarder::new(
                 forwards,
                 self.topology.clone(),

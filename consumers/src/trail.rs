@@ -4,23 +4,41 @@
 //! so each leaves a row in `<schema>.inbox_outcomes` instead, with its
 //! attempt, reason and error.
 //!
-//! The record is telemetry: written after the deliveries are settled, in
-//! one statement per batch and only for batches that have such outcomes
-//! (the usual batch has none and costs nothing here), under a timeout; a
-//! failure is logged and never holds an event up. Pruned with the inbox,
-//! by the same retention.
+//! The record is telemetry and stays off the lanes' path: a lane hands
+//! its batch's records to a bounded channel without waiting ([`Recorder`]),
+//! and one writer per consumer session ([`Writer`]) inserts what has
+//! gathered, one statement at a time, without waiting for the WAL flush
+//! (`synchronous_commit = off`: a database crash may lose the last
+//! records, never an event). A deferral storm (many early events under
+//! several consumers) thus costs the lanes nothing but a channel send.
+//! When the writer falls more than [`CAPACITY`] records behind, the
+//! records that do not fit are dropped and counted in a warning. A
+//! session that ends writes what is queued (for up to 5 s) before it
+//! returns. Rows are pruned with the inbox, by the same retention.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::outcome::{Outcome, OutcomeRecord};
 
-/// Longest the record of a batch's outcomes may take before it is given
-/// up (and logged): the lane waits for it.
-const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one insert may take before it is given up (and logged).
+const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Records queued for the writer at most; more are dropped (counted).
+pub const CAPACITY: usize = 4096;
+
+/// Most records one insert carries.
+const WRITE_BATCH: usize = 512;
+
+/// Longest a finishing session waits for the queued records to be written.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest error text kept in a row (the dead-letter header keeps the
 /// same).
@@ -59,11 +77,74 @@ impl Trail {
         }
     }
 
+    /// Starts the writer of one consumer session: the [`Recorder`] the
+    /// lanes hand records to, and the [`Writer`] to finish at the end.
+    pub fn start(self, pool: PgPool, service: &str) -> (Recorder, Writer) {
+        let (tx, mut rx) = mpsc::channel::<OutcomeRecord>(CAPACITY);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let service = service.to_owned();
+        let recorder = Recorder {
+            tx,
+            dropped: dropped.clone(),
+        };
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(WRITE_BATCH);
+                loop {
+                    let n = tokio::select! {
+                        n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
+                        _ = stop.cancelled() => {
+                            // No more sends; what is queued is still read.
+                            rx.close();
+                            rx.recv_many(&mut batch, WRITE_BATCH).await
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    if let Err(e) = self.write(&pool, &batch).await {
+                        tracing::warn!(service, error = %e, records = batch.len(), "could not record outcomes for warren trace");
+                    }
+                    batch.clear();
+                    let lost = dropped.swap(0, Ordering::Relaxed);
+                    if lost > 0 {
+                        tracing::warn!(
+                            service,
+                            dropped = lost,
+                            "outcome records for warren trace dropped: the writer fell behind"
+                        );
+                    }
+                }
+            })
+        };
+        (recorder, Writer { task, stop })
+    }
+
+    /// Inserts `records` (all [`kept`] ones) in one statement, in a
+    /// transaction that does not wait for the WAL flush.
+    async fn write(&self, pool: &PgPool, records: &[OutcomeRecord]) -> Result<(), sqlx::Error> {
+        let work = async {
+            let mut conn = pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+            self.record(&mut tx, records).await?;
+            tx.commit().await
+        };
+        match tokio::time::timeout(RECORD_TIMEOUT, work).await {
+            Ok(done) => done,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
     /// Records the [`kept`] outcomes among `records`, in one statement
     /// (none when there are none).
     pub async fn record<'a>(
         &self,
-        pool: &PgPool,
+        conn: &mut sqlx::PgConnection,
         records: impl IntoIterator<Item = &'a OutcomeRecord>,
     ) -> Result<(), sqlx::Error> {
         let rows: Vec<&OutcomeRecord> = records.into_iter().filter(|r| kept(r.outcome)).collect();
@@ -96,7 +177,7 @@ impl Trail {
                     .map(|e| e.chars().take(MAX_ERROR_LEN).collect())
             })
             .collect();
-        let insert = sqlx::query(&self.insert)
+        sqlx::query(&self.insert)
             .bind(ids)
             .bind(types)
             .bind(sources)
@@ -108,11 +189,9 @@ impl Trail {
             .bind(attempts)
             .bind(reasons)
             .bind(errors)
-            .execute(pool);
-        match tokio::time::timeout(RECORD_TIMEOUT, insert).await {
-            Ok(done) => done.map(|_| ()),
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
-        }
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 
     /// Deletes rows older than `window`, `batch` at a time.
@@ -136,6 +215,49 @@ impl Trail {
             if n < batch as u64 {
                 return Ok(total);
             }
+        }
+    }
+}
+
+/// The lanes' side of the record: hands records over without waiting.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<OutcomeRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    /// Queues the [`kept`] outcomes among `records`; what does not fit is
+    /// dropped and counted (the writer warns).
+    pub fn record<'a>(&self, records: impl IntoIterator<Item = &'a OutcomeRecord>) {
+        for r in records.into_iter().filter(|r| kept(r.outcome)) {
+            if self.tx.try_send(r.clone()).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The writer of one session, finished when the session ends.
+#[derive(Debug)]
+pub struct Writer {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Writer {
+    /// Writes what is queued (for up to 5 s), then stops.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(FINISH_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "outcome records for warren trace still queued at shutdown were dropped"
+            );
+            task.abort();
         }
     }
 }

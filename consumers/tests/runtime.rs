@@ -1320,13 +1320,24 @@ async fn the_inbox_and_the_outcome_record_keep_what_trace_reads(pool: PgPool) {
         Option<String>,
         Option<String>,
     );
-    let kept: Vec<Kept> = sqlx::query_as(
-        "SELECT event_id, outcome, attempt, reason, correlation_id, subject \
-         FROM shipping.inbox_outcomes ORDER BY recorded_at",
+    let kept = || async {
+        let v: Vec<Kept> = sqlx::query_as(
+            "SELECT event_id, outcome, attempt, reason, correlation_id, subject \
+             FROM shipping.inbox_outcomes ORDER BY recorded_at",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        v
+    };
+    // Written off the lanes' path, by the session's writer.
+    until(
+        "both outcomes recorded",
+        Duration::from_secs(10),
+        || async { kept().await.len() == 2 },
     )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    .await;
+    let kept = kept().await;
     let subject = Some(order.to_string());
     assert_eq!(
         kept,

@@ -520,12 +520,7 @@ fn assemble(
     }
 }
 
-fn build(
-    i: usize,
-    all: &[Known],
-    children: &[Vec<usize>],
-    placed: &mut [bool],
-) -> Node {
+fn build(i: usize, all: &[Known], children: &[Vec<usize>], placed: &mut [bool]) -> Node {
     placed[i] = true;
     let k = &all[i];
     let mut caused = Vec::new();
