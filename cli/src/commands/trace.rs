@@ -126,7 +126,7 @@ pub struct Story {
     pub duration_ms: f64,
     /// Number of events.
     pub events: usize,
-    /// Whether a table held more rows than were read ([`MAX_ROWS`]).
+    /// Whether a table held more rows than were read (5,000 per table and schema).
     pub truncated: bool,
     /// The events no other event of the story caused, each with its tree.
     pub roots: Vec<Node>,
