@@ -303,3 +303,48 @@ async fn trace_escapes_control_characters_from_the_wire_in_text(pool: PgPool) {
         assert!(t.contains(needle), "{needle} missing from:\n{t}");
     }
 }
+
+/// An order in flight: its event committed to the outbox and not yet
+/// published (no relay runs here) is in the story as `raised`.
+#[sqlx::test(migrations = false)]
+async fn trace_shows_an_event_still_in_its_outbox_as_raised(pool: PgPool) {
+    services::migrate(&pool).await.unwrap();
+    let order = Uuid::now_v7();
+    let data = services::catalog::OrderPlaced {
+        order_id: order,
+        customer_id: Uuid::now_v7(),
+        lines: vec![services::catalog::OrderLine {
+            sku: "WIDGET".into(),
+            qty: 1,
+            unit_price: 100,
+        }],
+        total: 100,
+        payment_token: "tok_ok".into(),
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let event = producers::Outbox::new("orders")
+        .unwrap()
+        .append(
+            &mut tx,
+            events::Envelope::new("orders", order.to_string(), &data),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let o = pool.connect_options();
+    let db = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        o.get_port(),
+        o.get_database().unwrap()
+    );
+    let subject = order.to_string();
+    let out =
+        tokio::task::spawn_blocking(move || warren(&db, &["trace", &subject, "--format", "json"]))
+            .await
+            .unwrap();
+    let story = json(&out);
+    let node = find(&story, "order.placed");
+    assert_eq!(node["id"], event.id.to_string());
+    assert_eq!(node["correlation_id"], event.correlationid.clone().unwrap());
+    assert_eq!(outcome_of(node, "orders"), ["raised"]);
+}
