@@ -6,7 +6,7 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use warren_cli::commands::{
-    demo, dlq, migrate, publish, replay, run, setup, status, tail, teardown,
+    demo, dlq, migrate, publish, replay, run, setup, status, tail, teardown, trace,
 };
 use warren_cli::config::Settings;
 use warren_cli::output::{self, ColorWhen};
@@ -19,7 +19,7 @@ const EXIT_CODES: &str = "Exit codes:\n  0    success (also when standard output
     name = "warren",
     version,
     about,
-    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren status --json\n  warren dlq\n  warren dlq redrive --reason handler_rejected --dry-run\n  warren teardown --namespace bench-1a2b3c4d\n  WARREN_ORDERS_PASSWORD=... warren setup orders\n  warren completions bash > /etc/bash_completion.d/warren",
+    after_help = "Examples:\n  warren demo\n  warren run orders inventory\n  warren publish customer.registered --data '{\"customer_id\":\"0192f0c4-7a3e-7cc1-9d1e-3b1f2a4c5d6e\",\"name\":\"Ada\",\"email\":\"ada@example.com\"}'\n  warren replay fixtures/saga-happy.jsonl --rate 10\n  warren tail 'order.*'\n  warren trace --demo 01a1ee56-8280-7d1b-8f4e-05e0c0bb6c5f --format mermaid\n  warren status --json\n  warren dlq\n  warren dlq redrive --reason handler_rejected --dry-run\n  warren teardown --namespace bench-1a2b3c4d\n  WARREN_ORDERS_PASSWORD=... warren setup orders\n  warren completions bash > /etc/bash_completion.d/warren",
     after_long_help = EXIT_CODES
 )]
 struct Cli {
@@ -44,6 +44,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Live view of events on the bus and of each consumer's outcome.
     Tail(tail::TailArgs),
+    /// One order's (subject's, correlation's, event's) story across services, after the fact.
+    Trace(trace::TraceArgs),
     /// Queues, consumers, outbox backlog, inbox size, dead letters per service.
     /// Also the broker's alarms and file descriptors (through rabbitmqctl).
     Status(status::StatusArgs),
@@ -246,6 +248,7 @@ async fn main() {
         Command::Publish(a) => publish::run(s, a).await,
         Command::Replay(a) => replay::run(s, a).await,
         Command::Tail(a) => tail::run(s, a).await,
+        Command::Trace(a) => trace::run(s, a).await,
         Command::Status(a) => status::run(s, a).await,
         Command::Dlq(a) => dlq::run(s, a).await,
         Command::Migrate { json } => migrate::run(s, *json).await,

@@ -21,7 +21,11 @@ pub struct SubscriptionConfig {
     pub handler_timeout: Duration,
     /// Largest body accepted; larger ones are dead-lettered unread.
     pub max_body: usize,
-    /// Inbox rows older than this are pruned.
+    /// Inbox rows, and the outcome records `warren trace` reads
+    /// ([`crate::trail`]), older than this are pruned (every 5 minutes).
+    /// It bounds how long ago a story can be traced, and must exceed the
+    /// longest time a redelivery can take (retries plus a dead-letter
+    /// redrive), or a late duplicate would apply twice.
     pub inbox_retention: Duration,
     /// Whether to publish outcomes on the live feed for `warren tail`.
     pub live_feed: bool,

@@ -36,6 +36,7 @@ use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
 use crate::spans;
+use crate::trail::Recorder;
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -60,6 +61,8 @@ pub(crate) struct Processor {
     pub pool: PgPool,
     pub outbox: Outbox,
     pub inbox: Inbox,
+    /// Where the outcomes the inbox does not show go.
+    pub trail: Recorder,
     pub forwarder: Forwarder,
     pub config: Arc<SubscriptionConfig>,
     pub stats: Arc<Stats>,
@@ -132,6 +135,50 @@ fn undecoded_id(body: &[u8], ce_id: Option<String>) -> Option<String> {
         .map(|u| u.to_string())
 }
 
+/// Attributes of an envelope that did not decode as a whole, from the
+/// structured body or the binary mode's `ce-` headers.
+#[derive(Debug, Default)]
+struct Attributes {
+    subject: Option<String>,
+    correlationid: Option<String>,
+    causationid: Option<String>,
+    source: Option<String>,
+    time: Option<String>,
+}
+
+/// Reads [`Attributes`] leniently. They go into log lines and the trace
+/// record, so only short text without control characters is kept; a
+/// value that is not text (or the body that is not an object) counts as
+/// absent.
+fn undecoded_attributes(body: &[u8], props: &lapin::BasicProperties) -> Attributes {
+    let clean = |s: Option<String>| {
+        s.filter(|s| s.len() <= events::MAX_ATTRIBUTE_LEN && !s.chars().any(char::is_control))
+    };
+    let text =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let doc: serde_json::Value = (body.len() <= events::DEFAULT_MAX_BODY)
+        .then(|| serde_json::from_slice(body).ok())
+        .flatten()
+        .unwrap_or_default();
+    // In binary mode the body is the data alone, whose fields may share
+    // these names: only the headers count there.
+    let binary = header_str(props, "ce-specversion").is_some();
+    let pick = |k: &str| {
+        clean(if binary {
+            header_str(props, &format!("ce-{k}"))
+        } else {
+            text(&doc, k)
+        })
+    };
+    Attributes {
+        subject: pick("subject"),
+        correlationid: pick("correlationid"),
+        causationid: pick("causationid"),
+        source: pick("source"),
+        time: pick("time"),
+    }
+}
+
 impl Processor {
     /// Settles a batch of deliveries of one lane: the decodable ones are
     /// applied in one transaction; if that fails, each is applied on its
@@ -201,6 +248,15 @@ impl Processor {
         error: &DecodeError,
     ) -> Result<OutcomeRecord, SettleError> {
         let mut record = self.record_for(delivery, None);
+        // What can still be read of its envelope, so that `warren trace`
+        // finds the dead letter in its story (an order.placed whose data
+        // is wrong still names its order and correlation).
+        let attrs = undecoded_attributes(&delivery.data, &delivery.properties);
+        record.subject = attrs.subject;
+        record.correlation_id = attrs.correlationid;
+        record.causation_id = attrs.causationid;
+        record.source = attrs.source;
+        record.event_time = attrs.time.and_then(|t| t.parse().ok());
         let decision = Decision::DeadLetter {
             reason: error.kind(),
             error: error.to_string(),
@@ -291,7 +347,13 @@ impl Processor {
         spans: &[Span],
     ) -> Result<Vec<Applied>, HandleError> {
         let mut tx = conn.begin().await?;
-        let admissions = self.inbox.admit(&mut tx, events).await?;
+        // Which events the service has no handler for, so the inbox
+        // records them as skipped (what `warren trace` shows).
+        let skipped: Vec<bool> = events
+            .iter()
+            .map(|e| self.router.handler(&e.event_type).is_none())
+            .collect();
+        let admissions = self.inbox.admit_marked(&mut tx, events, &skipped).await?;
         let mut plan = order::plan(events, &admissions);
         // Rare: at or below the applied sequence. Asked in a statement of
         // its own, whose snapshot is taken with the progress rows locked,
@@ -480,6 +542,9 @@ impl Processor {
             ),
             subject: envelope.map(|e| e.subject.clone()),
             correlation_id: envelope.and_then(|e| e.correlationid.clone()),
+            causation_id: envelope.and_then(|e| e.causationid.clone()),
+            source: envelope.map(|e| e.source.clone()),
+            event_time: envelope.map(|e| e.time),
             attempt: attempt_of(delivery),
             elapsed_ms: 0.0,
             reason: None,
@@ -519,6 +584,9 @@ impl Processor {
         let elapsed = started.elapsed();
         self.stats.record_batch(elapsed);
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        // Handed to the trail's writer, never waited for: the record is
+        // for `warren trace`, not part of settling.
+        self.trail.record(settled.iter().map(|(_, _, r)| r));
         for (_, _, mut record) in settled {
             record.elapsed_ms = elapsed_ms;
             record.at = chrono::Utc::now();
@@ -568,6 +636,16 @@ fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_undecodable_envelope_keeps_its_clean_attributes_for_the_trace() {
+        let body = br#"{"id":"x","subject":"o-1","correlationid":"c-1","causationid":"e\u001b[31m","source":"/warren/orders","data":{}}"#;
+        let a = undecoded_attributes(body, &lapin::BasicProperties::default());
+        assert_eq!(a.subject.as_deref(), Some("o-1"));
+        assert_eq!(a.correlationid.as_deref(), Some("c-1"));
+        assert_eq!(a.causationid, None, "control characters: dropped");
+        assert_eq!(a.source.as_deref(), Some("/warren/orders"));
+    }
 
     #[test]
     fn an_undecodable_envelope_still_names_its_uuid_id_and_nothing_else() {

@@ -57,8 +57,9 @@ impl Inbox {
             // cached generic plan can turn into a scan as tables grow.
             admit: format!(
                 "WITH b AS ( \
-                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
-                   WITH ORDINALITY AS b(id, event_type, src, sub, seq, ord)), \
+                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                     $6::text[], $7::text[], $8::timestamptz[], $9::bool[]) \
+                   WITH ORDINALITY AS b(id, event_type, src, sub, seq, corr, caus, etime, skip, ord)), \
                  adv AS ( \
                    INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
                    SELECT k.src, k.sub, \
@@ -83,8 +84,9 @@ impl Inbox {
                    WHERE b.seq > adv.prev_sequence AND b.seq <= adv.last_sequence \
                    ORDER BY b.src, b.sub, b.seq, b.ord), \
                  ins AS ( \
-                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
-                   SELECT id, event_type, src, sub, seq FROM acc \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence, \
+                     correlation_id, causation_id, event_time, skipped) \
+                   SELECT id, event_type, src, sub, seq, corr, caus, etime, skip FROM acc \
                    ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
                  SELECT adv.last_sequence, b.ord IN (SELECT ord FROM acc), \
                    b.ord IN (SELECT ord FROM acc) AND b.id IN (SELECT event_id FROM ins) \
@@ -110,8 +112,10 @@ impl Inbox {
                      updated_at = now() \
                    RETURNING prev_sequence, last_sequence), \
                  ins AS ( \
-                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence) \
-                   SELECT $1::uuid, $2::text, $3::text, $4::text, $5::bigint FROM adv \
+                   INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence, \
+                     correlation_id, causation_id, event_time, skipped) \
+                   SELECT $1::uuid, $2::text, $3::text, $4::text, $5::bigint, \
+                     $6::text, $7::text, $8::timestamptz, $9::bool FROM adv \
                    WHERE $5::bigint > adv.prev_sequence AND $5::bigint <= adv.last_sequence \
                    ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
                  SELECT adv.last_sequence, \
@@ -132,14 +136,32 @@ impl Inbox {
     /// transaction: locks their streams' progress, moves each stream past
     /// the run of consecutive sequences the batch brings, and records the
     /// admitted events in the inbox. One statement, one round trip.
+    ///
+    /// Every event is recorded as handled; [`Inbox::admit_marked`] says
+    /// which ones the service has no handler for.
     pub async fn admit(
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Admission>, sqlx::Error> {
+        self.admit_marked(tx, events, &[]).await
+    }
+
+    /// [`Inbox::admit`], recording the events whose `skipped[i]` is true as
+    /// skipped (no handler: only their subject's progress moves). A
+    /// `skipped` shorter than `events` counts the rest as handled.
+    pub async fn admit_marked(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Envelope],
+        skipped: &[bool],
+    ) -> Result<Vec<Admission>, sqlx::Error> {
+        let skipped: Vec<bool> = (0..events.len())
+            .map(|i| skipped.get(i).copied().unwrap_or(false))
+            .collect();
         match events {
-            [one] => self.admit_one(tx, one).await.map(|a| vec![a]),
-            _ => self.admit_batch(tx, events).await,
+            [one] => self.admit_one(tx, one, skipped[0]).await.map(|a| vec![a]),
+            _ => self.admit_batch(tx, events, skipped).await,
         }
     }
 
@@ -148,6 +170,7 @@ impl Inbox {
         &self,
         tx: &mut PgConnection,
         e: &Envelope,
+        skipped: bool,
     ) -> Result<Admission, sqlx::Error> {
         let (last, admitted, new): (i64, bool, bool) = sqlx::query_as(&self.admit_one)
             .bind(e.id)
@@ -155,6 +178,10 @@ impl Inbox {
             .bind(e.source.as_str())
             .bind(e.subject.as_str())
             .bind(e.sequence)
+            .bind(e.correlationid.as_deref())
+            .bind(e.causationid.as_deref())
+            .bind(e.time)
+            .bind(skipped)
             .fetch_one(tx)
             .await?;
         Ok(Admission {
@@ -173,25 +200,34 @@ impl Inbox {
         tx: &mut PgConnection,
         events: &[&Envelope],
     ) -> Result<Vec<Admission>, sqlx::Error> {
-        self.admit_batch(tx, events).await
+        self.admit_batch(tx, events, vec![false; events.len()])
+            .await
     }
 
     async fn admit_batch(
         &self,
         tx: &mut PgConnection,
         events: &[&Envelope],
+        skipped: Vec<bool>,
     ) -> Result<Vec<Admission>, sqlx::Error> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
         let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+        let corrs: Vec<Option<&str>> = events.iter().map(|e| e.correlationid.as_deref()).collect();
+        let causes: Vec<Option<&str>> = events.iter().map(|e| e.causationid.as_deref()).collect();
+        let times: Vec<chrono::DateTime<Utc>> = events.iter().map(|e| e.time).collect();
         let rows: Vec<(i64, bool, bool)> = sqlx::query_as(&self.admit)
             .bind(ids)
             .bind(types)
             .bind(sources)
             .bind(subjects)
             .bind(seqs)
+            .bind(corrs)
+            .bind(causes)
+            .bind(times)
+            .bind(skipped)
             .fetch_all(tx)
             .await?;
         if rows.len() != events.len() {

@@ -26,6 +26,8 @@
 //! - [`deadletter`]: carrying decisions out through the broker (retry queues, dead-letter
 //!   queue) and the headers they set.
 //! - [`inbox`]: idempotency records, per-subject progress, retention.
+//! - [`trail`]: the deliveries that ended otherwise than applied (duplicate, deferred,
+//!   retried, dead-lettered), kept for `warren trace`.
 //! - [`install`]: the inbox's tables, installed by the library's versioned installer.
 //! - [`partitions`]: ordered partitions: which of a partitioned service's partitions this
 //!   process consumes, and how they change hands (single active consumer, advisory locks).
@@ -53,6 +55,7 @@ pub mod retry;
 pub mod router;
 mod spans;
 pub mod subscription;
+pub mod trail;
 
 #[cfg(feature = "testkit")]
 pub use config::CrashPoint;

@@ -54,6 +54,15 @@ pub struct OutcomeRecord {
     pub subject: Option<String>,
     /// Correlation id, when known.
     pub correlation_id: Option<String>,
+    /// Causation id, when known (absent from records of older warrens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    /// The event's source, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The event's own `time`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<chrono::DateTime<chrono::Utc>>,
     /// 1 for the first delivery, +1 per retry.
     pub attempt: u32,
     /// Time from delivery to outcome, in milliseconds.
@@ -323,6 +332,9 @@ mod tests {
             event_type: event_type.into(),
             subject: None,
             correlation_id: None,
+            causation_id: None,
+            source: None,
+            event_time: None,
             attempt: 1,
             elapsed_ms: 0.0,
             reason: reason.map(str::to_owned),

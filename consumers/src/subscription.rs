@@ -37,6 +37,7 @@ use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::outcome::{Feed, Stats};
 use crate::partitions::{Held, Membership, PartitionSource, REBALANCE_EVERY};
+use crate::trail::{Recorder, Trail};
 use crate::Router;
 
 /// Why a subscription could not be built, or why a session ended (the
@@ -228,7 +229,14 @@ impl Subscription {
         ch.basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.declare(conn).await?;
-        let processor = self.processor(conn).await?;
+        let (recorder, writer) = Trail::new(service).start(self.pool.clone(), service);
+        let processor = match self.processor(conn, recorder).await {
+            Ok(p) => p,
+            Err(e) => {
+                writer.finish().await;
+                return Err(e);
+            }
+        };
         let tag = format!("warren-{service}-{}", uuid::Uuid::now_v7());
         let queue = self.topology.queue(service);
         let mut consumer = ch
@@ -254,6 +262,8 @@ impl Subscription {
         lanes
             .stop(result.is_ok(), self.config.handler_timeout * 2, service)
             .await;
+        drop(processor);
+        writer.finish().await;
         result
     }
 
@@ -278,8 +288,22 @@ impl Subscription {
         if surplus > 0 {
             tracing::warn!(service, partitions = self.config.partitions, surplus, "partition queues beyond the partition count get no new events; they are drained, then can be deleted");
         }
-        let processor = self.processor(conn).await?;
-        let mut membership = Membership::join(&self.pool, service).await?;
+        let (recorder, writer) = Trail::new(service).start(self.pool.clone(), service);
+        let processor = match self.processor(conn, recorder).await {
+            Ok(p) => p,
+            Err(e) => {
+                writer.finish().await;
+                return Err(e);
+            }
+        };
+        let mut membership = match Membership::join(&self.pool, service).await {
+            Ok(m) => m,
+            Err(e) => {
+                drop(processor);
+                writer.finish().await;
+                return Err(e.into());
+            }
+        };
         tracing::info!(
             service,
             partitions = self.config.partitions,
@@ -325,12 +349,18 @@ impl Subscription {
             .stop(result.is_ok(), self.config.handler_timeout * 2, service)
             .await;
         membership.leave().await;
+        drop(processor);
+        writer.finish().await;
         result
     }
 
     /// What the lanes settle deliveries with: a publisher of its own for
     /// retries and dead letters, and the live feed when enabled.
-    async fn processor(&self, conn: &Connection) -> Result<Processor, SubscriptionError> {
+    async fn processor(
+        &self,
+        conn: &Connection,
+        trail: Recorder,
+    ) -> Result<Processor, SubscriptionError> {
         let service = self.router.service();
         let forwards = Publisher::open(conn).await?;
         Ok(Processor {
@@ -338,6 +368,7 @@ impl Subscription {
             pool: self.pool.clone(),
             outbox: self.outbox.clone(),
             inbox: self.inbox.clone(),
+            trail,
             forwarder: Forwarder::new(
                 forwards,
                 self.topology.clone(),
@@ -409,6 +440,15 @@ impl Subscription {
             Ok(0) => {}
             Ok(n) => tracing::info!(service, deleted = n, "pruned inbox rows"),
             Err(e) => tracing::warn!(service, error = %e, "inbox retention failed"),
+        }
+        // The outcomes kept for `warren trace` go with the inbox rows.
+        match Trail::new(service)
+            .prune(&self.pool, self.config.inbox_retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(service, deleted = n, "pruned outcome records"),
+            Err(e) => tracing::warn!(service, error = %e, "outcome record retention failed"),
         }
     }
 }

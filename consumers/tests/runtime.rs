@@ -1270,3 +1270,139 @@ async fn a_dead_letter_nacked_by_the_broker_keeps_the_delivery_until_the_dlq_tak
     assert_eq!(f.messages_ready().await, 0);
     f.stop().await;
 }
+
+/// What `warren trace` reads: the inbox row of an applied event keeps its
+/// correlation, causation, time and whether it was skipped; a retry and a
+/// duplicate, which commit nothing in the inbox, leave a row with their
+/// attempt and reason in `inbox_outcomes`, pruned by the inbox's window.
+#[sqlx::test(migrations = false)]
+async fn the_inbox_and_the_outcome_record_keep_what_trace_reads(pool: PgPool) {
+    install(&pool).await;
+    let recorder = Recorder::default();
+    let order = Uuid::now_v7();
+    let first = placed(order, 1);
+    let mut confirmed = Envelope::new(
+        "orders",
+        order.to_string(),
+        &testkit::sample::OrderConfirmed {
+            order_id: order,
+            customer_id: Uuid::now_v7(),
+        },
+    );
+    confirmed.sequence = 2;
+    let confirmed = confirmed.caused_by(&first);
+    recorder.fail_transient.lock().unwrap().insert(first.id, 1);
+    let cfg = SubscriptionConfig {
+        inbox_retention: Duration::from_secs(3600),
+        ..config()
+    };
+    let mut f = start_with(pool.clone(), recorder, None, cfg.clone()).await;
+    f.publish(&first).await;
+    f.wait_for(&[Outcome::Handled], 1).await;
+    f.publish(&confirmed).await;
+    f.wait_for(&[Outcome::Skipped], 1).await;
+    f.publish(&first).await;
+    f.wait_for(&[Outcome::Duplicate], 1).await;
+
+    type Row = (
+        Uuid,
+        Option<String>,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        bool,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT event_id, correlation_id, causation_id, event_time, skipped \
+         FROM shipping.inbox ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let corr = first.correlationid.clone();
+    // PostgreSQL keeps microseconds.
+    use chrono::SubsecRound;
+    assert_eq!(
+        rows,
+        vec![
+            (
+                first.id,
+                corr.clone(),
+                None,
+                Some(first.time.trunc_subsecs(6)),
+                false
+            ),
+            (
+                confirmed.id,
+                corr.clone(),
+                Some(first.id.to_string()),
+                Some(confirmed.time.trunc_subsecs(6)),
+                true
+            ),
+        ]
+    );
+    type Kept = (
+        Option<Uuid>,
+        String,
+        i32,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let kept = || async {
+        let v: Vec<Kept> = sqlx::query_as(
+            "SELECT event_id, outcome, attempt, reason, correlation_id, subject \
+             FROM shipping.inbox_outcomes ORDER BY recorded_at",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        v
+    };
+    // Written off the lanes' path, by the session's writer.
+    until(
+        "both outcomes recorded",
+        Duration::from_secs(10),
+        || async { kept().await.len() == 2 },
+    )
+    .await;
+    let kept = kept().await;
+    let subject = Some(order.to_string());
+    assert_eq!(
+        kept,
+        vec![
+            (
+                Some(first.id),
+                "retried".into(),
+                1,
+                Some("transient".into()),
+                corr.clone(),
+                subject.clone()
+            ),
+            (
+                Some(first.id),
+                "duplicate".into(),
+                1,
+                None,
+                corr.clone(),
+                subject.clone()
+            ),
+        ]
+    );
+
+    // Pruned with the inbox's window.
+    sqlx::query("UPDATE shipping.inbox_outcomes SET recorded_at = now() - interval '2 hours' WHERE outcome = 'retried'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pruned = warren_consumers::trail::Trail::new(SERVICE)
+        .prune(&pool, cfg.inbox_retention, 10)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT outcome FROM shipping.inbox_outcomes")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["duplicate".to_owned()]);
+    f.stop().await;
+}

@@ -44,8 +44,9 @@ pub struct DemoArgs {
     pub timeout: u64,
 }
 
-/// Runs the demo and prints its summary.
-pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
+/// The demo's own database: `<database>_demo` (`warren_demo` by
+/// default), recreated by every run and left for `warren trace --demo`.
+pub fn database_name(settings: &Settings) -> anyhow::Result<String> {
     let base = url::Url::parse(&settings.database_url).context("DATABASE_URL is not a URL")?;
     let db_name = format!(
         "{}_demo",
@@ -55,11 +56,16 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
             .to_owned()
             .replace('/', "")
     );
-    let db_name = if db_name == "_demo" {
+    Ok(if db_name == "_demo" {
         "warren_demo".to_owned()
     } else {
         db_name
-    };
+    })
+}
+
+/// Runs the demo and prints its summary.
+pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
+    let db_name = database_name(settings)?;
     let mut settings = settings.with_database(&db_name)?;
     settings.namespace = format!(
         "{}-demo-{}",
@@ -331,5 +337,6 @@ async fn print_summary(stores: &Stores, app: &App, settings: &Settings) -> anyho
         );
     }
     println!();
+    println!("Follow one order through every service: warren trace --demo <order id> [--format json|mermaid]");
     Ok(())
 }

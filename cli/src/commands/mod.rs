@@ -10,6 +10,7 @@ pub mod setup;
 pub mod status;
 pub mod tail;
 pub mod teardown;
+pub mod trace;
 
 use tokio_util::sync::CancellationToken;
 

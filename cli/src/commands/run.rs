@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// Needs RabbitMQ's rabbitmq_consistent_hash_exchange plugin.
     #[arg(long, env = "WARREN_PARTITIONS", value_delimiter = ',', value_parser = parse_partitions)]
     pub partitions: Vec<Partitions>,
+    /// Days each service keeps its inbox rows and the outcome records
+    /// `warren trace` reads (pruned every 5 minutes). Must exceed the
+    /// longest redelivery (retries plus a dead-letter redrive): a later
+    /// duplicate is no longer recognised by its id.
+    #[arg(long, env = "WARREN_INBOX_RETENTION_DAYS", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub inbox_retention_days: u64,
 }
 
 /// One `--partitions` value: a service's partition count, or every
@@ -142,6 +149,9 @@ impl RunArgs {
                     ..Default::default()
                 },
                 max_body: settings.max_body,
+                inbox_retention: std::time::Duration::from_secs(
+                    self.inbox_retention_days * 24 * 3600,
+                ),
                 ..Default::default()
             },
             relay: RelayConfig {
