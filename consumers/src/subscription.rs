@@ -301,7 +301,7 @@ impl Subscription {
             Err(e) => {
                 drop(processor);
                 writer.finish().await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         tracing::info!(
