@@ -237,10 +237,15 @@ fn filter(default_filter: &str) -> EnvFilter {
     // queue exists (status, dlq, teardown, demo); the broker answers by
     // closing the channel, and lapin logs every channel the server closes
     // at ERROR. The commands report real failures themselves, so those
-    // lines are silenced unless RUST_LOG asks about lapin by name.
+    // lines are silenced unless RUST_LOG asks about lapin by name. So are
+    // the I/O loop's: at shutdown it logs a socket that wrote 0 bytes or a
+    // connection already closing at ERROR, and a connection that really
+    // fails reaches warren as an error that warren logs with its context.
     if !asked.is_some_and(|f| f.contains("lapin")) {
-        if let Ok(d) = "lapin::channel=off".parse() {
-            filter = filter.add_directive(d);
+        for quiet in ["lapin::channel=off", "lapin::io_loop=off"] {
+            if let Ok(d) = quiet.parse() {
+                filter = filter.add_directive(d);
+            }
         }
     }
     filter
