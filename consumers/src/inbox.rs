@@ -269,21 +269,7 @@ impl Inbox {
         window: Duration,
         batch: i64,
     ) -> Result<u64, sqlx::Error> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(&self.prune)
-                .bind(cutoff)
-                .bind(batch)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        prune_older_than(pool, &self.prune, window, batch).await
     }
 
     /// Rows in the inbox.
@@ -294,5 +280,34 @@ impl Inbox {
     /// The schema.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+}
+
+/// Runs `sql` (a delete taking `$1` the cutoff time and `$2` the batch
+/// size) until a pass deletes fewer than `batch` rows: the inbox's and the
+/// outcome trail's pruning, in batches so no pass holds locks for long.
+pub(crate) async fn prune_older_than(
+    pool: &PgPool,
+    sql: &str,
+    window: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    // A window too large for chrono keeps everything (the epoch as cutoff).
+    let cutoff = chrono::Duration::from_std(window)
+        .ok()
+        .and_then(|w| Utc::now().checked_sub_signed(w))
+        .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(sql)
+            .bind(cutoff)
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
     }
 }

@@ -201,21 +201,7 @@ impl Trail {
         window: Duration,
         batch: i64,
     ) -> Result<u64, sqlx::Error> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(&self.prune)
-                .bind(cutoff)
-                .bind(batch)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        crate::inbox::prune_older_than(pool, &self.prune, window, batch).await
     }
 }
 
