@@ -15,10 +15,21 @@
 //! partition only while it holds that partition's advisory lock, takes free
 //! ones up to its share and hands surplus ones over.
 //!
-//! Handing a partition over keeps its order: the consumer is cancelled,
-//! whatever the broker had already sent is handled and acknowledged, the
-//! channel closed, and only then is the partition's lock given back; the
-//! next owner starts where the queue stands. A process that dies hands
+//! Handing a partition over keeps its order: the process stops taking
+//! deliveries off the consumer, waits until every delivery it dispatched
+//! is handled and acknowledged, closes the channel, and only then gives
+//! the partition's lock back. It does not `basic.cancel` first: RabbitMQ
+//! (3.10) makes the next consumer active as soon as the active one is
+//! cancelled, while a delivery that was on its way to the cancelled
+//! consumer is handed back to the queue later, by the channel, after the
+//! fact, so the next owner could get a subject's later events before that
+//! one (seen once in CI as a deferral). Closing the channel instead ends
+//! the consumer in one step of the queue's state machine: what it still
+//! held (sent but never dispatched) goes back to the head of the queue,
+//! in order, and only then is the next consumer made active; a consumer
+//! that registers earlier waits. The price: up to the prefetch of
+//! deliveries come again, flagged redelivered, to the next owner (they
+//! were never handled, so they are not duplicates). A process that dies hands
 //! its partitions over without that care: its broker connection closes,
 //! so the broker puts its unacknowledged deliveries back at the head of
 //! their queues (redelivered first), and its database session ends, so
@@ -40,7 +51,7 @@ use std::time::Duration;
 
 use events::Codec;
 use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -316,8 +327,8 @@ async fn start_partition(source: &PartitionSource<'_>, k: u16) -> Result<Owned, 
     Ok(Owned { release, task })
 }
 
-/// Cancels partition `k`'s consumer and waits until it has settled what
-/// it was sent and closed its channel.
+/// Releases partition `k`'s consumer and waits until it has settled what
+/// it dispatched and closed its channel.
 async fn hand_over(
     source: &PartitionSource<'_>,
     k: u16,
@@ -341,9 +352,10 @@ async fn hand_over(
 }
 
 /// Feeds one partition's deliveries to the lanes until released, then
-/// cancels the consumer, dispatches what the broker had already sent,
-/// waits until all of it is acknowledged (bounded by `drain`) and closes
-/// the channel.
+/// waits until all it dispatched is acknowledged (bounded by `drain`) and
+/// closes the channel, which returns what the broker sent beyond that to
+/// the head of the queue (see the module's docs for why not
+/// `basic.cancel`).
 async fn consume_partition(
     ch: Channel,
     mut consumer: Consumer,
@@ -355,9 +367,12 @@ async fn consume_partition(
 ) -> Result<(), SubscriptionError> {
     let acks = Arc::new(Acks::new(ch.clone()));
     let mut last = 0;
-    let mut cancelled = false;
     loop {
         tokio::select! {
+            // A release wins over a delivery that is ready at the same
+            // time: what is not dispatched goes back to the queue.
+            biased;
+            _ = release.cancelled() => break,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     last = delivery.delivery_tag;
@@ -365,17 +380,11 @@ async fn consume_partition(
                     dispatcher.dispatch((delivery, decoded, acks.clone())).await;
                 }
                 Some(Err(e)) => return Err(e.into()),
-                // After our cancel, everything sent before it has come.
-                None => break,
+                // The broker cancelled the consumer (the queue was
+                // deleted, say): the session restarts.
+                None => return Err(SubscriptionError::ConsumerEnded),
             },
-            _ = release.cancelled(), if !cancelled => {
-                cancelled = true;
-                ch.basic_cancel(&tag, BasicCancelOptions::default()).await?;
-            }
         }
-    }
-    if !cancelled {
-        return Err(SubscriptionError::ConsumerEnded);
     }
     let deadline = tokio::time::Instant::now() + drain;
     while acks.floor().await < last {
@@ -385,6 +394,9 @@ async fn consume_partition(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Should the close not finish in time, the lock still goes back:
+    // while this channel lives its consumer stays the active one, and a
+    // next owner's consumer waits behind it.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
         ch.close(200, "partition handed over"),

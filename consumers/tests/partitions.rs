@@ -39,8 +39,13 @@ const PER_SUBJECT: i64 = 50;
 const EVENTS: usize = SUBJECTS * PER_SUBJECT as usize;
 
 /// Records each event with its subject and sequence; `n` (a sequence of
-/// the table's) gives the order the rows were applied in.
-struct Ledger;
+/// the table's) gives the order the rows were applied in. `pause` per
+/// event slows a handler down, so that a stream lasts long enough for a
+/// test to change hands under it.
+#[derive(Default)]
+struct Ledger {
+    pause: Duration,
+}
 
 #[async_trait::async_trait]
 impl HandleBatch<OrderPlaced> for Ledger {
@@ -52,6 +57,7 @@ impl HandleBatch<OrderPlaced> for Ledger {
         let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.id).collect();
         let subjects: Vec<String> = events.iter().map(|(e, _)| e.subject.clone()).collect();
         let seqs: Vec<i64> = events.iter().map(|(e, _)| e.sequence).collect();
+        tokio::time::sleep(self.pause * events.len() as u32).await;
         // One statement, rows numbered in the order given (the run is in
         // per-subject order).
         sqlx::query(
@@ -90,7 +96,11 @@ fn topology(namespace: &str) -> Topology {
 }
 
 fn subscription(pool: PgPool, amqp: String, namespace: &str) -> Subscription {
-    let router = Router::new(SERVICE).on_batch::<OrderPlaced, _>(Ledger);
+    slow_subscription(pool, amqp, namespace, Duration::ZERO)
+}
+
+fn slow_subscription(pool: PgPool, amqp: String, namespace: &str, pause: Duration) -> Subscription {
+    let router = Router::new(SERVICE).on_batch::<OrderPlaced, _>(Ledger { pause });
     Subscription::new(
         router,
         testkit::sample::catalog(),
@@ -429,6 +439,81 @@ async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: Pg
     assert_eq!(dups, 0, "no redelivery on a clean hand-over");
     assert!(settled(&joined.stats) > 0, "the newcomer took part");
     for p in first.into_iter().chain([joined]) {
+        p.stop.cancel();
+        p.task.await.unwrap();
+    }
+}
+
+/// Hand-overs while deliveries are on their way: a third process joins
+/// and stops cleanly, again and again, while the others drain the
+/// stream, so partitions change hands many times with prefetched
+/// deliveries in flight. Each hand-over must give the partition's undone
+/// deliveries back ahead of the rest (a `basic.cancel` first let the next
+/// owner get a later event of a subject before one the broker was still
+/// handing back: a deferral).
+#[sqlx::test(migrations = false)]
+async fn partitions_handed_over_again_and_again_mid_stream_keep_order(pool: PgPool) {
+    // About 400 events a second per process: the stream lasts long
+    // enough for a dozen hand-overs.
+    const PAUSE: Duration = Duration::from_millis(5);
+    let bus = setup(&pool).await;
+    let db = pool.connect_options();
+    let steady = [
+        start(slow_subscription(
+            own_pool((*db).clone()),
+            amqp_url(),
+            &bus.namespace,
+            PAUSE,
+        )),
+        start(slow_subscription(
+            own_pool((*db).clone()),
+            amqp_url(),
+            &bus.namespace,
+            PAUSE,
+        )),
+    ];
+    wait_for(
+        "two members with three partitions each",
+        Duration::from_secs(30),
+        async || holders(&pool).await == vec![3, 3],
+    )
+    .await;
+    publish(&bus, &events()).await;
+    let mut hand_overs = 0;
+    let mut churned = Vec::new();
+    while scalar(&pool, "SELECT count(*) FROM ledger.applied").await < (EVENTS * 9 / 10) as i64 {
+        let visitor = start(slow_subscription(
+            own_pool((*db).clone()),
+            amqp_url(),
+            &bus.namespace,
+            PAUSE,
+        ));
+        wait_for(
+            "the visitor holding its share",
+            Duration::from_secs(30),
+            async || holders(&pool).await == vec![2, 2, 2],
+        )
+        .await;
+        visitor.stop.cancel();
+        visitor.task.await.unwrap();
+        hand_overs += 4;
+        churned.push(visitor.stats);
+    }
+    wait_all_applied(&pool).await;
+    assert_applied_once_in_order(&pool).await;
+    for p in &steady {
+        for o in [Outcome::Deferred, Outcome::Retried, Outcome::DeadLettered] {
+            assert_eq!(p.stats.count(o), 0, "{o:?}");
+        }
+    }
+    for stats in &churned {
+        for o in [Outcome::Deferred, Outcome::Retried, Outcome::DeadLettered] {
+            assert_eq!(stats.count(o), 0, "{o:?}");
+        }
+    }
+    assert!(hand_overs >= 12, "only {hand_overs} hand-overs happened");
+    eprintln!("partitions: {hand_overs} hand-overs mid-stream, nothing deferred");
+    for p in steady {
         p.stop.cancel();
         p.task.await.unwrap();
     }
