@@ -519,7 +519,8 @@ pub(crate) async fn latency(
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
     // Every sink's outcomes into one bounded channel.
-    let (merged, mut outcomes) = tokio::sync::mpsc::channel::<consumers::OutcomeRecord>(1 << 16);
+    let (merged, mut outcomes) =
+        tokio::sync::mpsc::channel::<std::sync::Arc<consumers::OutcomeRecord>>(1 << 16);
     for sink in sinks {
         let mut rx = sink.outcomes().context("the sink consumes")?;
         let merged = merged.clone();
@@ -555,7 +556,8 @@ pub(crate) async fn latency(
             while handled.len() < total {
                 match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
                     Ok(Some(r)) if r.outcome == Outcome::Handled => {
-                        if let Some(id) = r.event_id.and_then(|i| i.parse::<Uuid>().ok()) {
+                        if let Some(id) = r.event_id.as_deref().and_then(|i| i.parse::<Uuid>().ok())
+                        {
                             handled.insert(id, r.at);
                             batches.push(r.elapsed_ms);
                         }

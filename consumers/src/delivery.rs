@@ -68,7 +68,7 @@ pub(crate) struct Processor {
     pub stats: Arc<Stats>,
     pub feed: Option<Feed>,
     /// In-process outcome listeners.
-    pub outcomes: tokio::sync::broadcast::Sender<OutcomeRecord>,
+    pub outcomes: tokio::sync::broadcast::Sender<Arc<OutcomeRecord>>,
     /// `/warren/<service>`: events from here are our own.
     pub own_source: String,
 }
@@ -595,8 +595,11 @@ impl Processor {
             if let Some(feed) = &self.feed {
                 feed.publish(&record).await;
             }
-            // No receiver is the normal case; that is not an error.
-            let _ = self.outcomes.send(record);
+            // No receiver is the normal case (then nothing is
+            // allocated for one); that is not an error.
+            if self.outcomes.receiver_count() > 0 {
+                let _ = self.outcomes.send(Arc::new(record));
+            }
         }
     }
 }

@@ -86,7 +86,11 @@ pub struct Subscription {
     outbox: Outbox,
     inbox: Inbox,
     /// In-process listeners of outcomes (demo summary, benchmarks).
-    outcomes: tokio::sync::broadcast::Sender<crate::OutcomeRecord>,
+    /// Records behind an `Arc`: a broadcast channel keeps its last
+    /// `capacity` values alive in a ring allocated up front, and a record
+    /// inline is some 300 bytes a slot (the 65,536 slots `warren bench`
+    /// asks for were 18 MB, growing with every field a record gains).
+    outcomes: tokio::sync::broadcast::Sender<Arc<crate::OutcomeRecord>>,
 }
 
 impl Subscription {
@@ -123,7 +127,7 @@ impl Subscription {
     /// Outcomes as they happen, in this process. Bounded: a receiver that
     /// falls behind loses the oldest records (it is told so), the runtime
     /// never waits for it.
-    pub fn outcomes(&self) -> tokio::sync::broadcast::Receiver<crate::OutcomeRecord> {
+    pub fn outcomes(&self) -> tokio::sync::broadcast::Receiver<Arc<crate::OutcomeRecord>> {
         self.outcomes.subscribe()
     }
 

@@ -477,7 +477,7 @@ impl Running {
     }
 
     /// Outcomes as they happen (bounded; a slow listener loses the oldest).
-    pub fn outcomes(&self) -> Option<tokio::sync::broadcast::Receiver<OutcomeRecord>> {
+    pub fn outcomes(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<OutcomeRecord>>> {
         self.subscription.as_ref().map(Subscription::outcomes)
     }
 
