@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::cluster::{Env, Servers};
-use crate::leftovers::Started;
+use crate::leftovers::ServerChange;
 use crate::load::{self, lock};
 use crate::rabbit_cluster::{self as rc, RabbitCluster};
 use crate::scenarios::{self, Done, Fault, Figures, Options, Run};
@@ -43,6 +43,9 @@ pub struct Rate {
     pub settled_per_s: f64,
     /// Length of the interval, seconds.
     pub over_s: f64,
+    /// Longest time within it in which no order settled, seconds (to the
+    /// half-second sampling): a stall a rate over the interval averages away.
+    pub longest_stall_s: f64,
 }
 
 /// One node fault and how the system and the cluster came back.
@@ -134,10 +137,19 @@ fn rate(samples: &Samples, from: Instant, to: Instant) -> Rate {
     match (a, b) {
         (Some(a), Some(b)) if b.0 > a.0 => {
             let secs = b.0.duration_since(a.0).as_secs_f64();
+            let mut stall = Duration::ZERO;
+            let mut last_progress = a;
+            for x in s.iter().filter(|x| x.0 > a.0 && x.0 <= b.0) {
+                if x.2 > last_progress.2 {
+                    last_progress = x;
+                }
+                stall = stall.max(x.0.duration_since(last_progress.0));
+            }
             Rate {
                 placed_per_s: (b.1 as f64 - a.1 as f64) / secs,
                 settled_per_s: (b.2 - a.2) as f64 / secs,
                 over_s: secs,
+                longest_stall_s: stall.as_secs_f64(),
             }
         }
         _ => Rate::default(),
@@ -217,7 +229,7 @@ pub async fn run(
     let cluster = rc::ensure()
         .await
         .context("the three-node RabbitMQ cluster")?;
-    let rabbit = Started::RabbitCluster(cluster.script.clone());
+    let rabbit = ServerChange::RabbitCluster(cluster.script.clone());
     if !keep {
         servers.leftovers.add_server(rabbit.clone());
     }
@@ -237,7 +249,7 @@ pub async fn run(
                 .await
                 .context("the second PostgreSQL cluster")?;
             if pg.started_here && !keep {
-                servers.leftovers.add_server(Started::Postgres {
+                servers.leftovers.add_server(ServerChange::Postgres {
                     version: pg.version.clone(),
                     name: pg.name.clone(),
                 });
@@ -302,7 +314,7 @@ pub async fn run(
                 m.node_back.as_secs_f64(),
                 m.rejoined.as_secs_f64()
             );
-            measured.push((format!("rolling restart: {}", rc::node(n)), n, m));
+            measured.push(("rolling restart".into(), n, m));
         }
         anyhow::Ok(Instant::now())
     };
@@ -334,7 +346,7 @@ pub async fn run(
     let faults = nodes
         .iter()
         .map(|f| Fault {
-            what: f.what.clone(),
+            what: format!("{} ({})", f.what, f.node),
             at_s: f.at_s,
             outage_s: f.node_back_s,
             recover_s: f.recover_s,
@@ -358,7 +370,7 @@ pub async fn run(
     if passed && !keep {
         if let Some(pg) = pg.filter(|p| p.started_here) {
             servers::stop_pg_cluster(&pg.version, &pg.name).await?;
-            servers.leftovers.remove_server(&Started::Postgres {
+            servers.leftovers.remove_server(&ServerChange::Postgres {
                 version: pg.version,
                 name: pg.name,
             });
@@ -368,7 +380,7 @@ pub async fn run(
     } else {
         servers.leftovers.remove_server(&rabbit);
         if let Some(pg) = pg {
-            servers.leftovers.remove_server(&Started::Postgres {
+            servers.leftovers.remove_server(&ServerChange::Postgres {
                 version: pg.version,
                 name: pg.name,
             });
@@ -397,8 +409,8 @@ pub async fn run(
 
 fn render_rate(r: &Rate) -> String {
     format!(
-        "{:.1} placed/s, {:.1} settled/s over {:.1}s",
-        r.placed_per_s, r.settled_per_s, r.over_s
+        "{:.1} placed/s, {:.1} settled/s over {:.1}s, longest stall {:.1}s",
+        r.placed_per_s, r.settled_per_s, r.over_s, r.longest_stall_s
     )
 }
 

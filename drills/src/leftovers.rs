@@ -16,13 +16,20 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::Teardown;
 
-/// A server the `cluster` drill started for its length.
+/// A change a drill made to the servers for its length, undone on an
+/// interrupt as the drill would have undone it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Started {
+pub enum ServerChange {
     /// The three-node RabbitMQ cluster of `scripts/rabbitmq-cluster`
-    /// (the script's path): stopped and its data removed.
+    /// (the script's path), started: stopped and its data removed.
     RabbitCluster(PathBuf),
-    /// A PostgreSQL cluster (`pg_ctlcluster` version and name): stopped.
+    /// The `tls` drill's listener on the running broker: stopped.
+    TlsListener,
+    /// The local broker's application stopped by the `outage` drill:
+    /// started again.
+    BrokerAppStopped,
+    /// A PostgreSQL cluster (`pg_ctlcluster` version and name), started:
+    /// stopped.
     Postgres {
         /// Major version, the directory under `/etc/postgresql`.
         version: String,
@@ -37,8 +44,8 @@ struct Ledger {
     pids: BTreeSet<u32>,
     /// Databases and namespaces of drills under way.
     envs: Vec<Teardown>,
-    /// Servers to stop, in the order they were started.
-    servers: Vec<Started>,
+    /// Changes to undo, in the order they were made.
+    servers: Vec<ServerChange>,
 }
 
 /// The shared ledger; cheap to clone, every clone is the same ledger.
@@ -72,22 +79,22 @@ impl Leftovers {
         self.ledger().envs.retain(|t| t.namespace != namespace);
     }
 
-    /// A server was started for a drill.
-    pub fn add_server(&self, s: Started) {
+    /// A drill changed a server.
+    pub fn add_server(&self, s: ServerChange) {
         let mut l = self.ledger();
         if !l.servers.contains(&s) {
             l.servers.push(s);
         }
     }
 
-    /// A server was stopped, or is kept.
-    pub fn remove_server(&self, s: &Started) {
+    /// A drill undid its change, or keeps it on purpose.
+    pub fn remove_server(&self, s: &ServerChange) {
         self.ledger().servers.retain(|x| x != s);
     }
 
     /// Stops every registered process (SIGTERM, then SIGKILL after
-    /// `grace`), removes every registered database and namespace, stops
-    /// every registered server. Returns what it did, one line each, and
+    /// `grace`), removes every registered database and namespace, undoes
+    /// every registered change to the servers. Returns what it did, one line each, and
     /// goes on past a failure (reported in its line): an interrupt is no
     /// time to stop half way.
     pub async fn clean_up(&self, grace: Duration) -> Vec<String> {
@@ -118,9 +125,9 @@ impl Leftovers {
             out.push(match stop_server(s).await {
                 Ok(()) => {
                     self.remove_server(s);
-                    format!("stopped {s:?}")
+                    format!("undid {s:?}")
                 }
-                Err(e) => format!("could not stop {s:?}: {e:#}"),
+                Err(e) => format!("could not undo {s:?}: {e:#}"),
             });
         }
         out
@@ -177,9 +184,13 @@ async fn stop_processes(pids: &BTreeSet<u32>, grace: Duration) -> String {
     format!("killed warren process(es) {pids:?} after {grace:?} (all gone: {gone})")
 }
 
-async fn stop_server(s: &Started) -> anyhow::Result<()> {
+async fn stop_server(s: &ServerChange) -> anyhow::Result<()> {
     match s {
-        Started::RabbitCluster(script) => crate::rabbit_cluster::stop_all(script).await,
-        Started::Postgres { version, name } => crate::servers::stop_pg_cluster(version, name).await,
+        ServerChange::RabbitCluster(script) => crate::rabbit_cluster::stop_all(script).await,
+        ServerChange::Postgres { version, name } => {
+            crate::servers::stop_pg_cluster(version, name).await
+        }
+        ServerChange::TlsListener => crate::tls::stop_listener(),
+        ServerChange::BrokerAppStopped => crate::servers::start_rabbit_app().await,
     }
 }

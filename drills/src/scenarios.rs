@@ -310,7 +310,7 @@ pub async fn outage(servers: &Servers, o: &Options, keep: bool) -> anyhow::Resul
             let began = Instant::now();
             eprintln!("  {what} at {:.1}s", t0.elapsed().as_secs_f64());
             if broker {
-                servers::restart_rabbit(o.broker_down).await?;
+                servers::restart_rabbit(o.broker_down, &servers.leftovers).await?;
             } else {
                 servers::restart_postgres().await?;
             }

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::leftovers::{Leftovers, ServerChange};
+
 fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(cmd)
         .args(args)
@@ -54,9 +56,12 @@ async fn wait_until(what: &str, up: fn() -> bool, within: Duration) -> anyhow::R
 
 /// `rabbitmqctl stop_app`, `down` of outage, `rabbitmqctl start_app`, and
 /// waits for a ping. Returns when the broker answered again. The broker
-/// is started again even if something in between failed.
-pub async fn restart_rabbit(down: Duration) -> anyhow::Result<()> {
+/// is started again even if something in between failed, and by the
+/// interrupt clean-up if the drill is interrupted while it is down.
+pub async fn restart_rabbit(down: Duration, leftovers: &Leftovers) -> anyhow::Result<()> {
     run("rabbitmqctl", &["-q", "stop_app"])?;
+    // After the (blocking) stop: no interrupt is handled in between.
+    leftovers.add_server(ServerChange::BrokerAppStopped);
     tokio::time::sleep(down).await;
     let started = run("rabbitmqctl", &["-q", "start_app"]);
     if started.is_err() {
@@ -64,6 +69,14 @@ pub async fn restart_rabbit(down: Duration) -> anyhow::Result<()> {
         // is the worst outcome of this drill.
         run("rabbitmqctl", &["-q", "start_app"])?;
     }
+    leftovers.remove_server(&ServerChange::BrokerAppStopped);
+    wait_until("RabbitMQ", rabbit_up, Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// `rabbitmqctl start_app` (after an interrupted outage).
+pub async fn start_rabbit_app() -> anyhow::Result<()> {
+    run_async("rabbitmqctl", &["-q", "start_app"]).await?;
     wait_until("RabbitMQ", rabbit_up, Duration::from_secs(60)).await?;
     Ok(())
 }
