@@ -92,6 +92,19 @@ impl Leftovers {
         self.ledger().servers.retain(|x| x != s);
     }
 
+    /// What the ledger holds, one line each (for an operator when a
+    /// drill broke off and left them).
+    pub fn describe(&self) -> Vec<String> {
+        let l = self.ledger();
+        let mut out: Vec<String> = l
+            .envs
+            .iter()
+            .map(|t| format!("namespace {} and {}", t.namespace, t.databases()))
+            .collect();
+        out.extend(l.servers.iter().map(|s| format!("{s:?}")));
+        out
+    }
+
     /// Stops every registered process (SIGTERM, then SIGKILL after
     /// `grace`), removes every registered database and namespace, undoes
     /// every registered change to the servers. Returns what it did, one line each, and

@@ -62,7 +62,8 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     orders: usize,
     /// Seconds over which the orders are placed (default: 40; 180 in the
-    /// cluster drill, whose node restarts take minutes).
+    /// cluster drill, whose faults take over a minute and must all fall
+    /// within the load).
     #[arg(long)]
     window: Option<u64>,
     /// Kills in the kill drill.
@@ -237,7 +238,17 @@ async fn main() -> anyhow::Result<()> {
         let mut drill = Box::pin(run_drill(d, &args, &servers, &o, cluster_window));
         let code = tokio::select! {
             r = &mut drill => {
-                let (passed, text, json) = r?;
+                let (passed, text, json) = match r {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        // A drill that broke leaves its things for a
+                        // look, as a failed audit does: say which.
+                        for l in leftovers.describe() {
+                            eprintln!("  left for a look: {l}");
+                        }
+                        return Err(e);
+                    }
+                };
                 print!("{text}");
                 println!("   ({:.1}s)", started.elapsed().as_secs_f64());
                 if !passed {
