@@ -531,6 +531,7 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
     if figures.passed() && !keep {
         env.destroy().await?;
     } else {
+        env.keep();
         eprintln!(
             "  kept database warren_drill_badinput and namespace {}",
             env.namespace

@@ -14,6 +14,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
+use crate::leftovers::Leftovers;
+
 /// Services with a work queue (customers consumes nothing).
 pub const CONSUMING: [&str; 4] = ["orders", "inventory", "payments", "shipping"];
 /// Every schema with an outbox.
@@ -34,6 +36,8 @@ pub struct Servers {
     pub orders_database_url: Option<String>,
     /// Logs of the warren processes go here.
     pub log_dir: PathBuf,
+    /// What is running or created, for the clean-up on an interrupt.
+    pub leftovers: Leftovers,
 }
 
 /// One drill's private database and namespace.
@@ -76,6 +80,59 @@ async fn drop_database(admin_url: &url::Url, db: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What removing a drill's database and namespace needs, apart from the
+/// drill itself: what [`Env::destroy`] runs, and what an interrupt runs
+/// when the drill never gets that far (see [`crate::leftovers`]).
+#[derive(Debug, Clone)]
+pub struct Teardown {
+    /// RabbitMQ URL (list) the namespace lives on.
+    pub amqp_url: String,
+    /// The drill's namespace.
+    pub namespace: String,
+    /// `postgres://…/warren_drill_<name>`.
+    pub database_url: String,
+    /// The orders service's own database, when it has one.
+    pub orders_database_url: Option<String>,
+}
+
+fn db_name(url: &str) -> String {
+    url::Url::parse(url)
+        .map(|u| u.path().trim_start_matches('/').to_owned())
+        .unwrap_or_default()
+}
+
+impl Teardown {
+    /// The databases it drops, for messages.
+    pub fn databases(&self) -> String {
+        let mut dbs = vec![db_name(&self.database_url)];
+        if let Some(u) = &self.orders_database_url {
+            dbs.push(db_name(u));
+        }
+        format!("database(s) {}", dbs.join(", "))
+    }
+
+    /// Deletes the namespace's queues and exchange, then drops the
+    /// databases (`WITH (FORCE)`: connections still open are cut).
+    pub async fn run(&self) -> anyhow::Result<()> {
+        let conn = transport::connect(&self.amqp_url, "warren drills").await?;
+        let ch = conn.create_channel().await?;
+        let topo = transport::Topology::new(self.namespace.clone());
+        for s in CONSUMING {
+            topo.delete_service(&ch, s, &Env::retry_delays()).await?;
+        }
+        topo.delete_exchange(&ch).await?;
+        transport::close(conn, "drill cleaned up").await;
+        if let Some(url) = &self.orders_database_url {
+            let db = db_name(url);
+            let (_, admin) = drill_urls(url, &db)?;
+            drop_database(&admin, &db).await?;
+        }
+        let db = db_name(&self.database_url);
+        let (_, admin) = drill_urls(&self.database_url, &db)?;
+        drop_database(&admin, &db).await
+    }
+}
+
 impl Env {
     /// Drops and recreates the drill's database, migrates it with
     /// `warren migrate`, and picks a fresh namespace.
@@ -108,6 +165,17 @@ impl Env {
             "drill_{name}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        // Registered before anything exists, so that an interrupt from
+        // here on removes whatever part of it was made.
+        servers.leftovers.add_env(Teardown {
+            amqp_url: servers.amqp_url.clone(),
+            namespace: namespace.clone(),
+            database_url: url.to_string(),
+            orders_database_url: orders_url.clone(),
+        });
+        // Printed so that an operator (and the interrupt test) can find
+        // them on the broker and the server.
+        eprintln!("  namespace {namespace}, database {db}");
         let env = Env {
             name: name.to_owned(),
             servers: servers.clone(),
@@ -219,36 +287,31 @@ impl Env {
     }
 
     /// Deletes the namespace's queues and exchanges and the database.
-    /// Called only after a drill passed: a failed one is left for a look.
+    /// Called only after a drill passed: a failed one is left for a look
+    /// (see [`Env::keep`]).
     pub async fn destroy(self) -> anyhow::Result<()> {
-        let conn = transport::connect(&self.servers.amqp_url, "warren drills").await?;
-        let ch = conn.create_channel().await?;
-        let topo = transport::Topology::new(self.namespace.clone());
-        for s in CONSUMING {
-            topo.delete_service(&ch, s, &Self::retry_delays()).await?;
-        }
-        topo.delete_exchange(&ch).await?;
-        transport::close(conn, "drill cleaned up").await;
         self.pool.close().await;
-        if let Some((url, pool)) = &self.orders_database {
+        if let Some((_, pool)) = &self.orders_database {
             pool.close().await;
-            let db = format!("warren_drill_{}_orders", self.name);
-            let (_, admin) = drill_urls(url, &db)?;
-            drop_database(&admin, &db).await?;
         }
-        let mut admin_url = url::Url::parse(&self.database_url)?;
-        admin_url.set_path("/postgres");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(admin_url.as_str())
-            .await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS warren_drill_{} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&admin)
-        .await?;
+        self.teardown().run().await?;
+        self.servers.leftovers.remove_env(&self.namespace);
         Ok(())
+    }
+
+    /// Leaves the database and namespace in place on purpose: an
+    /// interrupt later on does not remove them either.
+    pub fn keep(&self) {
+        self.servers.leftovers.remove_env(&self.namespace);
+    }
+
+    fn teardown(&self) -> Teardown {
+        Teardown {
+            amqp_url: self.servers.amqp_url.clone(),
+            namespace: self.namespace.clone(),
+            database_url: self.database_url.clone(),
+            orders_database_url: self.orders_database.as_ref().map(|(u, _)| u.clone()),
+        }
     }
 }
 
@@ -265,6 +328,16 @@ pub struct Warren {
     pub pid: u32,
     /// When it was spawned.
     pub started: Instant,
+    /// Where the pid is registered while the child is ours to stop.
+    leftovers: Leftovers,
+}
+
+impl Drop for Warren {
+    fn drop(&mut self) {
+        // `kill_on_drop` takes the process down with the handle: nothing
+        // is left for an interrupt to stop.
+        self.leftovers.remove_pid(self.pid);
+    }
 }
 
 impl Warren {
@@ -289,6 +362,7 @@ impl Warren {
             .spawn()
             .context("spawning warren run")?;
         let pid = child.id().context("warren exited at once")?;
+        env.servers.leftovers.add_pid(pid);
         let mut w = Warren {
             label: label.to_owned(),
             base: format!("http://127.0.0.1:{port}"),
@@ -296,6 +370,7 @@ impl Warren {
             child,
             pid,
             started: Instant::now(),
+            leftovers: env.servers.leftovers.clone(),
         };
         w.wait_healthy(Duration::from_secs(30)).await?;
         Ok(w)
@@ -333,6 +408,8 @@ impl Warren {
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
         self.child.wait().await?;
+        // Reaped: the pid may be reused by anything from now on.
+        self.leftovers.remove_pid(self.pid);
         Ok(())
     }
 
@@ -345,6 +422,7 @@ impl Warren {
         match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
             Ok(r) => {
                 r?;
+                self.leftovers.remove_pid(self.pid);
             }
             Err(_) => self.kill9().await?,
         }

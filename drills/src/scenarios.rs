@@ -90,7 +90,7 @@ impl Figures {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -103,17 +103,17 @@ fn peak(w: &Warren, peak: &mut u64) {
 }
 
 /// Everything a drill body needs after set-up.
-struct Run {
-    env: Env,
-    customers: Vec<uuid::Uuid>,
-    stock: std::collections::BTreeMap<String, i32>,
-    plan: Vec<load::Planned>,
-    targets: Arc<Mutex<Vec<String>>>,
-    placed: load::Shared,
-    rng: rand::rngs::StdRng,
+pub(crate) struct Run {
+    pub(crate) env: Env,
+    pub(crate) customers: Vec<uuid::Uuid>,
+    pub(crate) stock: std::collections::BTreeMap<String, i32>,
+    pub(crate) plan: Vec<load::Planned>,
+    pub(crate) targets: Arc<Mutex<Vec<String>>>,
+    pub(crate) placed: load::Shared,
+    pub(crate) rng: rand::rngs::StdRng,
 }
 
-async fn prepare(o: &Options, first: &Warren, env: Env) -> anyhow::Result<Run> {
+pub(crate) async fn prepare(o: &Options, first: &Warren, env: Env) -> anyhow::Result<Run> {
     let mut rng = load::rng(o.seed);
     let (customers, stock) = load::seed(&env, &first.base, o.customers).await?;
     let plan = load::plan(o.orders, &customers, &mut rng);
@@ -129,19 +129,19 @@ async fn prepare(o: &Options, first: &Warren, env: Env) -> anyhow::Result<Run> {
 }
 
 /// What a drill body hands to [`finish`].
-struct Done {
-    faults: Vec<Fault>,
+pub(crate) struct Done {
+    pub(crate) faults: Vec<Fault>,
     /// First order.
-    t0: Instant,
+    pub(crate) t0: Instant,
     /// Last order placed.
-    placed_done: Instant,
+    pub(crate) placed_done: Instant,
     /// Processes still running.
-    procs: Vec<Warren>,
+    pub(crate) procs: Vec<Warren>,
     /// Peak RSS of processes already gone, KiB.
-    peak_rss: u64,
+    pub(crate) peak_rss: u64,
 }
 
-async fn finish(
+pub(crate) async fn finish(
     run: Run,
     name: &str,
     o: &Options,
@@ -186,6 +186,7 @@ async fn finish(
             .await
             .context("cleaning up the drill's database and namespace")?;
     } else {
+        run.env.keep();
         eprintln!(
             "  kept database {} and namespace {} for a look",
             run.env.database_url.rsplit('/').next().unwrap_or(""),
@@ -309,7 +310,7 @@ pub async fn outage(servers: &Servers, o: &Options, keep: bool) -> anyhow::Resul
             let began = Instant::now();
             eprintln!("  {what} at {:.1}s", t0.elapsed().as_secs_f64());
             if broker {
-                servers::restart_rabbit(o.broker_down).await?;
+                servers::restart_rabbit(o.broker_down, &servers.leftovers).await?;
             } else {
                 servers::restart_postgres().await?;
             }

@@ -22,6 +22,7 @@ use tokio::process::Command as AsyncCommand;
 use transport::{self, ConnectError};
 
 use crate::cluster::Servers;
+use crate::leftovers::ServerChange;
 
 /// Where the drill's listener listens: RabbitMQ's usual TLS port, loopback
 /// only.
@@ -106,8 +107,12 @@ pub async fn run(servers: &Servers, keep: bool) -> anyhow::Result<Figures> {
             }
             return Err(e);
         }
+        // Started (a blocking call: no interrupt is handled before this
+        // line runs), so an interrupt from here on stops it.
+        servers.leftovers.add_server(ServerChange::TlsListener);
         let exercised = exercise(servers, &pki).await;
         let stopped = stop_listener();
+        servers.leftovers.remove_server(&ServerChange::TlsListener);
         let mut f = exercised?;
         if let Err(e) = stopped {
             f.failures.push(format!("stopping the listener: {e:#}"));
@@ -230,7 +235,9 @@ fn start_listener(pki: &Pki) -> anyhow::Result<()> {
     .context("starting the TLS listener")
 }
 
-fn stop_listener() -> anyhow::Result<()> {
+/// Stops the drill's TLS listener (also on an interrupt, see
+/// [`crate::leftovers`]).
+pub(crate) fn stop_listener() -> anyhow::Result<()> {
     eval(&format!(
         "rabbit_networking:stop_tcp_listener({{\"{HOST}\", {PORT}}})."
     ))
