@@ -140,6 +140,9 @@ pub async fn run(
                     .await;
                 // Measured or not, no consumer process outlives its row.
                 let stopped = children.stop().await;
+                if let (Err(_), Err(e)) = (&row, &stopped) {
+                    tracing::warn!(error = format!("{e:#}"), "stopping the consumer processes");
+                }
                 row.and_then(|r| stopped.map(|()| r))
             } else {
                 one(&pool, opts, &topology, partitions, consumers).await
