@@ -174,6 +174,10 @@ impl Children {
 
 /// Waits for `child` to exit after SIGTERM, killing it after 30 s.
 async fn stop_one(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    // Held open until the exit: `wait` would close it first, and the
+    // process, seeing its standard input end, would take it for a bench
+    // that died rather than for the SIGTERM it got.
+    let _stdin = child.stdin.take();
     match tokio::time::timeout(STOP_WITHIN, child.wait()).await {
         Ok(status) => Ok(status?),
         Err(_) => {
