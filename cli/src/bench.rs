@@ -549,13 +549,16 @@ pub(crate) async fn latency(
     })
 }
 
+/// When each event was handled, and each handled event's batch (ms).
+type Handled = (HashMap<Uuid, Wall>, Vec<f64>);
+
 /// Gathers, from every sink's outcomes, when each event was handled and
 /// how long its batch took, until `total` are handled (or nothing came
 /// for 30 s).
 fn collect_handled(
     sinks: &[Running],
     total: usize,
-) -> anyhow::Result<tokio::task::JoinHandle<(HashMap<Uuid, Wall>, Vec<f64>)>> {
+) -> anyhow::Result<tokio::task::JoinHandle<Handled>> {
     // Every sink's outcomes into one bounded channel.
     let (merged, mut outcomes) =
         tokio::sync::mpsc::channel::<std::sync::Arc<consumers::OutcomeRecord>>(1 << 16);

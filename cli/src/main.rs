@@ -122,7 +122,12 @@ struct BenchArgs {
     processes: bool,
     /// Internal to `--scaling --processes`: run one consumer of the
     /// scaling sink in NAMESPACE until SIGTERM or standard input closes.
-    #[arg(long, hide = true, value_name = "NAMESPACE", conflicts_with = "scaling")]
+    #[arg(
+        long,
+        hide = true,
+        value_name = "NAMESPACE",
+        conflicts_with = "scaling"
+    )]
     scaling_sink: Option<String>,
 }
 

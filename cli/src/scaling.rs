@@ -136,8 +136,8 @@ pub async fn run(
     for partitions in [0, opts.partitions] {
         for consumers in 1..=opts.max_consumers.max(1) {
             let row = if opts.processes {
-                let row = processes::one(&pool, opts, &topology, partitions, consumers, children)
-                    .await;
+                let row =
+                    processes::one(&pool, opts, &topology, partitions, consumers, children).await;
                 // Measured or not, no consumer process outlives its row.
                 let stopped = children.stop().await;
                 if let (Err(_), Err(e)) = (&row, &stopped) {

@@ -579,7 +579,14 @@ async fn bench_scaling_runs_each_consumer_as_a_process_of_its_own(pool: PgPool) 
         Command::new(env!("CARGO_BIN_EXE_warren"))
             .args(["bench", "--scaling", "--processes", "--json"])
             .args(["--events", "200", "--rate", "50", "--seconds", "2"])
-            .args(["--consumers", "2", "--partitions", "2", "--database-url", &db])
+            .args([
+                "--consumers",
+                "2",
+                "--partitions",
+                "2",
+                "--database-url",
+                &db,
+            ])
             // The run's namespace, from its first line.
             .env("RUST_LOG", "warn,warren_cli::scaling=info")
             .env("NO_COLOR", "1")
@@ -595,21 +602,37 @@ async fn bench_scaling_runs_each_consumer_as_a_process_of_its_own(pool: PgPool) 
     let rows: Vec<serde_json::Value> = serde_json::from_str(stdout.trim()).unwrap();
     let shape: Vec<(String, u64)> = rows
         .iter()
-        .map(|r| (r["layout"].as_str().unwrap().to_owned(), r["consumers"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["layout"].as_str().unwrap().to_owned(),
+                r["consumers"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         shape,
-        [("competing", 1), ("competing", 2), ("partitioned", 1), ("partitioned", 2)]
-            .map(|(l, n)| (l.to_owned(), n)),
+        [
+            ("competing", 1),
+            ("competing", 2),
+            ("partitioned", 1),
+            ("partitioned", 2)
+        ]
+        .map(|(l, n)| (l.to_owned(), n)),
         "{stdout}"
     );
     for r in &rows {
         assert_eq!(r["mode"], "processes", "{r}");
-        assert!(r["drain_events_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(
+            r["drain_events_per_s"].as_f64().is_some_and(|v| v > 0.0),
+            "{r}"
+        );
         assert_eq!(r["lost"], 0, "{r}");
         // Every latency event found in the inbox; none stamped in-process.
         assert_eq!(r["inbox_samples"], 100, "{r}");
-        assert!(r["inbox_p50_ms"].as_f64() <= r["inbox_p99_ms"].as_f64(), "{r}");
+        assert!(
+            r["inbox_p50_ms"].as_f64() <= r["inbox_p99_ms"].as_f64(),
+            "{r}"
+        );
         assert!(r["latency_p50_ms"].is_null(), "{r}");
     }
     let ns = stderr
