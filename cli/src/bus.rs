@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use events::Envelope;
 use lapin::publisher_confirm::PublisherConfirm;
 use lapin::{BasicProperties, Connection};
+use secrecy::ExposeSecret as _;
 use transport::{confirm_problem, Outgoing, Publisher};
 
 use crate::config::Settings;
@@ -30,7 +31,7 @@ pub struct Bus {
 impl Bus {
     /// Connects and enables confirms; declares the exchange (idempotent).
     pub async fn connect(settings: &Settings) -> anyhow::Result<Bus> {
-        let conn = transport::connect(&settings.amqp_url, "warren cli").await?;
+        let conn = transport::connect(settings.amqp_url.expose_secret(), "warren cli").await?;
         let publisher = Publisher::open(&conn).await?;
         let topology = settings.topology();
         topology.declare_exchange(publisher.channel()).await?;

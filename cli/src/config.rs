@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres};
@@ -73,7 +74,15 @@ impl ConsumingService {
     }
 }
 
-/// Settings shared by every command.
+/// A URL that may carry a password, as a secret: it never prints (`Debug`
+/// shows it redacted), is wiped from memory when dropped, and is read
+/// only where a connection is made (`expose_secret`).
+fn secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
+}
+
+/// Settings shared by every command. The broker and database URLs are
+/// secrets (see [`secret`]).
 #[derive(Clone, clap::Args)]
 pub struct Settings {
     /// RabbitMQ URL (amqp:// or amqps://); several nodes of one cluster
@@ -85,9 +94,10 @@ pub struct Settings {
         env = "AMQP_URL",
         global = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub amqp_url: String,
+    pub amqp_url: SecretString,
     /// PostgreSQL URL (add ?sslmode=require for TLS; a loopback host
     /// without an sslmode connects in the clear).
     #[arg(
@@ -95,49 +105,55 @@ pub struct Settings {
         env = "DATABASE_URL",
         global = true,
         default_value = "postgres://postgres:postgres@127.0.0.1:5432/warren",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub database_url: String,
+    pub database_url: SecretString,
     /// The customers service's database, when not DATABASE_URL's.
     #[arg(
         long,
         env = "WARREN_CUSTOMERS_DATABASE_URL",
         global = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub customers_database_url: Option<String>,
+    pub customers_database_url: Option<SecretString>,
     /// The orders service's database, when not DATABASE_URL's.
     #[arg(
         long,
         env = "WARREN_ORDERS_DATABASE_URL",
         global = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub orders_database_url: Option<String>,
+    pub orders_database_url: Option<SecretString>,
     /// The inventory service's database, when not DATABASE_URL's.
     #[arg(
         long,
         env = "WARREN_INVENTORY_DATABASE_URL",
         global = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub inventory_database_url: Option<String>,
+    pub inventory_database_url: Option<SecretString>,
     /// The payments service's database, when not DATABASE_URL's.
     #[arg(
         long,
         env = "WARREN_PAYMENTS_DATABASE_URL",
         global = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub payments_database_url: Option<String>,
+    pub payments_database_url: Option<SecretString>,
     /// The shipping service's database, when not DATABASE_URL's.
     #[arg(
         long,
         env = "WARREN_SHIPPING_DATABASE_URL",
         global = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret
     )]
-    pub shipping_database_url: Option<String>,
+    pub shipping_database_url: Option<SecretString>,
     /// Prefix of every exchange and queue.
     #[arg(
         long,
@@ -172,8 +188,14 @@ pub struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("amqp_url", &transport::redact(&self.amqp_url))
-            .field("database_url", &transport::redact(&self.database_url))
+            .field(
+                "amqp_url",
+                &transport::redact(self.amqp_url.expose_secret()),
+            )
+            .field(
+                "database_url",
+                &transport::redact(self.database_url.expose_secret()),
+            )
             .field(
                 "service_databases",
                 &services::ALL
@@ -212,20 +234,22 @@ impl Settings {
             "shipping" => &self.shipping_database_url,
             _ => &None,
         };
-        own.as_deref()
-            .filter(|u| !u.is_empty() && *u != self.database_url)
+        own.as_ref()
+            .map(|u| u.expose_secret())
+            .filter(|u| !u.is_empty() && *u != self.database_url.expose_secret())
     }
 
     /// The URL of `service`'s database.
     pub fn database_url_of(&self, service: &str) -> &str {
-        self.own_database(service).unwrap_or(&self.database_url)
+        self.own_database(service)
+            .unwrap_or(self.database_url.expose_secret())
     }
 
     /// The same settings with `service`'s database as DATABASE_URL (for
     /// the helpers that take settings to reach one database).
     pub fn for_service(&self, service: &str) -> Settings {
         Settings {
-            database_url: self.database_url_of(service).to_owned(),
+            database_url: SecretString::from(self.database_url_of(service)),
             ..self.clone()
         }
     }
@@ -239,7 +263,7 @@ impl Settings {
             Ok(url.to_string())
         };
         let mut out = Settings {
-            database_url: rename(&self.database_url, "DATABASE_URL")?,
+            database_url: rename(self.database_url.expose_secret(), "DATABASE_URL")?.into(),
             ..self.clone()
         };
         for (own, var) in [
@@ -261,8 +285,12 @@ impl Settings {
                 "WARREN_SHIPPING_DATABASE_URL",
             ),
         ] {
-            if let Some(u) = own.as_deref().filter(|u| !u.is_empty()) {
-                *own = Some(rename(u, var)?);
+            let renamed = match own.as_ref().map(|u| u.expose_secret()) {
+                Some(u) if !u.is_empty() => Some(rename(u, var)?),
+                _ => None,
+            };
+            if let Some(u) = renamed {
+                *own = Some(u.into());
             }
         }
         Ok(out)
@@ -272,31 +300,24 @@ impl Settings {
 /// Opens a pool of `max` connections; with `create`, creates the database
 /// first when it does not exist. Errors are one line naming what was tried.
 pub async fn connect_db(settings: &Settings, create: bool, max: u32) -> anyhow::Result<PgPool> {
-    let shown = transport::redact(&settings.database_url);
+    let url = settings.database_url.expose_secret();
+    let shown = transport::redact(url);
     let unreachable = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "cannot reach PostgreSQL at {shown}: {e}. Start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, or `docker compose up -d postgres`) or set DATABASE_URL"
         )
     };
-    let options: PgConnectOptions = settings
-        .database_url
+    let options: PgConnectOptions = url
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {shown}: {e}"))?;
-    let options = plain_on_loopback(
-        &settings.database_url,
-        std::env::var_os("PGSSLMODE").is_some(),
-        options,
-    );
+    let options = plain_on_loopback(url, std::env::var_os("PGSSLMODE").is_some(), options);
     if create {
-        let exists = tokio::time::timeout(
-            Duration::from_secs(5),
-            Postgres::database_exists(&settings.database_url),
-        )
-        .await
-        .map_err(|_| unreachable(&"no answer within 5s"))?
-        .map_err(|e| unreachable(&e))?;
+        let exists = tokio::time::timeout(Duration::from_secs(5), Postgres::database_exists(url))
+            .await
+            .map_err(|_| unreachable(&"no answer within 5s"))?
+            .map_err(|e| unreachable(&e))?;
         if !exists {
-            Postgres::create_database(&settings.database_url)
+            Postgres::create_database(url)
                 .await
                 .map_err(|e| unreachable(&e))?;
             tracing::info!(
@@ -354,7 +375,8 @@ pub async fn connect_stores(
     max: u32,
 ) -> anyhow::Result<services::Stores> {
     let shared = connect_db(settings, create, max).await?;
-    let mut stores = services::Stores::new(settings.database_url.clone(), shared);
+    let mut stores =
+        services::Stores::new(settings.database_url.expose_secret().to_owned(), shared);
     let mut opened: Vec<(String, PgPool)> = Vec::new();
     for service in services::ALL {
         let Some(url) = settings.own_database(service) else {
@@ -479,6 +501,43 @@ mod tests {
             shown.contains("amqp://a:***@h1:5672/%2f,amqps://b:***@h2:5671/%2f"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn service_database_urls_are_secrets_that_survive_renaming_unprinted() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let cli = Cli::parse_from([
+            "warren",
+            "--database-url",
+            "postgres://u:db-secret@127.0.0.1/warren",
+            "--orders-database-url",
+            "postgres://o:orders-secret@127.0.0.1:5433/warren",
+        ]);
+        // Held as secrets: readable where a connection is made...
+        let orders: &SecretString = cli.settings.orders_database_url.as_ref().unwrap();
+        assert_eq!(
+            orders.expose_secret(),
+            "postgres://o:orders-secret@127.0.0.1:5433/warren"
+        );
+        // ...and never in what prints, however the settings are derived.
+        let renamed = cli.settings.with_database("drill").unwrap();
+        assert_eq!(
+            renamed.database_url_of("orders"),
+            "postgres://o:orders-secret@127.0.0.1:5433/drill"
+        );
+        for shown in [
+            format!("{:?}", cli.settings),
+            format!("{:?}", renamed),
+            format!("{:?}", cli.settings.for_service("orders")),
+        ] {
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.contains("o:***@127.0.0.1:5433"), "{shown}");
+        }
     }
 
     #[test]

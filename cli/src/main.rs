@@ -5,6 +5,7 @@
 //! is a clean end: exit 0.
 
 use clap::{CommandFactory, Parser, Subcommand};
+use secrecy::ExposeSecret as _;
 use warren_cli::commands::{
     demo, dlq, migrate, publish, replay, run, setup, status, tail, teardown, trace,
 };
@@ -156,7 +157,7 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         events: args.events,
         rate: args.rate,
         duration: std::time::Duration::from_secs(args.seconds),
-        amqp_url: settings.amqp_url.clone(),
+        amqp_url: settings.amqp_url.expose_secret().to_owned(),
         lanes,
         prefetch: args.prefetch,
         eager: args.publish == Publisher::Eager,
@@ -171,7 +172,7 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
             let mut topology = transport::Topology::new(namespace);
             topology.expires = Some(teardown::THROWAWAY_EXPIRES);
             let delays = consumers::SubscriptionConfig::default().retry.delays();
-            teardown::cleanup_throwaway(&settings.amqp_url, &topology, &delays).await;
+            teardown::cleanup_throwaway(settings.amqp_url.expose_secret(), &topology, &delays).await;
             return Err(warren_cli::error::Interrupted.into());
         }
     };
@@ -221,7 +222,7 @@ async fn scaling(
         events: args.events,
         rate: args.rate,
         duration: std::time::Duration::from_secs(args.seconds),
-        amqp_url: settings.amqp_url.clone(),
+        amqp_url: settings.amqp_url.expose_secret().to_owned(),
         lanes,
         prefetch: args.prefetch,
         partitions: args.partitions,
@@ -243,7 +244,7 @@ async fn scaling(
             let mut topology = transport::Topology::new(namespace);
             topology.expires = Some(teardown::THROWAWAY_EXPIRES);
             let delays = consumers::SubscriptionConfig::default().retry.delays();
-            if let Ok(conn) = transport::connect(&settings.amqp_url, "warren cleanup").await {
+            if let Ok(conn) = transport::connect(settings.amqp_url.expose_secret(), "warren cleanup").await {
                 if let Ok(ch) = conn.create_channel().await {
                     let _ = topology
                         .delete_partitions(&ch, warren_cli::bench::SINK, args.partitions, &delays)
@@ -251,7 +252,7 @@ async fn scaling(
                 }
                 transport::close(conn, "cleanup done").await;
             }
-            teardown::cleanup_throwaway(&settings.amqp_url, &topology, &delays).await;
+            teardown::cleanup_throwaway(settings.amqp_url.expose_secret(), &topology, &delays).await;
             return Err(warren_cli::error::Interrupted.into());
         }
     };

@@ -5,6 +5,7 @@
 //! warren never ran and again as often as wanted, without touching the
 //! data of `warren run`.
 
+use secrecy::ExposeSecret as _;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,7 +48,8 @@ pub struct DemoArgs {
 /// The demo's own database: `<database>_demo` (`warren_demo` by
 /// default), recreated by every run and left for `warren trace --demo`.
 pub fn database_name(settings: &Settings) -> anyhow::Result<String> {
-    let base = url::Url::parse(&settings.database_url).context("DATABASE_URL is not a URL")?;
+    let base = url::Url::parse(settings.database_url.expose_secret())
+        .context("DATABASE_URL is not a URL")?;
     let db_name = format!(
         "{}_demo",
         base.path()
@@ -76,7 +78,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     // A clean slate: the demo's own database, recreated.
     let server_check = connect_db(&settings.with_database("postgres")?, false, 1).await?;
     server_check.close().await;
-    let _ = Postgres::drop_database(&settings.database_url).await;
+    let _ = Postgres::drop_database(settings.database_url.expose_secret()).await;
     for s in ALL {
         if let Some(own) = settings.own_database(s) {
             let _ = Postgres::drop_database(own).await;
@@ -91,7 +93,7 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     let mut topology = settings.topology();
     topology.expires = Some(super::teardown::THROWAWAY_EXPIRES);
     let config = AppConfig {
-        amqp_url: settings.amqp_url.clone(),
+        amqp_url: settings.amqp_url.expose_secret().to_owned(),
         topology: topology.clone(),
         services: ALL.iter().map(|s| s.to_string()).collect(),
         http: None,
@@ -119,7 +121,12 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
     let app = match App::start(stores.clone(), config).await {
         Ok(app) => app,
         Err(e) => {
-            super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
+            super::teardown::cleanup_throwaway(
+                settings.amqp_url.expose_secret(),
+                &topology,
+                &retry_delays,
+            )
+            .await;
             return Err(e.into());
         }
     };
@@ -128,7 +135,8 @@ pub async fn run(settings: &Settings, args: &DemoArgs) -> anyhow::Result<()> {
         () = shutdown.cancelled() => Err(crate::error::Interrupted.into()),
     };
     app.stop().await;
-    super::teardown::cleanup_throwaway(&settings.amqp_url, &topology, &retry_delays).await;
+    super::teardown::cleanup_throwaway(settings.amqp_url.expose_secret(), &topology, &retry_delays)
+        .await;
     stores.close().await;
     told
 }
@@ -205,7 +213,7 @@ async fn wait_settled(
     delays: &[Duration],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let conn = transport::connect(&settings.amqp_url, "warren demo watch").await?;
+    let conn = transport::connect(settings.amqp_url.expose_secret(), "warren demo watch").await?;
     let topology = settings.topology();
     let started = Instant::now();
     let total = |app: &App| -> u64 {

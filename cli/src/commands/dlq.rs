@@ -18,6 +18,7 @@
 //! browse leaves the queue in its order; one stopped early (`--count`)
 //! moves the letters it read to the end.
 
+use secrecy::ExposeSecret as _;
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::ops::ControlFlow;
@@ -365,7 +366,7 @@ async fn each_service(
     mut visit: impl FnMut(&DeadLetter) -> (Action, ControlFlow<()>),
 ) -> anyhow::Result<()> {
     let topology = settings.topology();
-    let conn = transport::connect(&settings.amqp_url, "warren dlq").await?;
+    let conn = transport::connect(settings.amqp_url.expose_secret(), "warren dlq").await?;
     let mut stopped = false;
     let mut result = Ok(());
     for service in filter.services() {

@@ -4,6 +4,7 @@
 
 use crate::config::{connect_stores, migrate_stores, Settings};
 use crate::output;
+use secrecy::ExposeSecret as _;
 
 /// Runs the command; with `json`, says what it did as one JSON object.
 /// Each database (DATABASE_URL, and each service's own database) is
@@ -22,7 +23,7 @@ pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
         // Named by a service living there; the shared one by DATABASE_URL.
         let shown = match services.first() {
             Some(s) => stores.shown(s),
-            None => transport::redact(&settings.database_url),
+            None => transport::redact(settings.database_url.expose_secret()),
         };
         databases.push((shown, services, applied));
     }

@@ -1,6 +1,7 @@
 //! `warren run [SERVICE…]`: runs services until Ctrl-C/SIGTERM, then
 //! drains in-flight work and stops.
 
+use secrecy::ExposeSecret as _;
 use std::collections::BTreeMap;
 
 use consumers::{RetryPolicy, SubscriptionConfig};
@@ -132,7 +133,7 @@ impl RunArgs {
         http: Option<std::net::SocketAddr>,
     ) -> Result<AppConfig, InvalidInput> {
         Ok(AppConfig {
-            amqp_url: settings.amqp_url.clone(),
+            amqp_url: settings.amqp_url.expose_secret().to_owned(),
             topology: {
                 let mut t = settings.topology();
                 t.expires = self.queue_expires_secs.map(std::time::Duration::from_secs);

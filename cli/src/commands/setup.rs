@@ -114,7 +114,13 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
                 permissions: AmqpPermissions::for_service(&topology, &catalog, s),
             })
             .collect();
-        rabbitmq_users(&args.rabbitmqctl, &settings.amqp_url, &topology, &users).await?;
+        rabbitmq_users(
+            &args.rabbitmqctl,
+            settings.amqp_url.expose_secret(),
+            &topology,
+            &users,
+        )
+        .await?;
         for u in &users {
             let p = &u.permissions;
             if args.json {
@@ -137,7 +143,11 @@ pub async fn run(settings: &Settings, args: &SetupArgs) -> anyhow::Result<()> {
             &roles[0].1,
             &roles[0].2
         )?),
-        transport::redact(&with_user(&settings.amqp_url, &roles[0].1, &roles[0].2)?),
+        transport::redact(&with_user(
+            settings.amqp_url.expose_secret(),
+            &roles[0].1,
+            &roles[0].2
+        )?),
         roles[0].0
     );
     if args.json {

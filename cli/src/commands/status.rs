@@ -12,6 +12,7 @@
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Connection;
+use secrecy::ExposeSecret as _;
 use serde::Serialize;
 use services::Stores;
 
@@ -204,7 +205,8 @@ fn opt(v: Option<u32>) -> String {
 /// Runs the command.
 pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     let stores = connect_stores(settings, false, 2).await?;
-    let (conn, connected_to) = transport::connect_any(&settings.amqp_url, "warren status").await?;
+    let (conn, connected_to) =
+        transport::connect_any(settings.amqp_url.expose_secret(), "warren status").await?;
     let gathered = gather(settings, &stores, &conn).await;
     transport::close(conn, "status done").await;
     stores.close().await;
@@ -218,7 +220,7 @@ pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         Err(e) => status.broker_unavailable = Some(format!("{e:#}")),
     }
     if status.broker.is_some() {
-        let vhost = transport::nodes::vhost(&settings.amqp_url)?;
+        let vhost = transport::nodes::vhost(settings.amqp_url.expose_secret())?;
         match placement::gather(&args.rabbitmqctl.rabbitmqctl, &vhost).await {
             Ok(p) => place(&mut status, &settings.topology(), p),
             Err(e) => status.broker_unavailable = Some(format!("{e:#}")),

@@ -5,6 +5,7 @@
 //! correlation id, wire text escaped), JSON, or fixture lines that
 //! `warren replay -` takes back.
 
+use secrecy::ExposeSecret as _;
 use std::time::Duration;
 
 use anstyle::AnsiColor;
@@ -175,7 +176,7 @@ async fn exclusive_queue(
 /// Runs the command until Ctrl-C, `--count` or `--timeout`.
 pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
     let topology = settings.topology();
-    let conn = transport::connect(&settings.amqp_url, "warren tail").await?;
+    let conn = transport::connect(settings.amqp_url.expose_secret(), "warren tail").await?;
     let ch = conn.create_channel().await?;
     topology.declare_exchange(&ch).await?;
     topology.declare_outcomes_exchange(&ch).await?;

@@ -14,6 +14,7 @@
 //! leaves its two exchanges; they hold no messages and no file handles,
 //! and `warren teardown` removes them.
 
+use secrecy::ExposeSecret as _;
 use std::time::Duration;
 
 use lapin::options::{
@@ -201,8 +202,8 @@ pub async fn run(settings: &Settings, args: &TeardownArgs) -> anyhow::Result<()>
         )
         .into());
     }
-    let vhost =
-        transport::nodes::vhost(&settings.amqp_url).map_err(|e| InvalidInput(e.to_string()))?;
+    let vhost = transport::nodes::vhost(settings.amqp_url.expose_secret())
+        .map_err(|e| InvalidInput(e.to_string()))?;
     let cmd = &args.rabbitmqctl.rabbitmqctl;
     let listed = async {
         let q = rabbitmqctl::list_names(cmd, "list_queues", &vhost).await?;
@@ -221,7 +222,7 @@ pub async fn run(settings: &Settings, args: &TeardownArgs) -> anyhow::Result<()>
             known_names(&settings.topology(), &QUEUE_OWNERS, &delays)
         }
     };
-    let conn = transport::connect(&settings.amqp_url, "warren teardown").await?;
+    let conn = transport::connect(settings.amqp_url.expose_secret(), "warren teardown").await?;
     let removed = remove(&conn, ns, &queues, &exchanges).await;
     transport::close(conn, "teardown done").await;
     let removed = removed?;
