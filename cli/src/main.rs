@@ -200,7 +200,7 @@ async fn scaling_sink(
     let pool = warren_cli::config::connect_db(settings, false, lanes as u32 + 3).await?;
     let sink = warren_cli::scaling::processes::SinkProcess {
         namespace: namespace.to_owned(),
-        amqp_url: settings.amqp_url.clone(),
+        amqp_url: settings.amqp_url.expose_secret().to_owned(),
         lanes,
         prefetch: args.prefetch,
         partitions: args.partitions,

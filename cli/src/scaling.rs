@@ -77,7 +77,7 @@ pub struct ScalingOptions {
     /// a task of this one.
     pub processes: bool,
     /// The database URL, handed to the consumer processes.
-    pub database_url: String,
+    pub database_url: secrecy::SecretString,
 }
 
 /// One layout with one number of consumers.

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -121,7 +122,7 @@ impl Children {
     }
 
     /// Starts one consumer process and waits until it consumes.
-    async fn spawn(&self, sink: &SinkProcess, database_url: &str) -> anyhow::Result<()> {
+    async fn spawn(&self, sink: &SinkProcess, database_url: &SecretString) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding this program to run its consumers")?;
         let mut child = Command::new(exe)
             .args(["bench", "--scaling-sink", &sink.namespace])
@@ -130,7 +131,7 @@ impl Children {
             .args(["--prefetch", &sink.prefetch.to_string()])
             // In the environment, not on the command line (`ps`).
             .env("AMQP_URL", &sink.amqp_url)
-            .env("DATABASE_URL", database_url)
+            .env("DATABASE_URL", database_url.expose_secret())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
