@@ -270,6 +270,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         committed_per_s,
         txns,
         consumer_batches,
+        ..
     } = run;
     let wakeups = wakeup(&pool, &outbox, &setup, &topology, 20).await?;
     // The wake-up probe sees its last event on its own classic queue, a
@@ -476,6 +477,17 @@ pub(crate) struct LatencyRun {
     pub txns: Vec<f64>,
     /// The consumer's batch (taken to acked) of each handled event.
     pub consumer_batches: Vec<f64>,
+    /// When each event's commit returned to the producer.
+    pub committed: HashMap<Uuid, Wall>,
+}
+
+/// A wall-clock instant: both ends of a latency sample are taken on the
+/// same clock, whichever process (or the database) took them.
+pub(crate) type Wall = chrono::DateTime<chrono::Utc>;
+
+/// Milliseconds from `from` to `to`, 0 if `to` is earlier.
+pub(crate) fn ms_between(from: Wall, to: Wall) -> f64 {
+    (to - from).num_microseconds().unwrap_or(i64::MAX).max(0) as f64 / 1000.0
 }
 
 /// How the latency run's producer appends and publishes.
@@ -518,6 +530,35 @@ pub(crate) async fn latency(
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<LatencyRun> {
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let collector = collect_handled(sinks, total)?;
+    let produced = produce(pool, producer, rate, duration).await?;
+    let (handled, mut consumer_batches) = collector.await?;
+    let mut latencies: Vec<f64> = handled
+        .iter()
+        .filter_map(|(id, at)| produced.committed.get(id).map(|c| ms_between(*c, *at)))
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    consumer_batches.sort_by(|a, b| a.total_cmp(b));
+    Ok(LatencyRun {
+        latencies,
+        committed_per_s: produced.committed_per_s,
+        txns: produced.txns,
+        consumer_batches,
+        committed: produced.committed,
+    })
+}
+
+/// When each event was handled, and each handled event's batch (ms).
+type Handled = (HashMap<Uuid, Wall>, Vec<f64>);
+
+/// Gathers, from every sink's outcomes, when each event was handled and
+/// how long its batch took, until `total` are handled (or nothing came
+/// for 30 s).
+fn collect_handled(
+    sinks: &[Running],
+    total: usize,
+) -> anyhow::Result<tokio::task::JoinHandle<Handled>> {
     // Every sink's outcomes into one bounded channel.
     let (merged, mut outcomes) =
         tokio::sync::mpsc::channel::<std::sync::Arc<consumers::OutcomeRecord>>(1 << 16);
@@ -545,41 +586,45 @@ pub(crate) async fn latency(
     // stamped on its outcome after the ack (`OutcomeRecord::at`), not when
     // this collector task got round to reading it, which added the
     // collector's own wake-up to every sample.
-    type Wall = chrono::DateTime<chrono::Utc>;
+    Ok(tokio::spawn(async move {
+        let mut handled: HashMap<Uuid, Wall> = HashMap::with_capacity(total);
+        let mut batches: Vec<f64> = Vec::with_capacity(total);
+        while handled.len() < total {
+            match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
+                Ok(Some(r)) if r.outcome == Outcome::Handled => {
+                    if let Some(id) = r.event_id.as_deref().and_then(|i| i.parse::<Uuid>().ok()) {
+                        handled.insert(id, r.at);
+                        batches.push(r.elapsed_ms);
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        (handled, batches)
+    }))
+}
+
+/// What the producer of a latency run committed.
+pub(crate) struct Produced {
+    /// When each event's commit returned.
+    pub committed: HashMap<Uuid, Wall>,
+    /// The rate it really committed at.
+    pub committed_per_s: f64,
+    /// Its transactions, sorted, in ms.
+    pub txns: Vec<f64>,
+}
+
+/// Commits one event per tick at `rate`/s for `duration`, noting when
+/// each commit returned.
+pub(crate) async fn produce(
+    pool: &PgPool,
+    producer: &Producer,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<Produced> {
     let committed: std::sync::Arc<std::sync::Mutex<HashMap<Uuid, Wall>>> = Default::default();
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
-    let collector = {
-        let committed = committed.clone();
-        tokio::spawn(async move {
-            let mut handled: HashMap<Uuid, Wall> = HashMap::with_capacity(total);
-            let mut batches: Vec<f64> = Vec::with_capacity(total);
-            while handled.len() < total {
-                match tokio::time::timeout(Duration::from_secs(30), outcomes.recv()).await {
-                    Ok(Some(r)) if r.outcome == Outcome::Handled => {
-                        if let Some(id) = r.event_id.as_deref().and_then(|i| i.parse::<Uuid>().ok())
-                        {
-                            handled.insert(id, r.at);
-                            batches.push(r.elapsed_ms);
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    _ => break,
-                }
-            }
-            let committed = committed.lock().map(|c| c.clone()).unwrap_or_default();
-            let mut ms: Vec<f64> = handled
-                .iter()
-                .filter_map(|(id, at)| {
-                    committed.get(id).map(|c| {
-                        (*at - *c).num_microseconds().unwrap_or(i64::MAX).max(0) as f64 / 1000.0
-                    })
-                })
-                .collect();
-            ms.sort_by(|a, b| a.total_cmp(b));
-            batches.sort_by(|a, b| a.total_cmp(b));
-            (ms, batches)
-        })
-    };
     // The producer is a service's request workers: `WORKERS` tasks, each
     // with a connection of its own, take the ticks and commit one event
     // per tick. Concurrent, because one after another each commit waits
@@ -635,12 +680,14 @@ pub(crate) async fn latency(
     }
     let committed_per_s = total as f64 / started.elapsed().as_secs_f64();
     txns.sort_by(|a, b| a.total_cmp(b));
-    let (latencies, consumer_batches) = collector.await?;
-    Ok(LatencyRun {
-        latencies,
+    let committed = committed
+        .lock()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default();
+    Ok(Produced {
+        committed,
         committed_per_s,
         txns,
-        consumer_batches,
     })
 }
 

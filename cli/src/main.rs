@@ -117,6 +117,19 @@ struct BenchArgs {
     /// With `--scaling`: subjects the latency runs' events are spread over.
     #[arg(long, default_value_t = 100)]
     subjects: usize,
+    /// With `--scaling`: each consumer an OS process of its own (this
+    /// program again), measured from the database.
+    #[arg(long, requires = "scaling")]
+    processes: bool,
+    /// Internal to `--scaling --processes`: run one consumer of the
+    /// scaling sink in NAMESPACE until SIGTERM or standard input closes.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "NAMESPACE",
+        conflicts_with = "scaling"
+    )]
+    scaling_sink: Option<String>,
 }
 
 /// `warren bench --publish`.
@@ -130,6 +143,9 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     let lanes = args.lanes.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
+    if let Some(namespace) = &args.scaling_sink {
+        return scaling_sink(settings, args, lanes, namespace).await;
+    }
     // The bench needs none of the shop's tables: it sets up its own schemas.
     let pool = warren_cli::config::connect_db(settings, true, lanes as u32 + 24).await?;
     let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -173,6 +189,26 @@ async fn bench(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One consumer process of `warren bench --scaling --processes`.
+async fn scaling_sink(
+    settings: &Settings,
+    args: &BenchArgs,
+    lanes: usize,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    // A pool the size of an in-process consumer's.
+    let pool = warren_cli::config::connect_db(settings, false, lanes as u32 + 3).await?;
+    let sink = warren_cli::scaling::processes::SinkProcess {
+        namespace: namespace.to_owned(),
+        amqp_url: settings.amqp_url.expose_secret().to_owned(),
+        lanes,
+        prefetch: args.prefetch,
+        partitions: args.partitions,
+    };
+    let shutdown = warren_cli::commands::shutdown_on_signal();
+    warren_cli::scaling::processes::serve_sink(pool, &sink, shutdown).await
+}
+
 /// `warren bench --scaling`.
 async fn scaling(
     settings: &Settings,
@@ -193,10 +229,18 @@ async fn scaling(
         max_consumers: args.consumers,
         subjects: args.subjects,
         namespace: namespace.clone(),
+        processes: args.processes,
+        database_url: settings.database_url.clone(),
     };
+    let children = warren_cli::scaling::Children::default();
     let rows = tokio::select! {
-        r = warren_cli::scaling::run(pool.clone(), &options) => r,
+        r = warren_cli::scaling::run(pool.clone(), &options, &children) => r,
         () = shutdown.cancelled() => {
+            // Its consumer processes got the signal too if it came from
+            // the terminal; stopped and reaped here either way.
+            if let Err(e) = children.stop().await {
+                tracing::warn!(error = %e, "stopping the consumer processes");
+            }
             let mut topology = transport::Topology::new(namespace);
             topology.expires = Some(teardown::THROWAWAY_EXPIRES);
             let delays = consumers::SubscriptionConfig::default().retry.delays();

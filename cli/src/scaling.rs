@@ -21,6 +21,14 @@
 //! producer, the broker and the database, so more consumers cannot be
 //! faster on this machine: the point is the cost of each layout per event,
 //! and that it does not grow with the consumers.
+//!
+//! With `--processes` ([`processes`]) each consumer is an OS process of
+//! its own (this program again, running one sink until SIGTERM), and what
+//! the consumers did is read from the database instead of their outcomes:
+//! the drain from the inbox's row count, the latency from the inbox's
+//! `handled_at`, the deferrals, duplicates and dead letters from
+//! `inbox_outcomes`. Both modes report the inbox latency and the events
+//! lost, measured the same way from the database, so their rows compare.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +44,11 @@ use transport::Topology;
 use uuid::Uuid;
 use warren::{Bus, Running, Service};
 
-use crate::bench::{latency, prefill, prepare, round2, Producer, Sink, SINK};
+use crate::bench::{latency, ms_between, prefill, prepare, round2, Producer, Sink, Wall, SINK};
+
+pub mod processes;
+
+pub use processes::Children;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -61,6 +73,11 @@ pub struct ScalingOptions {
     pub subjects: usize,
     /// The run's throwaway namespace.
     pub namespace: String,
+    /// Each consumer an OS process of its own ([`processes`]) rather than
+    /// a task of this one.
+    pub processes: bool,
+    /// The database URL, handed to the consumer processes.
+    pub database_url: secrecy::SecretString,
 }
 
 /// One layout with one number of consumers.
@@ -68,6 +85,9 @@ pub struct ScalingOptions {
 pub struct ScalingRow {
     /// `competing` or `partitioned`.
     pub layout: &'static str,
+    /// `in-process` (each consumer a task of the bench) or `processes`
+    /// (each an OS process of its own).
+    pub mode: &'static str,
     pub consumers: usize,
     /// 0 for the competing layout.
     pub partitions: u16,
@@ -78,26 +98,56 @@ pub struct ScalingRow {
     pub drain_dead_letters: u64,
     pub latency_rate_per_s: u32,
     pub latency_committed_per_s: f64,
+    /// Commit to handled as the consumer stamped it after its commit
+    /// and ack; in-process only (0 samples and null for `processes`).
     pub latency_samples: usize,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// Commit to the start of the transaction that handled the event (the
+    /// inbox's `handled_at`), read from the database in both modes.
+    pub inbox_samples: usize,
+    pub inbox_p50_ms: f64,
+    pub inbox_p99_ms: f64,
     pub latency_deferrals: u64,
     /// Redeliveries the inbox absorbed, in both runs.
     pub duplicates: u64,
+    /// Events committed (both runs) that are at the end neither in the
+    /// sink's inbox nor dead-lettered.
+    pub lost: u64,
 }
 
 /// Runs every layout and number of consumers, one after the other.
-pub async fn run(pool: PgPool, opts: &ScalingOptions) -> anyhow::Result<Vec<ScalingRow>> {
+///
+/// With [`ScalingOptions::processes`], the consumer processes are kept in
+/// `children`, and stopped when each row ends, whether it was measured or
+/// failed; a caller that abandons the run (on a signal) stops what is left
+/// there ([`Children::stop`]).
+pub async fn run(
+    pool: PgPool,
+    opts: &ScalingOptions,
+    children: &Children,
+) -> anyhow::Result<Vec<ScalingRow>> {
     prepare(&pool)
         .await
         .context("setting up the bench schemas")?;
-    let mut topology = Topology::new(opts.namespace.clone());
-    topology.expires = Some(crate::commands::teardown::THROWAWAY_EXPIRES);
+    let topology = throwaway(&opts.namespace);
+    tracing::info!(namespace = %opts.namespace, processes = opts.processes, "scaling bench starting");
     let mut rows = Vec::new();
     for partitions in [0, opts.partitions] {
         for consumers in 1..=opts.max_consumers.max(1) {
-            let row = one(&pool, opts, &topology, partitions, consumers)
-                .await
+            let row = if opts.processes {
+                let row =
+                    processes::one(&pool, opts, &topology, partitions, consumers, children).await;
+                // Measured or not, no consumer process outlives its row.
+                let stopped = children.stop().await;
+                if let (Err(_), Err(e)) = (&row, &stopped) {
+                    tracing::warn!(error = format!("{e:#}"), "stopping the consumer processes");
+                }
+                row.and_then(|r| stopped.map(|()| r))
+            } else {
+                one(&pool, opts, &topology, partitions, consumers).await
+            };
+            let row = row
                 .with_context(|| format!("{consumers} consumer(s), {}", layout_name(partitions)))?;
             tracing::info!(?row, "scaling run measured");
             rows.push(row);
@@ -108,6 +158,13 @@ pub async fn run(pool: PgPool, opts: &ScalingOptions) -> anyhow::Result<Vec<Scal
     topology.delete_exchange(&ch).await?;
     transport::close(conn, "bench done").await;
     Ok(rows)
+}
+
+/// The run's namespace, expiring on the broker if the bench dies.
+fn throwaway(namespace: &str) -> Topology {
+    let mut topology = Topology::new(namespace.to_owned());
+    topology.expires = Some(crate::commands::teardown::THROWAWAY_EXPIRES);
+    topology
 }
 
 fn layout_name(partitions: u16) -> &'static str {
@@ -178,7 +235,186 @@ async fn until_shared(pool: &PgPool, partitions: u16, consumers: usize) -> anyho
     }
 }
 
-/// One layout with `consumers` consumers: drain, then latency.
+/// Empties the bench tables and commits the drain's events in the outbox.
+async fn reset(pool: &PgPool, events: usize) -> anyhow::Result<Outbox> {
+    sqlx::query(
+        "TRUNCATE bench.outbox, bench.outbox_sequences, bench_sink.inbox, \
+         bench_sink.inbox_outcomes, bench_sink.subject_progress, bench_sink.items",
+    )
+    .execute(pool)
+    .await?;
+    let outbox = Outbox::new("bench")?;
+    prefill(pool, &outbox, events).await?;
+    Ok(outbox)
+}
+
+/// The sink's subscription: the same in both modes.
+fn sink_config(lanes: usize, prefetch: u16, partitions: u16) -> SubscriptionConfig {
+    SubscriptionConfig {
+        prefetch,
+        lanes,
+        live_feed: false,
+        partitions,
+        ..Default::default()
+    }
+}
+
+/// One consumer of the sink, on `pool`.
+fn sink_service(bus: &Bus, config: &SubscriptionConfig, pool: PgPool) -> Service {
+    Service::new(SINK, bus.clone())
+        .pool(pool)
+        .handle_batch::<OrderPlaced, _>(Sink)
+        .subscription(config.clone())
+        .outcome_capacity(1 << 16)
+        .without_relay()
+}
+
+fn bus(amqp_url: &str, topology: &Topology) -> Bus {
+    Bus::new(
+        amqp_url.to_owned(),
+        topology.clone(),
+        services::catalog::catalog(),
+    )
+}
+
+/// The producing service (relay and eager publisher), started.
+async fn start_producing(bus: &Bus, pool: &PgPool) -> anyhow::Result<Running> {
+    Ok(Service::new("bench", bus.clone())
+        .pool(pool.clone())
+        .relay(RelayConfig::default())
+        .eager(EagerConfig::default())
+        .start()
+        .await?)
+}
+
+/// The latency run's producer: eager, over `opts.subjects` subjects.
+fn latency_producer(
+    producing: &Running,
+    outbox: Outbox,
+    opts: &ScalingOptions,
+) -> anyhow::Result<Producer> {
+    let eager = producing
+        .eager()
+        .context("the bench producer runs an eager publisher")?
+        .clone();
+    Ok(Producer {
+        outbox,
+        eager: Some(eager),
+        subjects: Some(Arc::new(
+            (0..opts.subjects.max(1)).map(|_| Uuid::now_v7()).collect(),
+        )),
+    })
+}
+
+/// Deletes the sink's queues of one row's layout.
+async fn remove_queues(
+    amqp_url: &str,
+    topology: &Topology,
+    partitions: u16,
+    config: &SubscriptionConfig,
+) -> anyhow::Result<()> {
+    let conn = transport::connect(amqp_url, "warren bench cleanup").await?;
+    let ch = conn.create_channel().await?;
+    let delays = config.retry.delays();
+    if partitions > 0 {
+        topology
+            .delete_partitions(&ch, SINK, partitions, &delays)
+            .await?;
+    } else {
+        topology.delete_service(&ch, SINK, &delays).await?;
+    }
+    transport::close(conn, "scaling run done").await;
+    Ok(())
+}
+
+/// Commit to the handling transaction's start (the inbox's `handled_at`)
+/// of each of `committed`'s events found in the inbox; sorted, in ms.
+async fn inbox_latencies(
+    pool: &PgPool,
+    committed: &std::collections::HashMap<Uuid, Wall>,
+) -> anyhow::Result<Vec<f64>> {
+    let ids: Vec<Uuid> = committed.keys().copied().collect();
+    let handled: Vec<(Uuid, Wall)> = sqlx::query_as(
+        "SELECT i.event_id, i.handled_at FROM bench_sink.inbox i \
+         JOIN unnest($1::uuid[]) AS c(id) ON c.id = i.event_id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    let mut ms: Vec<f64> = handled
+        .iter()
+        .filter_map(|(id, at)| committed.get(id).map(|c| ms_between(*c, *at)))
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms)
+}
+
+/// Events in the sink's inbox plus those dead-lettered (as recorded in
+/// `inbox_outcomes`).
+async fn settled_in_db(pool: &PgPool) -> anyhow::Result<u64> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM bench_sink.inbox) + \
+                (SELECT count(DISTINCT event_id) FROM bench_sink.inbox_outcomes \
+                 WHERE outcome = 'dead-lettered')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// What one row measured, in either mode.
+struct Measured {
+    drain_per_s: f64,
+    drain_deferrals: u64,
+    drain_dead_letters: u64,
+    committed_per_s: f64,
+    /// Commit to handled as stamped on the outcomes; empty for processes.
+    acked: Vec<f64>,
+    /// Commit to the inbox's `handled_at`.
+    inbox: Vec<f64>,
+    latency_deferrals: u64,
+    duplicates: u64,
+    lost: u64,
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn row(
+    opts: &ScalingOptions,
+    mode: &'static str,
+    partitions: u16,
+    consumers: usize,
+    m: Measured,
+) -> ScalingRow {
+    ScalingRow {
+        layout: layout_name(partitions),
+        mode,
+        consumers,
+        partitions,
+        drain_events_per_s: m.drain_per_s.round(),
+        drain_deferrals: m.drain_deferrals,
+        drain_dead_letters: m.drain_dead_letters,
+        latency_rate_per_s: opts.rate,
+        latency_committed_per_s: m.committed_per_s.round(),
+        latency_samples: m.acked.len(),
+        latency_p50_ms: round2(pct(&m.acked, 0.50)),
+        latency_p99_ms: round2(pct(&m.acked, 0.99)),
+        inbox_samples: m.inbox.len(),
+        inbox_p50_ms: round2(pct(&m.inbox, 0.50)),
+        inbox_p99_ms: round2(pct(&m.inbox, 0.99)),
+        latency_deferrals: m.latency_deferrals,
+        duplicates: m.duplicates,
+        lost: m.lost,
+    }
+}
+
+/// One layout with `consumers` consumers in this process: drain, then
+/// latency.
 async fn one(
     pool: &PgPool,
     opts: &ScalingOptions,
@@ -186,34 +422,9 @@ async fn one(
     partitions: u16,
     consumers: usize,
 ) -> anyhow::Result<ScalingRow> {
-    sqlx::query(
-        "TRUNCATE bench.outbox, bench.outbox_sequences, bench_sink.inbox, bench_sink.subject_progress, bench_sink.items",
-    )
-    .execute(pool)
-    .await?;
-    let outbox = Outbox::new("bench")?;
-    prefill(pool, &outbox, opts.events).await?;
-
-    let config = SubscriptionConfig {
-        prefetch: opts.prefetch,
-        lanes: opts.lanes,
-        live_feed: false,
-        partitions,
-        ..Default::default()
-    };
-    let bus = Bus::new(
-        opts.amqp_url.clone(),
-        topology.clone(),
-        services::catalog::catalog(),
-    );
-    let sink = |pool: PgPool| {
-        Service::new(SINK, bus.clone())
-            .pool(pool)
-            .handle_batch::<OrderPlaced, _>(Sink)
-            .subscription(config.clone())
-            .outcome_capacity(1 << 16)
-            .without_relay()
-    };
+    let outbox = reset(pool, opts.events).await?;
+    let config = sink_config(opts.lanes, opts.prefetch, partitions);
+    let bus = bus(&opts.amqp_url, topology);
     // Each consumer with a pool of its own, as a process would have.
     let options = (*pool.connect_options()).clone();
     let pools: Vec<PgPool> = (0..consumers)
@@ -224,40 +435,25 @@ async fn one(
                 .connect_lazy_with(options.clone())
         })
         .collect();
-    sink(pool.clone()).declare().await?;
+    sink_service(&bus, &config, pool.clone()).declare().await?;
     let mut sinks = Vec::with_capacity(consumers);
     for p in &pools {
-        sinks.push(sink(p.clone()).start().await?);
+        sinks.push(sink_service(&bus, &config, p.clone()).start().await?);
     }
     if partitions > 0 {
         until_shared(pool, partitions, consumers).await?;
     }
 
-    let producing = Service::new("bench", bus.clone())
-        .pool(pool.clone())
-        .relay(RelayConfig::default())
-        .eager(EagerConfig::default())
-        .start()
-        .await?;
+    let producing = start_producing(&bus, pool).await?;
     let started = Instant::now();
     until_settled(&sinks, opts.events as u64, Duration::from_secs(600))
         .await
         .context("drain")?;
-    let drain = opts.events as f64 / started.elapsed().as_secs_f64();
+    let drain_per_s = opts.events as f64 / started.elapsed().as_secs_f64();
     let drain_deferrals = count(&sinks, Outcome::Deferred);
     let drain_dead_letters = count(&sinks, Outcome::DeadLettered);
 
-    let eager = producing
-        .eager()
-        .context("the bench producer runs an eager publisher")?
-        .clone();
-    let producer = Producer {
-        outbox: outbox.clone(),
-        eager: Some(eager),
-        subjects: Some(Arc::new(
-            (0..opts.subjects.max(1)).map(|_| Uuid::now_v7()).collect(),
-        )),
-    };
+    let producer = latency_producer(&producing, outbox, opts)?;
     let run = latency(pool, &producer, &sinks, opts.rate, opts.duration).await?;
     let committed = opts.events as u64 + run.txns.len() as u64;
     until_settled(&sinks, committed, Duration::from_secs(120))
@@ -273,48 +469,38 @@ async fn one(
     for p in pools {
         p.close().await;
     }
-    let conn = transport::connect(&opts.amqp_url, "warren bench cleanup").await?;
-    let ch = conn.create_channel().await?;
-    let delays = config.retry.delays();
-    if partitions > 0 {
-        topology
-            .delete_partitions(&ch, SINK, partitions, &delays)
-            .await?;
-    } else {
-        topology.delete_service(&ch, SINK, &delays).await?;
-    }
-    transport::close(conn, "scaling run done").await;
-
-    let pct = |v: &[f64], p: f64| -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() as f64 - 1.0) * p).round() as usize]
-    };
-    Ok(ScalingRow {
-        layout: layout_name(partitions),
-        consumers,
-        partitions,
-        drain_events_per_s: drain.round(),
+    let inbox = inbox_latencies(pool, &run.committed).await?;
+    let lost = committed.saturating_sub(settled_in_db(pool).await?);
+    remove_queues(&opts.amqp_url, topology, partitions, &config).await?;
+    let measured = Measured {
+        drain_per_s,
         drain_deferrals,
         drain_dead_letters,
-        latency_rate_per_s: opts.rate,
-        latency_committed_per_s: run.committed_per_s.round(),
-        latency_samples: run.latencies.len(),
-        latency_p50_ms: round2(pct(&run.latencies, 0.50)),
-        latency_p99_ms: round2(pct(&run.latencies, 0.99)),
+        committed_per_s: run.committed_per_s,
+        acked: run.latencies,
+        inbox,
         latency_deferrals,
         duplicates,
-    })
+        lost,
+    };
+    Ok(row(opts, "in-process", partitions, consumers, measured))
 }
 
 /// The readable table.
 pub fn render(rows: &[ScalingRow], opts: &ScalingOptions) -> String {
     let mut out = format!(
-        "warren bench --scaling — drain of {} events (20 per subject), latency at {}/s over {} subjects for {:?}; {} lanes per consumer\n\n\
-         layout       consumers  drain ev/s  deferrals  dead letters   latency p50    p99 ms  deferrals  duplicates\n",
+        "warren bench --scaling — drain of {} events (20 per subject), latency at {}/s over {} subjects for {:?}; {} lanes per consumer\n\
+         (latency: commit → handled and acked, in-process only; inbox: commit → the handling transaction's start, from the database)\n\n\
+         layout           mode        consumers  drain ev/s  deferrals  dead letters   latency p50    p99 ms     inbox p50    p99 ms  deferrals  duplicates  lost\n",
         opts.events, opts.rate, opts.subjects, opts.duration, opts.lanes
     );
+    let ms = |v: f64| {
+        if v.is_nan() {
+            "—".to_owned()
+        } else {
+            format!("{v:.2}")
+        }
+    };
     for r in rows {
         let layout = if r.partitions > 0 {
             format!("{} ({})", r.layout, r.partitions)
@@ -322,15 +508,19 @@ pub fn render(rows: &[ScalingRow], opts: &ScalingOptions) -> String {
             r.layout.to_owned()
         };
         out.push_str(&format!(
-            "{layout:<16} {:>5} {:>11.0} {:>10} {:>13} {:>10.2} ms {:>9.2} {:>10} {:>11}\n",
+            "{layout:<16} {:<11} {:>5} {:>11.0} {:>10} {:>13} {:>10} ms {:>9} {:>10} ms {:>9} {:>10} {:>11} {:>5}\n",
+            r.mode,
             r.consumers,
             r.drain_events_per_s,
             r.drain_deferrals,
             r.drain_dead_letters,
-            r.latency_p50_ms,
-            r.latency_p99_ms,
+            ms(r.latency_p50_ms),
+            ms(r.latency_p99_ms),
+            ms(r.inbox_p50_ms),
+            ms(r.inbox_p99_ms),
             r.latency_deferrals,
             r.duplicates,
+            r.lost,
         ));
     }
     out

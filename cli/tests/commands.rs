@@ -567,3 +567,100 @@ async fn bench_runs_every_measurement_and_ends_with_a_json_line(pool: PgPool) {
         .unwrap();
     assert_eq!(handled, 300 + 100 + 20, "drain, latency and wake-up events");
 }
+
+/// `warren bench --scaling --processes`: each consumer a process of its
+/// own, measured from the database; the processes, the queues and the
+/// exchange are gone afterwards.
+#[sqlx::test(migrations = false)]
+async fn bench_scaling_runs_each_consumer_as_a_process_of_its_own(pool: PgPool) {
+    let bus = TestBus::new().await;
+    let db = db_url(&pool);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["bench", "--scaling", "--processes", "--json"])
+            .args(["--events", "200", "--rate", "50", "--seconds", "2"])
+            .args([
+                "--consumers",
+                "2",
+                "--partitions",
+                "2",
+                "--database-url",
+                &db,
+            ])
+            // The run's namespace, from its first line.
+            .env("RUST_LOG", "warn,warren_cli::scaling=info")
+            .env("NO_COLOR", "1")
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = text(&out.stdout);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(stdout.trim()).unwrap();
+    let shape: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["layout"].as_str().unwrap().to_owned(),
+                r["consumers"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("competing", 1),
+            ("competing", 2),
+            ("partitioned", 1),
+            ("partitioned", 2)
+        ]
+        .map(|(l, n)| (l.to_owned(), n)),
+        "{stdout}"
+    );
+    for r in &rows {
+        assert_eq!(r["mode"], "processes", "{r}");
+        assert!(
+            r["drain_events_per_s"].as_f64().is_some_and(|v| v > 0.0),
+            "{r}"
+        );
+        assert_eq!(r["lost"], 0, "{r}");
+        // Every latency event found in the inbox; none stamped in-process.
+        assert_eq!(r["inbox_samples"], 100, "{r}");
+        assert!(
+            r["inbox_p50_ms"].as_f64() <= r["inbox_p99_ms"].as_f64(),
+            "{r}"
+        );
+        assert!(r["latency_p50_ms"].is_null(), "{r}");
+    }
+    let ns = stderr
+        .split("namespace=")
+        .nth(1)
+        .map(|rest| {
+            rest.trim_start_matches('"')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect::<String>()
+        })
+        .expect("the namespace in the log");
+    assert!(ns.starts_with("bench-"), "{ns}");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("--scaling-sink") && c.contains(&ns))
+        .collect();
+    assert!(left.is_empty(), "consumer processes left: {left:?}");
+    for q in ["", ".dlq", ".p0", ".p1"].map(|s| format!("{ns}.bench_sink{s}")) {
+        // A channel per probe: a failed passive declare closes its channel.
+        let ch = bus.conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = ch.queue_declare(&q, passive, FieldTable::default()).await;
+        assert!(found.is_err(), "{q} left behind");
+    }
+}
