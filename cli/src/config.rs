@@ -82,7 +82,7 @@ fn secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
 }
 
 /// Settings shared by every command. The broker and database URLs are
-/// secrets (see [`secret`]).
+/// secrets (see `secret` above: never printed, wiped on drop).
 #[derive(Clone, clap::Args)]
 pub struct Settings {
     /// RabbitMQ URL (amqp:// or amqps://); several nodes of one cluster
