@@ -124,6 +124,18 @@ struct Process {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A process on slowed handlers (see [`PAUSE`]), reaching both servers
+/// directly.
+fn slow_process(pool: &PgPool, namespace: &str) -> Process {
+    let options = (*pool.connect_options()).clone();
+    start(slow_subscription(
+        own_pool(options),
+        amqp_url(),
+        namespace,
+        PAUSE,
+    ))
+}
+
 fn start(sub: Subscription) -> Process {
     let stop = CancellationToken::new();
     let stats = sub.stats();
@@ -393,20 +405,9 @@ async fn three_processes_share_partitions_and_one_dies_midway_without_reordering
 #[sqlx::test(migrations = false)]
 async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: PgPool) {
     let bus = setup(&pool).await;
-    let db = pool.connect_options();
     let first = [
-        start(slow_subscription(
-            own_pool((*db).clone()),
-            amqp_url(),
-            &bus.namespace,
-            PAUSE,
-        )),
-        start(slow_subscription(
-            own_pool((*db).clone()),
-            amqp_url(),
-            &bus.namespace,
-            PAUSE,
-        )),
+        slow_process(&pool, &bus.namespace),
+        slow_process(&pool, &bus.namespace),
     ];
     wait_for(
         "two members with three partitions each",
@@ -425,12 +426,7 @@ async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: Pg
     // (slowed handlers keep the stream flowing for seconds more; at full
     // speed the first two could finish it before the hand-over, and the
     // newcomer would have nothing to take part in).
-    let joined = start(slow_subscription(
-        own_pool((*db).clone()),
-        amqp_url(),
-        &bus.namespace,
-        PAUSE,
-    ));
+    let joined = slow_process(&pool, &bus.namespace);
     wait_for(
         "three members with two partitions each",
         Duration::from_secs(30),
@@ -465,20 +461,9 @@ async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: Pg
 #[sqlx::test(migrations = false)]
 async fn partitions_handed_over_again_and_again_mid_stream_keep_order(pool: PgPool) {
     let bus = setup(&pool).await;
-    let db = pool.connect_options();
     let steady = [
-        start(slow_subscription(
-            own_pool((*db).clone()),
-            amqp_url(),
-            &bus.namespace,
-            PAUSE,
-        )),
-        start(slow_subscription(
-            own_pool((*db).clone()),
-            amqp_url(),
-            &bus.namespace,
-            PAUSE,
-        )),
+        slow_process(&pool, &bus.namespace),
+        slow_process(&pool, &bus.namespace),
     ];
     wait_for(
         "two members with three partitions each",
@@ -490,12 +475,7 @@ async fn partitions_handed_over_again_and_again_mid_stream_keep_order(pool: PgPo
     let mut hand_overs = 0;
     let mut churned = Vec::new();
     while scalar(&pool, "SELECT count(*) FROM ledger.applied").await < (EVENTS * 9 / 10) as i64 {
-        let visitor = start(slow_subscription(
-            own_pool((*db).clone()),
-            amqp_url(),
-            &bus.namespace,
-            PAUSE,
-        ));
+        let visitor = slow_process(&pool, &bus.namespace);
         wait_for(
             "the visitor holding its share",
             Duration::from_secs(30),
