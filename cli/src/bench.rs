@@ -348,7 +348,7 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
     publisher
         .channel()
         .queue_declare(
-            &queue,
+            queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -358,8 +358,8 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
         .await?;
     let mut consumer = consumer_ch
         .basic_consume(
-            &queue,
-            "ceiling",
+            queue.as_str().into(),
+            "ceiling".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -423,10 +423,10 @@ async fn ceiling(url: &str, topology: &Topology, n: usize, body: &[u8]) -> anyho
     // queue with a live consumer makes the broker cancel it, which races
     // with lapin's own cancel of the dropped consumer (seen here as a
     // connection-killing UNEXPECTED-FRAME on cancel-ok).
-    consumer_ch.close(200, "ceiling done").await?;
+    consumer_ch.close(200, ("ceiling done").into()).await?;
     publisher
         .channel()
-        .queue_delete(&queue, QueueDeleteOptions::default())
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     transport::close(conn, "ceiling done").await;
     Ok(rate)
@@ -703,7 +703,7 @@ async fn wakeup(
     let ch = conn.create_channel().await?;
     let q = ch
         .queue_declare(
-            "",
+            "".into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -713,17 +713,17 @@ async fn wakeup(
         )
         .await?;
     ch.queue_bind(
-        q.name().as_str(),
-        &topology.exchange(),
-        "order.placed",
+        q.name().clone(),
+        topology.exchange().into(),
+        "order.placed".into(),
         Default::default(),
         FieldTable::default(),
     )
     .await?;
     let mut tap = ch
         .basic_consume(
-            q.name().as_str(),
-            "",
+            q.name().clone(),
+            "".into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()
@@ -745,7 +745,7 @@ async fn wakeup(
             .context("wiretap closed")??;
         out.push(committed.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = ch.close(200, "wakeup done").await;
+    let _ = ch.close(200, ("wakeup done").into()).await;
     out.sort_by(|a, b| a.total_cmp(b));
     Ok(out)
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use events::Envelope;
-use lapin::publisher_confirm::PublisherConfirm;
+use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Connection};
 use secrecy::ExposeSecret as _;
 use transport::{confirm_problem, Outgoing, Publisher};

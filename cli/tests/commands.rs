@@ -211,8 +211,8 @@ async fn status_json_reports_queues_and_exits_1_with_dead_letters(pool: PgPool) 
 
     bus.channel
         .basic_publish(
-            "",
-            &bus.topology.dlq("inventory"),
+            "".into(),
+            bus.topology.dlq("inventory").into(),
             BasicPublishOptions::default(),
             b"{}",
             BasicProperties::default(),
@@ -262,8 +262,8 @@ async fn dlq_list_leaves_dead_letters_and_redrive_sends_them_back_clean() {
         .with_headers(h);
     bus.channel
         .basic_publish(
-            "",
-            &bus.topology.dlq("inventory"),
+            "".into(),
+            bus.topology.dlq("inventory").into(),
             BasicPublishOptions::default(),
             b"{\"fixed\":true}",
             props,
@@ -313,7 +313,7 @@ async fn dlq_list_leaves_dead_letters_and_redrive_sends_them_back_clean() {
     let back = bus
         .channel
         .basic_get(
-            &bus.topology.queue("inventory"),
+            bus.topology.queue("inventory").into(),
             BasicGetOptions { no_ack: true },
         )
         .await
@@ -334,7 +334,7 @@ async fn dlq_list_leaves_dead_letters_and_redrive_sends_them_back_clean() {
     let dlq_left = bus
         .channel
         .basic_get(
-            &bus.topology.dlq("inventory"),
+            bus.topology.dlq("inventory").into(),
             BasicGetOptions { no_ack: true },
         )
         .await
@@ -660,7 +660,9 @@ async fn bench_scaling_runs_each_consumer_as_a_process_of_its_own(pool: PgPool) 
             passive: true,
             ..Default::default()
         };
-        let found = ch.queue_declare(&q, passive, FieldTable::default()).await;
+        let found = ch
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await;
         assert!(found.is_err(), "{q} left behind");
     }
 }

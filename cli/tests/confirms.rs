@@ -58,7 +58,7 @@ async fn publish_nacked_by_the_broker_exits_1_and_prints_no_id() {
     assert_eq!(seen.event.id, id);
     drop(taken);
     bus.channel
-        .queue_delete(&name, Default::default())
+        .queue_delete(name.as_str().into(), Default::default())
         .await
         .unwrap();
 }

@@ -172,18 +172,45 @@ fn every_dependency_is_used_by_its_package() {
 }
 
 #[test]
-fn no_member_depends_on_an_unmaintained_crate() {
+fn nothing_in_the_build_depends_on_an_unmaintained_crate() {
     // RUSTSEC-2025-0134: rustls-pemfile is unmaintained; rustls-pki-types
-    // parses PEM (`PemObject`).
+    // parses PEM (`PemObject`). Checked over the whole resolved graph, not
+    // only the members' own dependencies: lapin 2 pulled it in through
+    // tcp-stream, lapin 4 no longer does.
     let meta = metadata();
-    for p in members(&meta) {
-        for d in p["dependencies"].as_array().unwrap() {
-            assert_ne!(
-                d["name"], "rustls-pemfile",
-                "{}: use rustls_pki_types::pem::PemObject",
-                p["name"]
-            );
-        }
+    let packages = meta["packages"].as_array().unwrap();
+    assert!(packages.len() > 100, "the resolved graph is listed");
+    for p in packages {
+        assert_ne!(
+            p["name"], "rustls-pemfile",
+            "rustls-pemfile {} is in the build (use rustls_pki_types::pem::PemObject)",
+            p["version"]
+        );
+    }
+}
+
+#[test]
+fn one_crypto_provider_and_no_other_tls_stack() {
+    // ring is the provider (lapin's rustls, sqlx, hyper-rustls): a second
+    // one would leave rustls without a default, and aws-lc, OpenSSL or
+    // native-tls would be a second TLS stack to keep patched.
+    let meta = metadata();
+    let active: Vec<&str> = meta["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    let named = |name: &str| {
+        meta["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == name && active.contains(&p["id"].as_str().unwrap()))
+    };
+    assert!(named("ring"), "ring is the crypto provider");
+    for other in ["aws-lc-rs", "aws-lc-sys", "openssl", "native-tls"] {
+        assert!(!named(other), "{other} is in the build");
     }
 }
 

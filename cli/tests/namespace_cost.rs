@@ -166,8 +166,8 @@ async fn traffic(ch: &Channel, topology: &Topology) {
             for _ in 0..n {
                 confirms.push(
                     ch.basic_publish(
-                        "",
-                        &queue,
+                        "".into(),
+                        queue.as_str().into(),
                         BasicPublishOptions::default(),
                         &body,
                         props.clone(),
@@ -183,7 +183,7 @@ async fn traffic(ch: &Channel, topology: &Topology) {
     };
     let drain = |queue: String| async move {
         while ch
-            .basic_get(&queue, BasicGetOptions { no_ack: true })
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
             .is_some()
@@ -230,11 +230,11 @@ async fn declare_classic_tiers(conn: &lapin::Connection, ch: &Channel, topology:
             );
             args.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(topology.queue(s).as_str().into()),
+                AMQPValue::LongString(topology.queue(s).into()),
             );
             args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
             ch.queue_declare(
-                &topology.retry_queue(s, d),
+                topology.retry_queue(s, d).into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()

@@ -50,11 +50,11 @@ async fn exists(conn: &Connection, queue: &str) -> bool {
         ..Default::default()
     };
     let ok = ch
-        .queue_declare(queue, passive, FieldTable::default())
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
         .is_ok();
     if ok {
-        let _ = ch.close(200, "probe").await;
+        let _ = ch.close(200, "probe".into()).await;
     }
     ok
 }
@@ -85,8 +85,8 @@ async fn dead_letter(
         .with_headers(h);
     bus.channel
         .basic_publish(
-            "",
-            &bus.topology.dlq(service),
+            "".into(),
+            bus.topology.dlq(service).into(),
             BasicPublishOptions::default(),
             b"{}",
             props,
@@ -131,7 +131,7 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
         bus.topology.queue("inventory"),
     ] {
         bus.channel
-            .queue_declare(&q, durable, args.clone())
+            .queue_declare(q.as_str().into(), durable, args.clone())
             .await
             .unwrap();
     }
@@ -222,7 +222,7 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
     let work = bus.topology.queue("inventory");
     let empty = bus
         .channel
-        .basic_get(&work, BasicGetOptions { no_ack: true })
+        .basic_get(work.as_str().into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap();
     assert!(empty.is_none(), "a dry run sends nothing");
@@ -235,7 +235,7 @@ async fn dlq_groups_across_services_browses_safely_and_filters_redrive_and_purge
     for _ in 0..2 {
         let back = bus
             .channel
-            .basic_get(&work, BasicGetOptions { no_ack: true })
+            .basic_get(work.as_str().into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
             .expect("redriven into the work queue");

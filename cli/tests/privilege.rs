@@ -374,8 +374,8 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
     confirmed.sequence = 1;
     bus.channel
         .basic_publish(
-            &topology.exchange(),
-            "order.confirmed",
+            topology.exchange().into(),
+            "order.confirmed".into(),
             BasicPublishOptions::default(),
             &Codec::new(services::catalog::catalog()).encode(&confirmed),
             BasicProperties::default().with_content_type(events::CONTENT_TYPE_STRUCTURED.into()),
@@ -395,8 +395,8 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
     let conn = broker::connect(&url, "privilege test").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.basic_consume(
-        &topology.queue("shipping"),
-        "own",
+        topology.queue("shipping").into(),
+        "own".into(),
         BasicConsumeOptions::default(),
         FieldTable::default(),
     )
@@ -417,8 +417,8 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
     );
     let confirm = pub_ch
         .basic_publish(
-            &topology.exchange(),
-            "shipment.dispatched",
+            topology.exchange().into(),
+            "shipment.dispatched".into(),
             BasicPublishOptions::default(),
             &Codec::new(services::catalog::catalog()).encode(&dispatched),
             BasicProperties::default(),
@@ -434,8 +434,8 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         let ch = conn.create_channel().await.unwrap();
         let err = ch
             .basic_consume(
-                &queue,
-                "theirs",
+                queue.as_str().into(),
+                "theirs".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -445,8 +445,8 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
     }
     let forged = pub_ch
         .basic_publish(
-            &topology.exchange(),
-            "order.placed",
+            topology.exchange().into(),
+            "order.placed".into(),
             BasicPublishOptions::default(),
             b"{}",
             BasicProperties::default(),
@@ -468,7 +468,7 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         !pub_ch.status().connected(),
         "forged type accepted: {refused}"
     );
-    let _ = conn.close(200, "bye").await;
+    let _ = conn.close(200, "bye".into()).await;
 
     // And the inventory user cannot read shipping's queue either.
     let inv = broker::connect(
@@ -482,15 +482,15 @@ async fn a_service_user_reaches_its_own_queues_only_and_the_service_runs_on_its_
         .await
         .unwrap()
         .basic_consume(
-            &topology.queue("shipping"),
-            "theirs",
+            topology.queue("shipping").into(),
+            "theirs".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
-    let _ = inv.close(200, "bye").await;
+    let _ = inv.close(200, "bye".into()).await;
 
     // The CLI on these credentials at trace level: works, and the password
     // is in none of its output.
@@ -671,7 +671,7 @@ async fn amqps_with_cacertfile_carries_events_both_ways_through_a_tls_listener()
     assert_eq!(event.id, id);
     assert_eq!(event.event_type, "customer.updated");
     drop(tap);
-    let _ = conn.close(200, "bye").await;
+    let _ = conn.close(200, "bye".into()).await;
 }
 
 #[tokio::test]

@@ -307,8 +307,8 @@ impl Feed {
         let sent = self
             .channel
             .basic_publish(
-                &self.exchange,
-                &key,
+                self.exchange.as_str().into(),
+                key.as_str().into(),
                 lapin::options::BasicPublishOptions::default(),
                 &body,
                 lapin::BasicProperties::default().with_content_type("application/json".into()),

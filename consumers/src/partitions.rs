@@ -308,8 +308,8 @@ async fn start_partition(source: &PartitionSource<'_>, k: u16) -> Result<Owned, 
     let tag = format!("warren-{}-p{k}-{}", source.service, uuid::Uuid::now_v7());
     let consumer = ch
         .basic_consume(
-            &queue,
-            &tag,
+            queue.as_str().into(),
+            tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -399,7 +399,7 @@ async fn consume_partition(
     // next owner's consumer waits behind it.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
-        ch.close(200, "partition handed over"),
+        ch.close(200, ("partition handed over").into()),
     )
     .await;
     Ok(())

@@ -245,8 +245,8 @@ impl Subscription {
         let queue = self.topology.queue(service);
         let mut consumer = ch
             .basic_consume(
-                &queue,
-                &tag,
+                queue.as_str().into(),
+                tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -261,7 +261,9 @@ impl Subscription {
             .await;
         if result.is_ok() {
             // No more deliveries, so the lanes can finish what they hold.
-            let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
+            let _ = ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
         lanes
             .stop(result.is_ok(), self.config.handler_timeout * 2, service)

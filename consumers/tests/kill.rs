@@ -131,7 +131,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 async fn ready(bus: &TestBus) -> u32 {
     bus.channel
         .queue_declare(
-            &bus.topology.queue(SERVICE),
+            bus.topology.queue(SERVICE).into(),
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -192,8 +192,8 @@ async fn consumer_killed_between_commit_and_ack_does_not_apply_the_event_twice(p
     event.sequence = 1;
     bus.channel
         .basic_publish(
-            &bus.topology.exchange(),
-            &event.event_type,
+            bus.topology.exchange().into(),
+            event.event_type.as_str().into(),
             BasicPublishOptions::default(),
             &testkit::sample::codec().encode(&event),
             BasicProperties::default()

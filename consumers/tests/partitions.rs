@@ -513,7 +513,7 @@ async fn partitions_handed_over_again_and_again_mid_stream_keep_order(pool: PgPo
 async fn ready(bus: &TestBus, queue: &str) -> u32 {
     bus.channel
         .queue_declare(
-            queue,
+            queue.into(),
             lapin::options::QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -569,8 +569,8 @@ async fn a_retried_event_comes_back_to_its_subjects_partition() {
         .unwrap();
     let mut consumer = ch
         .basic_consume(
-            &queues[home],
-            "test",
+            queues[home].as_str().into(),
+            "test".into(),
             lapin::options::BasicConsumeOptions::default(),
             lapin::types::FieldTable::default(),
         )
@@ -601,7 +601,7 @@ async fn a_retried_event_comes_back_to_its_subjects_partition() {
         .ack(lapin::options::BasicAckOptions::default())
         .await
         .unwrap();
-    ch.close(200, "taken").await.unwrap();
+    ch.close(200, "taken".into()).await.unwrap();
     wait_for(
         "the copy back in its partition",
         Duration::from_secs(10),
@@ -634,15 +634,17 @@ async fn an_unknown_exchange_type_is_refused_with_command_invalid() {
     let ch = conn.create_channel().await.unwrap();
     let refused = ch
         .exchange_declare(
-            &format!("t{}.unknown", Uuid::now_v7().simple()),
+            (format!("t{}.unknown", Uuid::now_v7().simple()))
+                .as_str()
+                .into(),
             lapin::ExchangeKind::Custom("x-no-such-type".into()),
             lapin::options::ExchangeDeclareOptions::default(),
             lapin::types::FieldTable::default(),
         )
         .await
         .expect_err("an unknown exchange type");
-    match refused {
-        lapin::Error::ProtocolError(amqp) => assert_eq!(amqp.get_id(), 503, "{amqp}"),
-        other => panic!("another error: {other}"),
+    match refused.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => assert_eq!(amqp.get_id(), 503, "{amqp}"),
+        other => panic!("another error: {other:?}"),
     }
 }

@@ -178,8 +178,8 @@ impl Fixture {
         self.bus
             .channel
             .basic_publish(
-                &self.bus.topology.exchange(),
-                routing_key,
+                self.bus.topology.exchange().into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 body,
                 props,
@@ -224,7 +224,7 @@ impl Fixture {
             .bus
             .channel
             .basic_get(
-                &self.bus.topology.dlq(SERVICE),
+                self.bus.topology.dlq(SERVICE).into(),
                 BasicGetOptions { no_ack: true },
             )
             .await
@@ -255,7 +255,7 @@ impl Fixture {
         self.bus
             .channel
             .queue_declare(
-                &self.bus.topology.queue(SERVICE),
+                self.bus.topology.queue(SERVICE).into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -1164,7 +1164,7 @@ async fn a_retry_copy_nacked_by_the_broker_keeps_the_delivery_until_the_retry_qu
     );
     f.bus
         .channel
-        .queue_delete(&retry_queue, Default::default())
+        .queue_delete(retry_queue.as_str().into(), Default::default())
         .await
         .unwrap();
     let blocker = testkit::Blocker::new(&f.bus, &retry_queue, None).await;
@@ -1232,7 +1232,7 @@ async fn a_dead_letter_nacked_by_the_broker_keeps_the_delivery_until_the_dlq_tak
     let dlq = f.bus.topology.dlq(SERVICE);
     f.bus
         .channel
-        .queue_delete(&dlq, Default::default())
+        .queue_delete(dlq.as_str().into(), Default::default())
         .await
         .unwrap();
     let blocker = testkit::Blocker::new(&f.bus, &dlq, None).await;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use events::{Codec, Envelope};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
+use lapin::Confirmation;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::Serialize;
@@ -408,8 +408,8 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
         for m in chunk {
             confirms.push(
                 ch.basic_publish(
-                    &exchange,
-                    &m.key,
+                    exchange.as_str().into(),
+                    m.key.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -476,7 +476,10 @@ pub async fn run(servers: &Servers, o: &Options, keep: bool) -> anyhow::Result<F
     let mut seen = HashSet::new();
     for s in CONSUMING {
         while let Some(m) = ch
-            .basic_get(&topo.dlq(s), BasicGetOptions { no_ack: true })
+            .basic_get(
+                topo.dlq(s).as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await?
         {
             let id = m

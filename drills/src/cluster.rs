@@ -267,17 +267,25 @@ impl Env {
         let mut out = Vec::new();
         for s in CONSUMING {
             let mut work = ch
-                .queue_declare(&topo.queue(s), passive, FieldTable::default())
+                .queue_declare(
+                    topo.queue(s).as_str().into(),
+                    passive,
+                    FieldTable::default(),
+                )
                 .await?
                 .message_count();
             for d in Self::retry_delays() {
                 work += ch
-                    .queue_declare(&topo.retry_queue(s, d), passive, FieldTable::default())
+                    .queue_declare(
+                        topo.retry_queue(s, d).into(),
+                        passive,
+                        FieldTable::default(),
+                    )
                     .await?
                     .message_count();
             }
             let dlq = ch
-                .queue_declare(&topo.dlq(s), passive, FieldTable::default())
+                .queue_declare(topo.dlq(s).as_str().into(), passive, FieldTable::default())
                 .await?
                 .message_count();
             out.push((s.to_owned(), work, dlq));

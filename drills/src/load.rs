@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use events::{Codec, Envelope};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
+use lapin::Confirmation;
 use lapin::{Channel, Connection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -275,8 +275,8 @@ impl BusPublisher {
         let ch = self.channel().await?;
         let confirm = ch
             .basic_publish(
-                &self.exchange,
-                key,
+                self.exchange.as_str().into(),
+                key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()

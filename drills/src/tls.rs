@@ -279,7 +279,7 @@ async fn exercise(servers: &Servers, pki: &Pki) -> anyhow::Result<Figures> {
             "without cacertfile: expected an untrusted certificate, got: {e}"
         )),
         Ok(c) => {
-            let _ = c.close(200, "bye").await;
+            let _ = c.close(200, "bye".into()).await;
             f.failures
                 .push("without cacertfile: connected to a certificate of an unknown CA".into());
         }

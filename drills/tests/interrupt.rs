@@ -52,11 +52,11 @@ async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
         ..Default::default()
     };
     let found = ch
-        .queue_declare(queue, passive, FieldTable::default())
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
         .is_ok();
     if found {
-        let _ = ch.close(200, "bye").await;
+        let _ = ch.close(200, "bye".into()).await;
     }
     found
 }

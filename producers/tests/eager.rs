@@ -442,7 +442,7 @@ async fn nacked_eager_events_stay_and_are_relayed_in_order_once_the_queue_takes_
     relay_task.await.unwrap();
     drop(taken);
     bus.channel
-        .queue_delete(&name, Default::default())
+        .queue_delete(name.as_str().into(), Default::default())
         .await
         .unwrap();
 }

@@ -570,7 +570,7 @@ async fn confirmed_rows_are_deleted_by_default_and_kept_marked_with_a_retention(
         "kept and marked"
     );
     assert_eq!(unpublished(&pool).await, 0);
-    let _ = conn.close(200, "done").await;
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// The running relay, with several small batches in flight at once: while
@@ -841,7 +841,7 @@ async fn nacked_events_stay_in_the_outbox_and_go_out_in_order_once_the_queue_tak
     task.await.unwrap();
     drop(taken);
     bus.channel
-        .queue_delete(&format!("{}.full", bus.namespace), Default::default())
+        .queue_delete(format!("{}.full", bus.namespace).into(), Default::default())
         .await
         .unwrap();
 }

@@ -274,7 +274,7 @@ pub async fn ready(State(shared): State<Shared>) -> Response {
     }
     let broker = match transport::connect(&shared.amqp_url, "warren readiness").await {
         Ok(conn) => {
-            let _ = conn.close(200, "ready check").await;
+            let _ = conn.close(200, ("ready check").into()).await;
             true
         }
         Err(_) => false,

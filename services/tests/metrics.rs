@@ -84,8 +84,8 @@ fn assert_families_contiguous(text: &str) {
 async fn publish(bus: &TestBus, key: &str, body: &[u8], props: BasicProperties) {
     bus.channel
         .basic_publish(
-            &bus.topology.exchange(),
-            key,
+            bus.topology.exchange().into(),
+            key.into(),
             BasicPublishOptions::default(),
             body,
             props,

@@ -24,8 +24,8 @@ use lapin::options::{
     ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     QueuePurgeOptions,
 };
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use rand::Rng;
 use tokio::io::copy_bidirectional;
@@ -141,7 +141,7 @@ impl Drop for TestBus {
                     let _ = topology.delete_service(&ch, &service, &delays).await;
                 }
                 let _ = topology.delete_exchange(&ch).await;
-                let _ = conn.close(200, "bye").await;
+                let _ = conn.close(200, "bye".into()).await;
             });
         })
         .join();
@@ -172,7 +172,7 @@ impl Wiretap {
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
-                "",
+                "".into(),
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
@@ -183,9 +183,9 @@ impl Wiretap {
             .await
             .expect("wiretap queue");
         ch.queue_bind(
-            q.name().as_str(),
-            exchange,
-            pattern,
+            q.name().clone(),
+            exchange.into(),
+            pattern.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -196,8 +196,8 @@ impl Wiretap {
             .expect("qos");
         let consumer = ch
             .basic_consume(
-                q.name().as_str(),
-                "wiretap",
+                q.name().clone(),
+                "wiretap".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -517,15 +517,15 @@ impl Blocker {
         );
         args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
         channel
-            .queue_declare(name, QueueDeclareOptions::default(), args)
+            .queue_declare(name.into(), QueueDeclareOptions::default(), args)
             .await
             .expect("declare blocker");
         if let Some(pattern) = pattern {
             channel
                 .queue_bind(
-                    name,
-                    &bus.topology.exchange(),
-                    pattern,
+                    name.into(),
+                    bus.topology.exchange().into(),
+                    pattern.into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -553,8 +553,8 @@ impl Blocker {
         let confirm = self
             .channel
             .basic_publish(
-                "",
-                &self.name,
+                "".into(),
+                self.name.as_str().into(),
                 BasicPublishOptions::default(),
                 b"filler",
                 BasicProperties::default(),
@@ -575,7 +575,7 @@ impl Blocker {
     /// events it takes from now on.
     pub async fn release(self) -> Wiretap {
         self.channel
-            .queue_purge(&self.name, QueuePurgeOptions::default())
+            .queue_purge(self.name.as_str().into(), QueuePurgeOptions::default())
             .await
             .expect("purge blocker");
         self.channel
@@ -585,8 +585,8 @@ impl Blocker {
         let consumer = self
             .channel
             .basic_consume(
-                &self.name,
-                "blocker",
+                self.name.as_str().into(),
+                "blocker".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -601,7 +601,7 @@ impl Blocker {
     /// Deletes the queue.
     pub async fn delete(self) {
         self.channel
-            .queue_delete(&self.name, QueueDeleteOptions::default())
+            .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
             .await
             .expect("delete blocker");
     }

@@ -87,7 +87,7 @@ fn one_line(errors: &[ConnectError]) -> String {
 /// TLS takes one query parameter of RabbitMQ's URI spec, `cacertfile`:
 /// `amqps://host:5671/vhost?cacertfile=/path/ca.pem`. The file's PEM
 /// certificates are *added* to the system trust store, not put in its
-/// place: lapin (tcp-stream 0.28, `into_rustls_common`) builds its root
+/// place: lapin (tcp-stream 0.34, `rustls_connector`) builds its root
 /// store from the native certificates and then adds the chain with
 /// `add_parsable_certificates`. That differs from the Erlang client, where
 /// `cacertfile` is the whole set of trusted CAs: here a server with a
@@ -129,10 +129,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
     } else {
         ""
     };
-    let props = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name(name.into());
+    // No automatic recovery (lapin 4's `enable_auto_recover` is off by
+    // default): sessions reconnect themselves, with their own backoff, and
+    // know that deliveries of the old channel are gone.
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     let attempt = async {
         let tls =
             match cacertfile {
@@ -150,7 +150,12 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
             };
         // lapin ignores the query parameters it does not know, cacertfile
         // among them.
-        Connection::connect_with_config(url, props, tls)
+        // tokio, the runtime we are called on (`Runtime::tokio_current`).
+        let runtime = lapin::runtime::default_runtime().map_err(|e| ConnectError::Unreachable {
+            url: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Connection::connect_with_config(url, props, tls, runtime)
             .await
             .map_err(|e| {
                 if rejected_certificate(&e) {
@@ -193,7 +198,7 @@ pub async fn close(conn: Connection, reason: &str) {
 /// [`close`] with the polite close bounded by `limit` instead (sessions
 /// that reconnect give a broker that may be gone less time).
 pub async fn close_within(conn: Connection, reason: &str, limit: Duration) {
-    let _ = tokio::time::timeout(limit, conn.close(200, reason)).await;
+    let _ = tokio::time::timeout(limit, conn.close(200, reason.into())).await;
     // `run` blocks until the I/O thread has finished; on a closed
     // connection that is at most the time to flush the last frames.
     let waited = tokio::task::spawn_blocking(move || conn.run());
@@ -251,8 +256,8 @@ async fn read_ca(path: &str) -> Result<String, String> {
     let bytes = tokio::fs::read(path).await.map_err(|e| e.to_string())?;
     let pem = String::from_utf8(bytes)
         .map_err(|_| "not a PEM file (not text; DER must be converted to PEM)".to_owned())?;
-    // rustls-pki-types' PEM reader (through rustls): the one rustls-pemfile,
-    // which lapin applies to the same text, has been a wrapper of since 2.2.
+    // rustls-pki-types' PEM reader (through rustls): the one lapin's
+    // tcp-stream applies to the same text.
     let mut certificates = 0;
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         cert.map_err(|e| format!("not valid PEM: {e}"))?;
@@ -268,7 +273,7 @@ async fn read_ca(path: &str) -> Result<String, String> {
 /// rustls reports it as an `io::Error` wrapping its own error, which lapin
 /// keeps; its type, not its text, decides.
 fn rejected_certificate(e: &lapin::Error) -> bool {
-    let lapin::Error::IOError(io) = e else {
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
         return false;
     };
     matches!(

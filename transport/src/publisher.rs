@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -83,8 +82,8 @@ impl Publisher {
             .into_iter()
             .map(|m| {
                 self.channel.basic_publish(
-                    m.exchange,
-                    m.routing_key,
+                    m.exchange.into(),
+                    m.routing_key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -105,9 +104,7 @@ impl Publisher {
         timeout: Duration,
     ) -> Result<(), PublishError> {
         let mut sent = self.send([message]).await;
-        let confirm = sent.pop().unwrap_or(Err(lapin::Error::InvalidChannelState(
-            lapin::ChannelState::Error,
-        )))?;
+        let confirm = sent.pop().unwrap_or(Err(unsent()))?;
         let confirm = tokio::time::timeout(timeout, confirm)
             .await
             .map_err(|_| PublishError::Timeout(timeout))?;
@@ -164,6 +161,12 @@ pub fn event_properties(
     }
 }
 
+/// The error for a publish that has no result (cannot happen; see the
+/// callers), as lapin reports a channel that cannot publish.
+fn unsent() -> lapin::Error {
+    lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, "basic.publish").into()
+}
+
 /// Polls each publish once, in order, then awaits them all (see
 /// [`Publisher::send`]).
 async fn publish_in_order<F, T>(publishes: impl IntoIterator<Item = F>) -> Vec<lapin::Result<T>>
@@ -181,11 +184,7 @@ where
         .into_iter()
         .map(|mut p| {
             // join_all returned, so every MaybeDone holds its output.
-            p.as_mut()
-                .take_output()
-                .unwrap_or(Err(lapin::Error::InvalidChannelState(
-                    lapin::ChannelState::Error,
-                )))
+            p.as_mut().take_output().unwrap_or(Err(unsent()))
         })
         .collect()
 }
@@ -195,20 +194,18 @@ mod tests {
     use super::*;
 
     /// A returned message as lapin hands it over with a confirm.
-    fn returned() -> Box<lapin::message::BasicReturnMessage> {
-        Box::new(lapin::message::BasicReturnMessage {
-            delivery: lapin::message::Delivery {
-                delivery_tag: 0,
-                exchange: "warren.events".into(),
-                routing_key: "thing.happened".into(),
-                redelivered: false,
-                properties: lapin::BasicProperties::default(),
-                data: b"{}".to_vec(),
-                acker: Default::default(),
-            },
+    fn returned() -> lapin::message::BasicReturnMessage {
+        lapin::message::BasicReturnMessage {
+            delivery: lapin::message::Delivery::mock(
+                0,
+                "warren.events".into(),
+                "thing.happened".into(),
+                false,
+                b"{}".to_vec(),
+            ),
             reply_code: 312,
             reply_text: "NO_ROUTE".into(),
-        })
+        }
     }
 
     #[test]
@@ -251,7 +248,7 @@ mod tests {
 
     #[test]
     fn confirm_problem_counts_only_a_plain_ack_as_published() {
-        use lapin::publisher_confirm::Confirmation;
+        use lapin::Confirmation;
         assert_eq!(confirm_problem(Ok(Confirmation::Ack(None))), None);
         let nacked = confirm_problem(Ok(Confirmation::Nack(None))).expect("a nack fails");
         assert!(nacked.contains("nacked"), "{nacked}");
@@ -263,9 +260,11 @@ mod tests {
             .expect("an ack with a returned message fails");
         assert!(returned.contains("unroutable"), "{returned}");
         assert!(confirm_problem(Ok(Confirmation::NotRequested)).is_some());
-        assert!(confirm_problem(Err(lapin::Error::InvalidChannelState(
-            lapin::ChannelState::Closed
-        )))
+        assert!(confirm_problem(Err(lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "basic.publish"
+        )
+        .into()))
         .is_some());
     }
 }

@@ -117,7 +117,7 @@ impl Topology {
     /// live telemetry, and redeclared by every consumer session.
     pub async fn declare_outcomes_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
         ch.exchange_declare(
-            &self.outcomes_exchange(),
+            self.outcomes_exchange().into(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions::default(),
             FieldTable::default(),
@@ -162,7 +162,7 @@ impl Topology {
     /// Declares the events exchange (durable topic).
     pub async fn declare_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
         ch.exchange_declare(
-            &self.exchange(),
+            self.exchange().into(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -194,7 +194,7 @@ impl Topology {
             .declare_work_queue(conn, &ch, service, bindings, retry_delays)
             .await;
         if ch.status().connected() {
-            let _ = ch.close(200, "declared").await;
+            let _ = ch.close(200, "declared".into()).await;
         }
         result
     }
@@ -223,9 +223,9 @@ impl Topology {
         self.declare_quorum(conn, &queue, args).await?;
         for key in bindings {
             ch.queue_bind(
-                &queue,
-                &self.exchange(),
-                key,
+                queue.as_str().into(),
+                self.exchange().into(),
+                (*key).into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -282,7 +282,7 @@ impl Topology {
             .declare_partitions(conn, &ch, service, bindings, retry_delays, partitions)
             .await;
         if ch.status().connected() {
-            let _ = ch.close(200, "declared").await;
+            let _ = ch.close(200, "declared".into()).await;
         }
         result
     }
@@ -301,7 +301,7 @@ impl Topology {
         let mut args = FieldTable::default();
         args.insert("hash-header".into(), string(SUBJECT_HEADER));
         ch.exchange_declare(
-            &hash,
+            hash.as_str().into(),
             ExchangeKind::Custom("x-consistent-hash".into()),
             ExchangeDeclareOptions {
                 durable: true,
@@ -313,8 +313,8 @@ impl Topology {
         .map_err(|e| {
             // 503 COMMAND_INVALID is RabbitMQ's answer to an exchange type
             // it does not know: the plugin is not enabled.
-            match &e {
-                lapin::Error::ProtocolError(amqp) if amqp.get_id() == 503 => {
+            match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 503 => {
                     TopologyError::MissingPlugin(e)
                 }
                 _ => TopologyError::Broker(e),
@@ -340,9 +340,9 @@ impl Topology {
             self.declare_quorum(conn, queue, args).await?;
             // Weight 1 each: every partition takes an equal share.
             ch.queue_bind(
-                queue,
-                &hash,
-                "1",
+                ShortString::from(queue.as_str()),
+                hash.as_str().into(),
+                "1".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -350,9 +350,9 @@ impl Topology {
         }
         for key in bindings {
             ch.exchange_bind(
-                &hash,
-                &self.exchange(),
-                key,
+                hash.as_str().into(),
+                self.exchange().into(),
+                (*key).into(),
                 ExchangeBindOptions::default(),
                 FieldTable::default(),
             )
@@ -394,7 +394,7 @@ impl Topology {
             let queue = self.partition_queue(service, i);
             let exists = probe
                 .queue_declare(
-                    &queue,
+                    queue.as_str().into(),
                     QueueDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -408,13 +408,13 @@ impl Topology {
             }
             probe
                 .queue_unbind(
-                    &queue,
-                    &self.partition_exchange(service),
-                    "1",
+                    queue.as_str().into(),
+                    self.partition_exchange(service).into(),
+                    "1".into(),
                     FieldTable::default(),
                 )
                 .await?;
-            let _ = probe.close(200, "probed").await;
+            let _ = probe.close(200, "probed".into()).await;
             surplus += 1;
         }
         Ok(surplus)
@@ -439,11 +439,11 @@ impl Topology {
         );
         names.push(self.dlq(service));
         for name in names {
-            ch.queue_delete(&name, QueueDeleteOptions::default())
+            ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
         ch.exchange_delete(
-            &self.partition_exchange(service),
+            self.partition_exchange(service).into(),
             ExchangeDeleteOptions::default(),
         )
         .await
@@ -495,7 +495,7 @@ impl Topology {
         let mut names = vec![self.queue(service), self.dlq(service)];
         names.extend(retry_delays.iter().map(|d| self.retry_queue(service, *d)));
         for name in names {
-            ch.queue_delete(&name, QueueDeleteOptions::default())
+            ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
         Ok(())
@@ -503,9 +503,12 @@ impl Topology {
 
     /// Deletes the events and outcomes exchanges.
     pub async fn delete_exchange(&self, ch: &Channel) -> Result<(), lapin::Error> {
-        ch.exchange_delete(&self.outcomes_exchange(), ExchangeDeleteOptions::default())
-            .await?;
-        ch.exchange_delete(&self.exchange(), ExchangeDeleteOptions::default())
+        ch.exchange_delete(
+            self.outcomes_exchange().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await?;
+        ch.exchange_delete(self.exchange().into(), ExchangeDeleteOptions::default())
             .await
     }
 }
@@ -520,7 +523,7 @@ async fn declare_on_own_channel(
     let ch = conn.create_channel().await?;
     let declared = ch
         .queue_declare(
-            name,
+            name.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -529,7 +532,7 @@ async fn declare_on_own_channel(
         )
         .await;
     if declared.is_ok() {
-        let _ = ch.close(200, "declared").await;
+        let _ = ch.close(200, "declared".into()).await;
     }
     declared.map(|_| ())
 }
@@ -538,8 +541,8 @@ async fn declare_on_own_channel(
 /// existing queue (reply code 406), by the code, not the text.
 fn precondition_failed(e: &lapin::Error) -> bool {
     matches!(
-        e,
-        lapin::Error::ProtocolError(amqp) if matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(
             amqp.kind(),
             lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
         )
@@ -570,9 +573,10 @@ mod tests {
             "warren.billing.retry.1500"
         );
         assert_eq!(t.partition_exchange("billing"), "warren.billing.partitions");
-        let missing = TopologyError::MissingPlugin(lapin::Error::InvalidChannelState(
-            lapin::ChannelState::Closed,
-        ));
+        let missing = TopologyError::MissingPlugin(
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "exchange.declare")
+                .into(),
+        );
         assert!(missing
             .to_string()
             .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"));

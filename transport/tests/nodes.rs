@@ -39,7 +39,7 @@ async fn a_list_whose_first_node_is_dead_connects_to_the_next() {
         let (conn, node) = connect_any(&list, "nodes test").await.unwrap();
         assert!(!node.contains(&port.to_string()), "{node}");
         let ch = conn.create_channel().await.unwrap();
-        ch.close(200, "ok").await.unwrap();
+        ch.close(200, "ok".into()).await.unwrap();
         warren_transport::close(conn, "done").await;
         if accepted.load(Ordering::SeqCst) > 0 {
             break;
@@ -86,7 +86,7 @@ async fn quorum_queues_with_a_group_size_of_three_work_on_one_node_and_keep_olde
     );
     old.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
     ch.queue_declare(
-        &topology.dlq(service),
+        topology.dlq(service).into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -103,8 +103,8 @@ async fn quorum_queues_with_a_group_size_of_three_work_on_one_node_and_keep_olde
         ch.confirm_select(Default::default()).await?;
         let confirm = ch
             .basic_publish(
-                "",
-                &topology.queue(service),
+                "".into(),
+                topology.queue(service).into(),
                 Default::default(),
                 b"hello",
                 Default::default(),
@@ -112,16 +112,18 @@ async fn quorum_queues_with_a_group_size_of_three_work_on_one_node_and_keep_olde
             .await?
             .await?;
         let got = ch
-            .basic_get(&topology.queue(service), Default::default())
+            .basic_get(topology.queue(service).into(), Default::default())
             .await?;
         Ok::<_, lapin::Error>((confirm.is_ack(), got.map(|m| m.delivery.data)))
     }
     .await;
     for q in [topology.queue(service), topology.dlq(service)] {
-        let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     let _ = topology.delete_exchange(&ch).await;
-    let _ = ch.close(200, "ok").await;
+    let _ = ch.close(200, "ok".into()).await;
     warren_transport::close(conn, "done").await;
     declared.unwrap();
     let (acked, got) = published.unwrap();

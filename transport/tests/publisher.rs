@@ -42,7 +42,7 @@ async fn publish_is_ok_only_for_a_plain_ack_and_refused_for_a_nack_or_a_return()
     publisher
         .channel()
         .queue_declare(
-            &full,
+            full.as_str().into(),
             QueueDeclareOptions {
                 exclusive: true,
                 ..Default::default()
@@ -72,7 +72,7 @@ async fn publish_is_ok_only_for_a_plain_ack_and_refused_for_a_nack_or_a_return()
 
     publisher
         .channel()
-        .queue_delete(&full, QueueDeleteOptions::default())
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
     transport::close(conn, "done").await;

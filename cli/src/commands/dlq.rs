@@ -273,7 +273,7 @@ pub async fn walk(
     let result = async {
         while visited < present as usize {
             let Some(m) = ch
-                .basic_get(&dlq, BasicGetOptions { no_ack: false })
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
                 .await?
             else {
                 break;
@@ -314,7 +314,7 @@ pub async fn walk(
     }
     .await;
     // Closing returns any message taken and not acked (only after an error).
-    let _ = ch.close(200, "dlq walk done").await;
+    let _ = ch.close(200, ("dlq walk done").into()).await;
     result.map(|()| visited)
 }
 

@@ -164,9 +164,7 @@ pub async fn replay_lines(
     Ok(summary)
 }
 
-async fn settle(
-    pending: &mut Vec<(lapin::publisher_confirm::PublisherConfirm, usize)>,
-) -> anyhow::Result<usize> {
+async fn settle(pending: &mut Vec<(lapin::PublisherConfirm, usize)>) -> anyhow::Result<usize> {
     let n = pending.len();
     for (confirm, line) in pending.drain(..) {
         confirmed(confirm, &format!("fixture line {line}")).await?;

@@ -223,7 +223,7 @@ pub async fn rabbitmq_users(
     let conn = transport::connect(admin_url, "warren setup").await?;
     let ch = conn.create_channel().await?;
     topology.declare_exchange(&ch).await?;
-    let _ = ch.close(200, "setup").await;
+    let _ = ch.close(200, "setup".into()).await;
     transport::close(conn, "setup").await;
     let deadline = Instant::now() + Duration::from_secs(15);
     for u in users {
@@ -235,7 +235,7 @@ pub async fn rabbitmq_users(
                 let declared = topology.declare_exchange(&ch).await;
                 // Channel first: closing a connection with an open channel
                 // makes lapin log a spurious error.
-                let _ = ch.close(200, "probe").await;
+                let _ = ch.close(200, "probe".into()).await;
                 transport::close(conn, "probe").await;
                 declared.map_err(anyhow::Error::from)
             };

@@ -85,7 +85,7 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Opti
     let ch = conn.create_channel().await?;
     let r = ch
         .queue_declare(
-            queue,
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -95,7 +95,7 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> anyhow::Result<Opti
         .await;
     Ok(match r {
         Ok(q) => {
-            let _ = ch.close(200, "ok").await;
+            let _ = ch.close(200, "ok".into()).await;
             Some((q.message_count(), q.consumer_count()))
         }
         Err(_) => None,

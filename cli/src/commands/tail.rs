@@ -141,7 +141,7 @@ async fn exclusive_queue(
 ) -> anyhow::Result<lapin::Consumer> {
     let q = ch
         .queue_declare(
-            "",
+            "".into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -151,9 +151,9 @@ async fn exclusive_queue(
         )
         .await?;
     ch.queue_bind(
-        q.name().as_str(),
-        exchange,
-        pattern,
+        q.name().clone(),
+        exchange.into(),
+        pattern.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -162,8 +162,8 @@ async fn exclusive_queue(
     // for the services by not acknowledging it.
     Ok(ch
         .basic_consume(
-            q.name().as_str(),
-            "",
+            q.name().clone(),
+            "".into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()

@@ -134,14 +134,16 @@ pub async fn remove(
             ..Default::default()
         };
         if probe
-            .queue_declare(q, passive, FieldTable::default())
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
             .await
             .is_err()
         {
             continue;
         }
-        let n = probe.queue_delete(q, QueueDeleteOptions::default()).await?;
-        let _ = probe.close(200, "teardown").await;
+        let n = probe
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        let _ = probe.close(200, "teardown".into()).await;
         removed.queues.push((q.clone(), n));
     }
     for x in exchanges {
@@ -151,16 +153,21 @@ pub async fn remove(
             ..Default::default()
         };
         if probe
-            .exchange_declare(x, ExchangeKind::Topic, passive, FieldTable::default())
+            .exchange_declare(
+                x.as_str().into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
             .await
             .is_err()
         {
             continue;
         }
         probe
-            .exchange_delete(x, ExchangeDeleteOptions::default())
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
             .await?;
-        let _ = probe.close(200, "teardown").await;
+        let _ = probe.close(200, "teardown".into()).await;
         removed.exchanges.push(x.clone());
     }
     Ok(removed)

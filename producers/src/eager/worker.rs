@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::{join_all, JoinAll};
 use futures::FutureExt as _;
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::{Confirmation, PublisherConfirm};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -262,7 +262,9 @@ impl EagerWorker {
         self.delete(db).await?;
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            publisher.channel().close(200, "eager publisher stopping"),
+            publisher
+                .channel()
+                .close(200, ("eager publisher stopping").into()),
         )
         .await;
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::future::{join_all, JoinAll};
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::{Confirmation, PublisherConfirm};
 use sqlx::PgConnection;
 use tracing::Instrument;
 use transport::{confirm_problem, event_properties, Outgoing, Publisher};

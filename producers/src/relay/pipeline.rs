@@ -191,7 +191,7 @@ impl<'a> Pipeline<'a> {
     /// retry; otherwise a claim follows only when the relay is busy.
     async fn settle_oldest(
         &mut self,
-        confirms: Vec<Result<lapin::publisher_confirm::Confirmation, lapin::Error>>,
+        confirms: Vec<Result<lapin::Confirmation, lapin::Error>>,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
         let Some(batch) = self.in_flight.pop_front() else {
@@ -270,7 +270,9 @@ impl<'a> Pipeline<'a> {
         // state: Closing" error.
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.publisher.channel().close(200, "relay stopping"),
+            self.publisher
+                .channel()
+                .close(200, ("relay stopping").into()),
         )
         .await;
         Ok(())
