@@ -97,22 +97,20 @@ pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeErro
             max: events::MAX_HEADERS,
         });
     }
-    let headers: Vec<(String, serde_json::Value)> = d
+    let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
+    // Structured mode (what warren's relay sends) reads the body alone:
+    // converting its headers would only be thrown away.
+    if events::is_structured(content_type) {
+        return codec.decode_message(content_type, std::iter::empty(), &d.data);
+    }
+    let headers = d
         .properties
         .headers()
         .as_ref()
-        .map(|h| {
-            h.inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), amqp_to_json(v)))
-                .collect()
-        })
-        .unwrap_or_default();
-    codec.decode_message(
-        d.properties.content_type().as_ref().map(|c| c.as_str()),
-        headers.iter().map(|(k, v)| (k.as_str(), v.clone())),
-        &d.data,
-    )
+        .into_iter()
+        .flat_map(|h| h.inner().iter())
+        .map(|(k, v)| (k.as_str(), amqp_to_json(v)));
+    codec.decode_message(content_type, headers, &d.data)
 }
 
 /// The id of an envelope that did not decode as a whole (wrong data, an
@@ -560,6 +558,14 @@ impl Processor {
     async fn acknowledge(&self, settled: &[Settled]) -> Result<(), SettleError> {
         // One ack per channel the batch's deliveries came on (one, unless
         // the session consumes several partitions).
+        if let Some((_, first, _)) = settled.first() {
+            if settled.iter().all(|(_, acks, _)| Arc::ptr_eq(first, acks)) {
+                first
+                    .settle(settled.iter().map(|(d, _, _)| d.delivery_tag))
+                    .await?;
+                return Ok(());
+            }
+        }
         let mut done = vec![false; settled.len()];
         for i in 0..settled.len() {
             if done[i] {

@@ -42,7 +42,10 @@ impl Inbox {
         Inbox {
             schema: s.to_owned(),
             // One statement per batch. `b` is the batch in delivery
-            // order. `adv` locks the progress row of each stream it touches
+            // order, only the columns admission reads: it is scanned once
+            // per stream, and the columns kept for `warren trace`
+            // (correlation, causation, time) and `skipped` join in by
+            // position at the insert. `adv` locks the progress row of each stream it touches
             // (in sorted order, so two batches never wait on each other in
             // a cycle; an upsert that changes nothing still takes the row
             // lock, which serialises every handler of these subjects,
@@ -57,9 +60,8 @@ impl Inbox {
             // cached generic plan can turn into a scan as tables grow.
             admit: format!(
                 "WITH b AS ( \
-                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                     $6::text[], $7::text[], $8::timestamptz[], $9::bool[]) \
-                   WITH ORDINALITY AS b(id, event_type, src, sub, seq, corr, caus, etime, skip, ord)), \
+                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                   WITH ORDINALITY AS b(id, event_type, src, sub, seq, ord)), \
                  adv AS ( \
                    INSERT INTO {s}.subject_progress AS p (source, subject, last_sequence, prev_sequence) \
                    SELECT k.src, k.sub, \
@@ -86,7 +88,9 @@ impl Inbox {
                  ins AS ( \
                    INSERT INTO {s}.inbox (event_id, event_type, source, subject, sequence, \
                      correlation_id, causation_id, event_time, skipped) \
-                   SELECT id, event_type, src, sub, seq, corr, caus, etime, skip FROM acc \
+                   SELECT a.id, a.event_type, a.src, a.sub, a.seq, t.corr, t.caus, t.etime, t.skip \
+                   FROM acc AS a JOIN unnest($6::text[], $7::text[], $8::timestamptz[], $9::bool[]) \
+                     WITH ORDINALITY AS t(corr, caus, etime, skip, ord) ON t.ord = a.ord \
                    ON CONFLICT (event_id) DO NOTHING RETURNING event_id) \
                  SELECT adv.last_sequence, b.ord IN (SELECT ord FROM acc), \
                    b.ord IN (SELECT ord FROM acc) AND b.id IN (SELECT event_id FROM ins) \

@@ -251,3 +251,56 @@ async fn a_batch_of_one_is_admitted_as_the_general_statement_admits_it(pool: PgP
         "one inbox row per new admission"
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_batch_records_each_admitted_event_with_its_own_trace_fields(pool: PgPool) {
+    install(&pool).await;
+    let inbox = Inbox::new("shipping");
+    // Two streams interleaved, a repeated sequence (only its first event is
+    // admitted) and a gap (not admitted): the trace columns, kept apart
+    // from the admission's own, must still land on their own event's row.
+    let spec = [("a", 1), ("b", 1), ("a", 2), ("a", 2), ("b", 2), ("a", 4)];
+    let mut batch: Vec<Envelope> = Vec::new();
+    for (i, (subject, sequence)) in spec.iter().enumerate() {
+        let mut e = event(subject, *sequence);
+        e.correlationid = Some(format!("corr-{i}"));
+        e.causationid = (i % 2 == 0).then(|| format!("cause-{i}"));
+        e.time = chrono::DateTime::from_timestamp(1_700_000_000 + i as i64 * 60, 0).unwrap();
+        batch.push(e);
+    }
+    let refs: Vec<&Envelope> = batch.iter().collect();
+    let skipped = [false, true, false, false, true, false];
+    let mut tx = pool.begin().await.unwrap();
+    let got = inbox.admit_marked(&mut tx, &refs, &skipped).await.unwrap();
+    tx.commit().await.unwrap();
+    let admitted: Vec<bool> = got.iter().map(|a| a.admitted).collect();
+    assert_eq!(admitted, [true, true, true, false, true, false]);
+
+    let rows: Vec<(
+        Uuid,
+        Option<String>,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+        bool,
+    )> = sqlx::query_as(
+        "SELECT event_id, correlation_id, causation_id, event_time, skipped \
+             FROM shipping.inbox ORDER BY event_time",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected: Vec<_> = [0, 1, 2, 4]
+        .into_iter()
+        .map(|i| {
+            let e = &batch[i];
+            (
+                e.id,
+                e.correlationid.clone(),
+                e.causationid.clone(),
+                e.time,
+                skipped[i],
+            )
+        })
+        .collect();
+    assert_eq!(rows, expected);
+}

@@ -43,6 +43,12 @@ pub const REQUIRED: &[&str] = &[
 /// AMQP binding's `cloudEvents:`/`cloudEvents_`.
 const BINARY_PREFIXES: &[&str] = &["ce-", "ce_", "cloudEvents:", "cloudEvents_"];
 
+/// Whether a message with this content type is a structured-mode event
+/// (the whole event in the body, headers not read).
+pub fn is_structured(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|c| c.starts_with("application/cloudevents"))
+}
+
 /// Encoder/decoder of one application's events, with a size limit.
 ///
 /// Decoding needs the application's [`Catalog`] (an unknown type is an
@@ -114,7 +120,7 @@ impl Codec {
         headers: impl IntoIterator<Item = (&'a str, Value)>,
         body: &[u8],
     ) -> Result<Envelope, DecodeError> {
-        let structured = content_type.is_some_and(|c| c.starts_with("application/cloudevents"));
+        let structured = is_structured(content_type);
         let mut attrs = Map::new();
         let mut count = 0;
         for (name, value) in headers {

@@ -30,7 +30,8 @@ pub mod upcast;
 
 pub use catalog::{Catalog, EventData, EventSpec, Upcaster};
 pub use codec::{
-    encode, Codec, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_BODY, MAX_ATTRIBUTE_LEN, MAX_HEADERS,
+    encode, is_structured, Codec, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_BODY, MAX_ATTRIBUTE_LEN,
+    MAX_HEADERS,
 };
 pub use envelope::Envelope;
 pub use error::DecodeError;
