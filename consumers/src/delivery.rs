@@ -36,7 +36,7 @@ use crate::order::{self, Applied, Run};
 use crate::outcome::{Feed, Outcome, OutcomeRecord, Stats};
 use crate::retry::Decision;
 use crate::spans;
-use crate::trail::Recorder;
+use crate::trail::{self, Recorder};
 use crate::{HandleError, Router};
 
 /// A delivery could not be settled; the session must restart (the broker
@@ -82,8 +82,20 @@ pub(crate) type Held = Option<PoolConnection<Postgres>>;
 /// the channel it came on (a partitioned session consumes on several).
 pub(crate) type Item = (Delivery, Result<Envelope, DecodeError>, Arc<Acks>);
 
-/// A settled delivery: its channel's acks and its outcome.
-type Settled = (Delivery, Arc<Acks>, OutcomeRecord);
+/// A settled delivery: its channel's acks and what became of it.
+type Settled = (Delivery, Arc<Acks>, Fate);
+
+/// What became of a delivery, until its report.
+enum Fate {
+    /// Handled, skipped or a duplicate, with the envelope: the outcome
+    /// record is built at the report only if something reads it (a log
+    /// line that is enabled, the live feed, a listener, the trail), so
+    /// the common case copies nothing.
+    Applied(Outcome, Envelope),
+    /// Retried, deferred or dead-lettered: the record as it was carried
+    /// out (rare, and always logged).
+    CarriedOut(OutcomeRecord),
+}
 
 /// Decodes a delivery in either CloudEvents mode.
 pub(crate) fn decode(codec: &Codec, d: &Delivery) -> Result<Envelope, DecodeError> {
@@ -215,7 +227,7 @@ impl Processor {
                 Ok(e) => good.push((delivery, e, acks)),
                 Err(e) => {
                     let record = self.dead_letter_undecodable(&delivery, &e).await?;
-                    settled.push((delivery, acks, record));
+                    settled.push((delivery, acks, Fate::CarriedOut(record)));
                 }
             }
         }
@@ -230,8 +242,8 @@ impl Processor {
                 .apply_batch(conn, &envelopes, &handling, shutdown)
                 .await?;
             for ((delivery, envelope, acks), result) in good.into_iter().zip(results) {
-                let record = self.settle(&delivery, &envelope, result).await?;
-                settled.push((delivery, acks, record));
+                let fate = self.settle(&delivery, envelope, result).await?;
+                settled.push((delivery, acks, fate));
             }
         }
         self.acknowledge(&settled).await?;
@@ -438,15 +450,14 @@ impl Processor {
     async fn settle(
         &self,
         delivery: &Delivery,
-        envelope: &Envelope,
+        envelope: Envelope,
         result: Result<Applied, HandleError>,
-    ) -> Result<OutcomeRecord, SettleError> {
-        let mut record = self.record_for(delivery, Some(envelope));
+    ) -> Result<Fate, SettleError> {
         let retry = &self.config.retry;
         let decision = match result {
-            Ok(Applied::Handled) => return Ok(record.with_outcome(Outcome::Handled)),
-            Ok(Applied::Skipped) => return Ok(record.with_outcome(Outcome::Skipped)),
-            Ok(Applied::Duplicate) => return Ok(record.with_outcome(Outcome::Duplicate)),
+            Ok(Applied::Handled) => return Ok(Fate::Applied(Outcome::Handled, envelope)),
+            Ok(Applied::Skipped) => return Ok(Fate::Applied(Outcome::Skipped, envelope)),
+            Ok(Applied::Duplicate) => return Ok(Fate::Applied(Outcome::Duplicate, envelope)),
             Ok(Applied::Early { expected }) => {
                 let deferred = header_u32(&delivery.properties, H_DEFERRALS).unwrap_or(0);
                 let why = format!(
@@ -462,10 +473,11 @@ impl Processor {
                     envelope.sequence, envelope.subject, envelope.source
                 ),
             },
-            Err(e) => retry.after_failure(record.attempt, &e),
+            Err(e) => retry.after_failure(attempt_of(delivery), &e),
         };
+        let mut record = self.record_for(delivery, Some(&envelope));
         self.carry_out(delivery, &mut record, decision).await?;
-        Ok(record)
+        Ok(Fate::CarriedOut(record))
     }
 
     /// Forwards a delivery as `decision` says and records it as its
@@ -585,27 +597,55 @@ impl Processor {
     }
 
     /// Reports each outcome of an acknowledged batch: its log line, the
-    /// counters, the live feed and in-process listeners.
+    /// counters, the trail, the live feed and in-process listeners.
     async fn report(&self, settled: Vec<Settled>, started: Instant) {
         let elapsed = started.elapsed();
         self.stats.record_batch(elapsed);
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        for (delivery, _, fate) in settled {
+            let mut record = match fate {
+                Fate::CarriedOut(mut record) => {
+                    record.at = chrono::Utc::now();
+                    self.stats.record(&record);
+                    record
+                }
+                Fate::Applied(outcome, envelope) => {
+                    self.stats.tally(&envelope.event_type, outcome, None);
+                    if !self.reads(outcome) {
+                        continue;
+                    }
+                    self.record_for(&delivery, Some(&envelope))
+                        .with_outcome(outcome)
+                }
+            };
+            record.elapsed_ms = elapsed_ms;
+            record.log();
+            self.tell(record).await;
+        }
+    }
+
+    /// Whether anything reads the record of an applied event's `outcome`:
+    /// its log line, the trail, the live feed or a listener.
+    fn reads(&self, outcome: Outcome) -> bool {
+        OutcomeRecord::logged(outcome)
+            || trail::kept(outcome)
+            || self.feed.is_some()
+            || self.outcomes.receiver_count() > 0
+    }
+
+    /// Hands a record to the trail, the live feed and in-process
+    /// listeners.
+    async fn tell(&self, record: OutcomeRecord) {
         // Handed to the trail's writer, never waited for: the record is
         // for `warren trace`, not part of settling.
-        self.trail.record(settled.iter().map(|(_, _, r)| r));
-        for (_, _, mut record) in settled {
-            record.elapsed_ms = elapsed_ms;
-            record.at = chrono::Utc::now();
-            record.log();
-            self.stats.record(&record);
-            if let Some(feed) = &self.feed {
-                feed.publish(&record).await;
-            }
-            // No receiver is the normal case (then nothing is
-            // allocated for one); that is not an error.
-            if self.outcomes.receiver_count() > 0 {
-                let _ = self.outcomes.send(Arc::new(record));
-            }
+        self.trail.record(std::iter::once(&record));
+        if let Some(feed) = &self.feed {
+            feed.publish(&record).await;
+        }
+        // No receiver is the normal case (then nothing is allocated for
+        // one); that is not an error.
+        if self.outcomes.receiver_count() > 0 {
+            let _ = self.outcomes.send(Arc::new(record));
         }
     }
 }

@@ -84,6 +84,17 @@ impl OutcomeRecord {
         self
     }
 
+    /// Whether [`OutcomeRecord::log`] would write a line for `outcome`
+    /// (the subscriber's level for this module's lines).
+    pub fn logged(outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Handled | Outcome::Duplicate | Outcome::Skipped | Outcome::Deferred => {
+                tracing::enabled!(tracing::Level::INFO)
+            }
+            Outcome::Retried | Outcome::DeadLettered => tracing::enabled!(tracing::Level::WARN),
+        }
+    }
+
     /// Writes the outcome's log line: every line about an event carries its
     /// id, type, subject and correlation id.
     pub fn log(&self) {
@@ -215,10 +226,16 @@ impl Stats {
 
     /// Counts one outcome.
     pub fn record(&self, r: &OutcomeRecord) {
+        self.tally(&r.event_type, r.outcome, r.reason.as_deref());
+    }
+
+    /// Counts one outcome of an event of `event_type` (filed as
+    /// [`UNKNOWN_TYPE`] when the catalog does not have it).
+    pub fn tally(&self, event_type: &str, outcome: Outcome, reason: Option<&str>) {
         let key = (
-            self.type_label(&r.event_type),
-            r.outcome,
-            r.reason.as_deref().map(reason_label),
+            self.type_label(event_type),
+            outcome,
+            reason.map(reason_label),
         );
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         *s.counts.entry(key).or_default() += 1;

@@ -276,13 +276,15 @@ async fn a_batch_records_each_admitted_event_with_its_own_trace_fields(pool: PgP
     let admitted: Vec<bool> = got.iter().map(|a| a.admitted).collect();
     assert_eq!(admitted, [true, true, true, false, true, false]);
 
-    let rows: Vec<(
+    // id, correlation, causation, time, skipped
+    type Row = (
         Uuid,
         Option<String>,
         Option<String>,
         chrono::DateTime<chrono::Utc>,
         bool,
-    )> = sqlx::query_as(
+    );
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT event_id, correlation_id, causation_id, event_time, skipped \
              FROM shipping.inbox ORDER BY event_time",
     )
