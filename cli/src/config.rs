@@ -445,6 +445,14 @@ pub async fn migrate_if_permitted(pool: &PgPool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// The settings as a command line takes them.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
 
     fn mode(url: &str, env_chose: bool) -> PgSslMode {
         let options: PgConnectOptions = url.parse().unwrap();
@@ -482,12 +490,6 @@ mod tests {
 
     #[test]
     fn settings_shown_mask_every_password_of_a_broker_list() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            settings: Settings,
-        }
         let cli = Cli::parse_from([
             "warren",
             "--amqp-url",
@@ -505,12 +507,6 @@ mod tests {
 
     #[test]
     fn service_database_urls_are_secrets_that_survive_renaming_unprinted() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            settings: Settings,
-        }
         let cli = Cli::parse_from([
             "warren",
             "--database-url",

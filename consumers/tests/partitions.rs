@@ -136,6 +136,18 @@ fn slow_process(pool: &PgPool, namespace: &str) -> Process {
     ))
 }
 
+/// Two slowed processes, once they hold three partitions each.
+async fn two_slow_members(pool: &PgPool, namespace: &str) -> [Process; 2] {
+    let members = [slow_process(pool, namespace), slow_process(pool, namespace)];
+    wait_for(
+        "two members with three partitions each",
+        Duration::from_secs(30),
+        async || holders(pool).await == vec![3, 3],
+    )
+    .await;
+    members
+}
+
 fn start(sub: Subscription) -> Process {
     let stop = CancellationToken::new();
     let stats = sub.stats();
@@ -405,16 +417,7 @@ async fn three_processes_share_partitions_and_one_dies_midway_without_reordering
 #[sqlx::test(migrations = false)]
 async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: PgPool) {
     let bus = setup(&pool).await;
-    let first = [
-        slow_process(&pool, &bus.namespace),
-        slow_process(&pool, &bus.namespace),
-    ];
-    wait_for(
-        "two members with three partitions each",
-        Duration::from_secs(30),
-        async || holders(&pool).await == vec![3, 3],
-    )
-    .await;
+    let first = two_slow_members(&pool, &bus.namespace).await;
     publish(&bus, &events()).await;
     wait_for(
         "a third of the events",
@@ -461,16 +464,7 @@ async fn a_process_that_joins_midway_takes_its_share_without_reordering(pool: Pg
 #[sqlx::test(migrations = false)]
 async fn partitions_handed_over_again_and_again_mid_stream_keep_order(pool: PgPool) {
     let bus = setup(&pool).await;
-    let steady = [
-        slow_process(&pool, &bus.namespace),
-        slow_process(&pool, &bus.namespace),
-    ];
-    wait_for(
-        "two members with three partitions each",
-        Duration::from_secs(30),
-        async || holders(&pool).await == vec![3, 3],
-    )
-    .await;
+    let steady = two_slow_members(&pool, &bus.namespace).await;
     publish(&bus, &events()).await;
     let mut hand_overs = 0;
     let mut churned = Vec::new();
