@@ -73,6 +73,19 @@ async fn outbox_rows(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// Waits until the eager publisher counts `n` rows deleted. The counter
+/// moves after each delete statement commits, so an empty outbox seen
+/// first could still precede the last count: wait on the counter, then look
+/// at the table.
+async fn until_deleted(eager: &Eager, n: u64, within: Duration) {
+    let stats = eager.stats();
+    let end = Instant::now() + within;
+    while stats.published.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(Instant::now() < end, "rows were not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn until_outbox_empty(pool: &PgPool, within: Duration) {
     let end = Instant::now() + within;
     while outbox_rows(pool).await > 0 {
@@ -130,7 +143,8 @@ async fn eager_events_are_on_the_bus_once_and_the_relay_publishes_none(pool: PgP
     }
     assert_eq!(seen.len(), ids.len(), "every event on the bus");
     assert!(seen.values().all(|&n| n == 1), "each once: {seen:?}");
-    until_outbox_empty(&pool, Duration::from_secs(10)).await;
+    until_deleted(&eager, 200, Duration::from_secs(10)).await;
+    assert_eq!(outbox_rows(&pool).await, 0);
     let stats = eager.stats();
     assert_eq!(
         stats.published.load(std::sync::atomic::Ordering::Relaxed),
@@ -334,7 +348,8 @@ async fn confirmed_rows_are_deleted_together_and_at_shutdown(pool: PgPool) {
     }
     eager.publish(appended);
     tap.collect_until_seen(&more, Duration::from_secs(10)).await;
-    until_outbox_empty(&pool, Duration::from_secs(10)).await;
+    until_deleted(&eager, 14, Duration::from_secs(10)).await;
+    assert_eq!(outbox_rows(&pool).await, 0, "a full batch deletes at once");
     assert_eq!(published(), 14);
 
     // Again fewer than a batch; the shutdown deletes them before it ends.
