@@ -121,6 +121,27 @@ async fn after_the_demo_trace_tells_the_shipped_the_declined_and_the_dead_letter
     for pair in chain.windows(2) {
         assert_eq!(cause_of(&shipped, pair[1]), id_of(&shipped, pair[0]));
     }
+    // The same story by its correlation id, the root's own id (which the
+    // inboxes record as no correlation, inbox version 3), and by the id of
+    // an event deep in it.
+    for (id, how) in [
+        (id_of(&shipped, "order.placed").to_owned(), "correlation"),
+        (id_of(&shipped, "order.shipped").to_owned(), "event"),
+    ] {
+        let args: Vec<&'static str> =
+            vec!["trace", "--demo", id.clone().leak(), "--format", "json"];
+        let again = json(&warren_async(url.clone(), args).await);
+        assert!(
+            again["matched"].as_array().unwrap().contains(&how.into()),
+            "{id}: {again:#}"
+        );
+        assert_eq!(again["events"], 6, "{id}: {again:#}");
+        let types: Vec<&str> = walk(&again)
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, chain, "{id}");
+    }
     let placed = find(&shipped, "order.placed");
     assert_eq!(outcome_of(placed, "inventory"), ["handled", "duplicate"]);
     assert_eq!(outcome_of(placed, "payments"), ["skipped", "duplicate"]);

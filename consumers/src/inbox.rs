@@ -182,7 +182,7 @@ impl Inbox {
             .bind(e.source.as_str())
             .bind(e.subject.as_str())
             .bind(e.sequence)
-            .bind(e.correlationid.as_deref())
+            .bind(caused_correlation(e))
             .bind(e.causationid.as_deref())
             .bind(e.time)
             .bind(skipped)
@@ -219,7 +219,7 @@ impl Inbox {
         let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
         let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
-        let corrs: Vec<Option<&str>> = events.iter().map(|e| e.correlationid.as_deref()).collect();
+        let corrs: Vec<Option<&str>> = events.iter().map(|e| caused_correlation(e)).collect();
         let causes: Vec<Option<&str>> = events.iter().map(|e| e.causationid.as_deref()).collect();
         let times: Vec<chrono::DateTime<Utc>> = events.iter().map(|e| e.time).collect();
         let rows: Vec<(i64, bool, bool)> = sqlx::query_as(&self.admit)
@@ -287,6 +287,18 @@ impl Inbox {
     }
 }
 
+/// The correlation id the inbox records for `e`: none when it is the
+/// event's own id in its canonical text (the event starts its own story;
+/// inbox version 3, see [`crate::install`]), so the row and the
+/// correlation index need not repeat it. Any other text, another event's
+/// id or the same id spelled otherwise, is kept as it came, so
+/// `coalesce(correlation_id, event_id::text)` always gives it back.
+pub(crate) fn caused_correlation(e: &Envelope) -> Option<&str> {
+    let corr = e.correlationid.as_deref()?;
+    let mut own = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    (corr != e.id.hyphenated().encode_lower(&mut own)).then_some(corr)
+}
+
 /// Runs `sql` (a delete taking `$1` the cutoff time and `$2` the batch
 /// size) until a pass deletes fewer than `batch` rows: the inbox's and the
 /// outcome trail's pruning, in batches so no pass holds locks for long.
@@ -313,5 +325,46 @@ pub(crate) async fn prune_older_than(
         if n < batch as u64 {
             return Ok(total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Noted {}
+    impl events::EventData for Noted {
+        const TYPE: &'static str = "thing.noted";
+        const VERSION: u32 = 1;
+        const SOURCE: &'static str = "t";
+    }
+
+    fn with_correlation(corr: Option<&str>) -> Envelope {
+        let mut e = Envelope::new("t", "order-1", &Noted {});
+        e.correlationid = corr.map(str::to_owned);
+        e
+    }
+
+    #[test]
+    fn a_story_s_root_records_no_correlation_and_anything_else_is_kept_as_it_came() {
+        // A new envelope starts its own story: its correlation is its id.
+        let root = Envelope::new("t", "order-1", &Noted {});
+        assert_eq!(root.correlationid, Some(root.id.to_string()));
+        assert_eq!(caused_correlation(&root), None);
+        // Caused by the root: the root's id is recorded.
+        let root_id = root.id.to_string();
+        let child = with_correlation(Some(&root_id));
+        assert_eq!(caused_correlation(&child), Some(root_id.as_str()));
+        // Its own id spelled otherwise, and any other text: kept as they
+        // came, so `coalesce(correlation_id, event_id::text)` gives back
+        // exactly what the event carried.
+        let mut upper = with_correlation(None);
+        let shout = upper.id.to_string().to_uppercase();
+        upper.correlationid = Some(shout.clone());
+        assert_eq!(caused_correlation(&upper), Some(shout.as_str()));
+        let told = with_correlation(Some("req-42"));
+        assert_eq!(caused_correlation(&told), Some("req-42"));
+        assert_eq!(caused_correlation(&with_correlation(None)), None);
     }
 }

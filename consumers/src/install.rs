@@ -13,9 +13,11 @@ use sqlx::PgPool;
 /// see [`crate::inbox`]) and, since version 2, `inbox_outcomes` (the
 /// deliveries that ended otherwise than applied: duplicates, deferrals,
 /// retries, dead letters, with their reasons; see [`crate::trail`]).
+/// Version 3 stops indexing the correlation of the events that start
+/// their own story.
 pub const INBOX: Part = Part {
     name: "inbox",
-    steps: &[inbox_v1, inbox_v2],
+    steps: &[inbox_v1, inbox_v2, inbox_v3],
 };
 
 /// Installs (or upgrades) the inbox in `schema`, creating the schema if
@@ -89,5 +91,24 @@ fn inbox_v2(schema: &Schema) -> String {
          CREATE INDEX IF NOT EXISTS inbox_outcomes_correlation ON {s}.inbox_outcomes (correlation_id);
          CREATE INDEX IF NOT EXISTS inbox_outcomes_subject ON {s}.inbox_outcomes (subject);
          CREATE INDEX IF NOT EXISTS inbox_outcomes_recorded_at ON {s}.inbox_outcomes (recorded_at);"
+    )
+}
+
+/// Inbox version 3: an event that starts its own story (its correlation id
+/// is its own id, as [`events::Envelope::new`] makes it: every command
+/// from outside, every `order.placed`) is recorded with a NULL
+/// `correlation_id` (the id says it; readers take
+/// `coalesce(correlation_id, event_id::text)`), and the correlation index
+/// holds only the events caused by another. A story is then still found by
+/// its correlation id: its root through the primary key, the rest through
+/// the index. Rows written before keep their correlation and stay found
+/// both ways. Building the smaller index reads the table once, under the
+/// installer's lock (like any index the installer adds).
+fn inbox_v3(schema: &Schema) -> String {
+    let s = schema.ident();
+    format!(
+        "DROP INDEX IF EXISTS {s}.inbox_correlation;
+         CREATE INDEX IF NOT EXISTS inbox_correlation_caused ON {s}.inbox (correlation_id)
+           WHERE correlation_id IS NOT NULL;"
     )
 }

@@ -127,3 +127,87 @@ async fn an_inbox_of_the_old_migrations_upgrades_in_place_and_keeps_its_rows(poo
         }
     );
 }
+
+/// Version 3 indexes only the correlations of events caused by another:
+/// an inbox at version 2 keeps its rows, loses the full index for the
+/// partial one, and from then on records a story's root without a
+/// correlation (its id is the correlation).
+#[sqlx::test(migrations = false)]
+async fn a_version_2_inbox_upgrades_to_index_only_caused_correlations(pool: PgPool) {
+    let v2 = producers::install::Part {
+        name: INBOX.name,
+        steps: INBOX.steps.split_at(2).0,
+    };
+    producers::install::apply(&pool, "shipping", &v2)
+        .await
+        .unwrap();
+    assert_eq!(version(&pool).await, Some(2));
+    // As version 2 wrote them: the root with its own id as correlation.
+    let root = event("a", 1);
+    let child = event("a", 2).caused_by(&root);
+    for e in [&root, &child] {
+        sqlx::query(
+            "INSERT INTO shipping.inbox (event_id, event_type, source, subject, sequence, correlation_id) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(e.id)
+        .bind(&e.event_type)
+        .bind(&e.source)
+        .bind(&e.subject)
+        .bind(e.sequence)
+        .bind(e.correlationid.as_deref())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    install(&pool, "shipping").await.unwrap();
+
+    assert_eq!(version(&pool).await, Some(INBOX.version()));
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT indexname::text, indexdef FROM pg_indexes \
+         WHERE schemaname = 'shipping' AND tablename = 'inbox' AND indexdef LIKE '%correlation_id%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes.len(), 1, "{indexes:?}");
+    assert_eq!(indexes[0].0, "inbox_correlation_caused");
+    assert!(
+        indexes[0].1.contains("WHERE (correlation_id IS NOT NULL)"),
+        "{}",
+        indexes[0].1
+    );
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shipping.inbox WHERE coalesce(correlation_id, event_id::text) = $1",
+    )
+    .bind(root.id.to_string())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 2, "the rows written before keep their correlation");
+
+    // A new root and its consequence, admitted by this version.
+    let root2 = event("b", 1);
+    let child2 = event("b", 2).caused_by(&root2);
+    let mut tx = pool.begin().await.unwrap();
+    Inbox::new("shipping")
+        .admit(&mut tx, &[&root2, &child2])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let corr = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT correlation_id FROM shipping.inbox WHERE event_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(corr(root2.id).await, None, "the root's id says it");
+    assert_eq!(corr(child2.id).await, Some(root2.id.to_string()));
+}

@@ -1272,7 +1272,8 @@ async fn a_dead_letter_nacked_by_the_broker_keeps_the_delivery_until_the_dlq_tak
 }
 
 /// What `warren trace` reads: the inbox row of an applied event keeps its
-/// correlation, causation, time and whether it was skipped; a retry and a
+/// correlation (none for a story's root, whose id is its correlation),
+/// causation, time and whether it was skipped; a retry and a
 /// duplicate, which commit nothing in the inbox, leave a row with their
 /// attempt and reason in `inbox_outcomes`, pruned by the inbox's window.
 #[sqlx::test(migrations = false)]
@@ -1319,6 +1320,7 @@ async fn the_inbox_and_the_outcome_record_keep_what_trace_reads(pool: PgPool) {
     .await
     .unwrap();
     let corr = first.correlationid.clone();
+    assert_eq!(corr, Some(first.id.to_string()), "the story's root");
     // PostgreSQL keeps microseconds.
     use chrono::SubsecRound;
     assert_eq!(
@@ -1326,7 +1328,8 @@ async fn the_inbox_and_the_outcome_record_keep_what_trace_reads(pool: PgPool) {
         vec![
             (
                 first.id,
-                corr.clone(),
+                // The root's correlation is its id: not repeated.
+                None,
                 None,
                 Some(first.time.trunc_subsecs(6)),
                 false

@@ -243,7 +243,8 @@ pub async fn trace(pool: &PgPool, services: &[&str], id: &str) -> anyhow::Result
     let mut loose: HashSet<Uuid> = HashSet::new();
     for s in services {
         let q = format!(
-            "SELECT event_id, correlation_id, event_id = $2, correlation_id = $1, subject = $1 \
+            "SELECT event_id, coalesce(correlation_id, event_id::text), event_id = $2, \
+               coalesce(correlation_id, event_id::text) = $1, subject = $1 \
              FROM {s}.inbox WHERE event_id = $2 OR correlation_id = $1 OR subject = $1 \
              UNION ALL \
              SELECT event_id, correlation_id, event_id = $2, correlation_id = $1, subject = $1 \
@@ -290,19 +291,26 @@ pub async fn trace(pool: &PgPool, services: &[&str], id: &str) -> anyhow::Result
     if matched.is_empty() {
         return Ok(None);
     }
-    // 2. Every row of those correlations (and the loose events).
+    // 2. Every row of those correlations (and the loose events). An inbox
+    //    keeps no correlation on a story's root (inbox version 3): its id
+    //    is the correlation, so the roots are read by id.
     let corrs: Vec<String> = correlations.iter().cloned().collect();
     let loose: Vec<Uuid> = loose.into_iter().collect();
+    let roots: Vec<Uuid> = corrs
+        .iter()
+        .filter_map(|c| Uuid::parse_str(c).ok())
+        .chain(loose.iter().copied())
+        .collect();
     let mut events: Vec<Known> = Vec::new();
     let mut truncated = false;
     for s in services {
         let inbox: Vec<InboxRow> = sqlx::query_as(&format!(
-            "SELECT event_id, event_type, source, subject, sequence, correlation_id, causation_id, \
-               event_time, skipped, handled_at \
+            "SELECT event_id, event_type, source, subject, sequence, \
+               coalesce(correlation_id, event_id::text), causation_id, event_time, skipped, handled_at \
              FROM {s}.inbox WHERE correlation_id = ANY($1) OR event_id = ANY($2) LIMIT {MAX_ROWS}"
         ))
         .bind(&corrs)
-        .bind(&loose)
+        .bind(&roots)
         .fetch_all(pool)
         .await
         .map_err(|e| schema_error(s, e))?;
