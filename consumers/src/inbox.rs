@@ -331,17 +331,18 @@ pub(crate) async fn prune_older_than(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testkit::sample::OrderCancelled;
 
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Noted {}
-    impl events::EventData for Noted {
-        const TYPE: &'static str = "thing.noted";
-        const VERSION: u32 = 1;
-        const SOURCE: &'static str = "t";
+    fn cancelled() -> Envelope {
+        let data = OrderCancelled {
+            order_id: Uuid::nil(),
+            reason: "test".into(),
+        };
+        Envelope::new("orders", "order-1", &data)
     }
 
     fn with_correlation(corr: Option<&str>) -> Envelope {
-        let mut e = Envelope::new("t", "order-1", &Noted {});
+        let mut e = cancelled();
         e.correlationid = corr.map(str::to_owned);
         e
     }
@@ -349,7 +350,7 @@ mod tests {
     #[test]
     fn a_story_s_root_records_no_correlation_and_anything_else_is_kept_as_it_came() {
         // A new envelope starts its own story: its correlation is its id.
-        let root = Envelope::new("t", "order-1", &Noted {});
+        let root = cancelled();
         assert_eq!(root.correlationid, Some(root.id.to_string()));
         assert_eq!(caused_correlation(&root), None);
         // Caused by the root: the root's id is recorded.
