@@ -634,7 +634,7 @@ pub(crate) async fn produce(
     // pool costs a round trip that is sqlx's, not warren's.
     const WORKERS: usize = 16;
     let (ticks, rx) = tokio::sync::mpsc::channel::<usize>(WORKERS * 16);
-    let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+    let rx = Ticks::new(rx);
     let mut producers = tokio::task::JoinSet::new();
     for _ in 0..WORKERS {
         let (pool, producer, committed, rx) = (
@@ -644,24 +644,25 @@ pub(crate) async fn produce(
             rx.clone(),
         );
         producers.spawn(async move {
-            let mut conn = pool.acquire().await?;
-            let mut txns = Vec::new();
-            while let Some(n) = rx.lock().await.recv().await {
-                let subject = match &producer.subjects {
-                    Some(s) if !s.is_empty() => s[n % s.len()],
-                    _ => Uuid::now_v7(),
-                };
-                let e = sample(subject);
-                let id = e.id;
-                let began = Instant::now();
-                producer.commit_one(&mut conn, e).await?;
-                let (done, wall) = (Instant::now(), chrono::Utc::now());
-                txns.push(done.duration_since(began).as_secs_f64() * 1000.0);
-                if let Ok(mut c) = committed.lock() {
-                    c.insert(id, wall);
+            let conn = pool.acquire().await?;
+            work(rx, conn, move |mut conn, n| {
+                let (producer, committed) = (producer.clone(), committed.clone());
+                async move {
+                    let subject = match &producer.subjects {
+                        Some(s) if !s.is_empty() => s[n % s.len()],
+                        _ => Uuid::now_v7(),
+                    };
+                    let e = sample(subject);
+                    let id = e.id;
+                    producer.commit_one(&mut conn, e).await?;
+                    let wall = chrono::Utc::now();
+                    if let Ok(mut c) = committed.lock() {
+                        c.insert(id, wall);
+                    }
+                    Ok(conn)
                 }
-            }
-            Ok::<Vec<f64>, anyhow::Error>(txns)
+            })
+            .await
         });
     }
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
@@ -689,6 +690,43 @@ pub(crate) async fn produce(
         committed_per_s,
         txns,
     })
+}
+
+/// The ticks of a latency run, shared by its workers.
+#[derive(Clone)]
+pub(crate) struct Ticks(std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<usize>>>);
+
+impl Ticks {
+    fn new(rx: tokio::sync::mpsc::Receiver<usize>) -> Self {
+        Ticks(std::sync::Arc::new(tokio::sync::Mutex::new(rx)))
+    }
+
+    /// The next tick, `None` once the run is over. The lock is held only
+    /// while waiting for a tick and is released when this returns, never
+    /// held through the commit that follows: a worker that kept it (as a
+    /// guard in a `while let` scrutinee does, to the end of the loop's
+    /// body) would make the workers take turns, and the producer would
+    /// commit at one transaction's pace instead of the rate asked for.
+    async fn next(&self) -> Option<usize> {
+        self.0.lock().await.recv().await
+    }
+}
+
+/// One producer worker: runs `commit` on each tick it takes until the run
+/// is over, handing `state` (its connection) from one commit to the next;
+/// the duration of each, in ms.
+async fn work<S, F, Fut>(ticks: Ticks, mut state: S, mut commit: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnMut(S, usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<S>>,
+{
+    let mut txns = Vec::new();
+    while let Some(n) = ticks.next().await {
+        let began = Instant::now();
+        state = commit(state, n).await?;
+        txns.push(began.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(txns)
 }
 
 /// With the relay idle (asleep on LISTEN), commits one event at a time and
@@ -799,4 +837,43 @@ pub fn render(r: &BenchReport) -> String {
         wn = r.wakeup_samples,
         rss = r.rss_mb,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two workers must be inside their commits at once: each waits in
+    /// its commit for the other to arrive. Workers that took turns on the
+    /// ticks would never meet (the timeout is only how the test fails).
+    #[tokio::test]
+    async fn producer_workers_commit_concurrently() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<usize>(4);
+        let ticks = Ticks::new(rx);
+        let met = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let worker = |ticks: Ticks| {
+            let met = met.clone();
+            work(ticks, (), move |(), _n| {
+                let met = met.clone();
+                async move {
+                    met.wait().await;
+                    Ok(())
+                }
+            })
+        };
+        let (a, b) = (
+            tokio::spawn(worker(ticks.clone())),
+            tokio::spawn(worker(ticks)),
+        );
+        tx.send(0).await.expect("send");
+        tx.send(1).await.expect("send");
+        drop(tx);
+        let both = async { (a.await, b.await) };
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the workers took turns: neither got a tick while the other committed");
+        let (a, b) = (a.expect("join").expect("a"), b.expect("join").expect("b"));
+        assert_eq!(a.len() + b.len(), 2, "every tick committed once");
+        assert_eq!((a.len(), b.len()), (1, 1), "one tick each");
+    }
 }
