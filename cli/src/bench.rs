@@ -295,7 +295,7 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         }
         v[((v.len() as f64 - 1.0) * p).round() as usize]
     };
-    Ok(BenchReport {
+    let report = BenchReport {
         events: opts.events,
         lanes: opts.lanes,
         body_bytes: body.len(),
@@ -323,7 +323,15 @@ pub async fn run(pool: PgPool, opts: &BenchOptions) -> anyhow::Result<BenchRepor
         wakeup_p50_ms: round2(pct(&wakeups, 0.50)),
         wakeup_max_ms: round2(wakeups.last().copied().unwrap_or(f64::NAN)),
         rss_mb: round2(peak_rss_mb()),
-    })
+    };
+    if !report.producer_kept_up() {
+        tracing::warn!(
+            committed_per_s = report.latency_committed_per_s,
+            asked_per_s = report.latency_rate_per_s,
+            "the latency run's producer fell behind the rate asked: its figures are at a lower load"
+        );
+    }
+    Ok(report)
 }
 
 pub(crate) fn round2(x: f64) -> f64 {
@@ -801,13 +809,33 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Below this share of the rate asked, the latency run's producer fell
+/// behind (a slow disk, or a defect like the one of BENCHMARKS.md's 17:04
+/// section): its figures are then at a lower load than the run says.
+const KEPT_UP: f64 = 0.95;
+
+impl BenchReport {
+    /// Whether the latency run's producer committed at the rate asked.
+    pub fn producer_kept_up(&self) -> bool {
+        self.latency_committed_per_s >= KEPT_UP * f64::from(self.latency_rate_per_s)
+    }
+}
+
 /// The readable table.
 pub fn render(r: &BenchReport) -> String {
+    let behind = if r.producer_kept_up() {
+        String::new()
+    } else {
+        format!(
+            "\n  ! the producer committed {:.0} events/s of the {}/s asked: the latency run measured a lower load",
+            r.latency_committed_per_s, r.latency_rate_per_s
+        )
+    };
     format!(
         "warren bench — {events} events of {bytes} bytes, {lanes} consumer lanes\n\
          \n  ceiling (broker alone)   {ceil:>10.0} events/s\
          \n  drain (outbox→consumer)  {drain:>10.0} events/s   ({ratio:.2} × ceiling)\
-         \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s; published by the {publisher})\
+         \n  latency @ {rate}/s         p50 {p50:.2} ms   p99 {p99:.2} ms   max {max:.2} ms   ({n} samples; committed at {done:.0}/s; published by the {publisher}){behind}\
          \n  producer transaction     p50 {tp50:.2} ms   p99 {tp99:.2} ms   (BEGIN, append, COMMIT of one event, in that run)\
          \n  published batch          {epb:.1} events, publish → confirms mean {conf:.2} ms   (in that run)\
          \n  consumer batch           p50 {cp50:.2} ms   p99 {cp99:.2} ms   (deliveries taken → acked, in that run)\
@@ -846,6 +874,48 @@ mod tests {
     /// Two workers must be inside their commits at once: each waits in
     /// its commit for the other to arrive. Workers that took turns on the
     /// ticks would never meet (the timeout is only how the test fails).
+    fn report(committed_per_s: f64) -> BenchReport {
+        BenchReport {
+            events: 20_000,
+            lanes: 2,
+            body_bytes: 915,
+            ceiling_events_per_s: 20_000.0,
+            drain_events_per_s: 10_000.0,
+            drain_vs_ceiling: 0.5,
+            latency_rate_per_s: 1000,
+            latency_publisher: "eager",
+            latency_committed_per_s: committed_per_s,
+            latency_samples: 1000,
+            latency_p50_ms: 4.0,
+            latency_p99_ms: 20.0,
+            latency_max_ms: 30.0,
+            producer_txn_p50_ms: 1.2,
+            producer_txn_p99_ms: 5.0,
+            relay_events_per_batch: 1.0,
+            relay_confirm_mean_ms: 2.5,
+            consumer_batch_p50_ms: 1.5,
+            consumer_batch_p99_ms: 10.0,
+            wakeup_samples: 20,
+            wakeup_p50_ms: 1.3,
+            wakeup_max_ms: 2.0,
+            rss_mb: 70.0,
+        }
+    }
+
+    /// A producer that fell behind the rate is said on the table, so
+    /// that latency at a lower load is not read as latency at the rate.
+    #[test]
+    fn the_table_says_when_the_producer_fell_behind() {
+        let behind = render(&report(638.0));
+        assert!(
+            behind.contains("committed 638 events/s of the 1000/s asked"),
+            "{behind}"
+        );
+        let kept_up = render(&report(998.0));
+        assert!(!kept_up.contains("asked"), "{kept_up}");
+        assert!(kept_up.contains("committed at 998/s"), "{kept_up}");
+    }
+
     #[tokio::test]
     async fn producer_workers_commit_concurrently() {
         let (tx, rx) = tokio::sync::mpsc::channel::<usize>(4);
