@@ -1,5 +1,7 @@
 //! Cost of the contract on the hot path: encoding an `order.placed`
-//! envelope and decoding (with full validation) what comes off the bus.
+//! envelope and decoding (with full validation) what comes off the bus;
+//! and what each side does per event: a producer builds and encodes the
+//! envelope, a consumer decodes it and reads the typed `data`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use testkit::sample::{OrderLine, OrderPlaced};
@@ -33,6 +35,12 @@ fn codec(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("encode order.placed", |b| b.iter(|| codec.encode(&e)));
     g.bench_function("decode order.placed", |b| b.iter(|| codec.decode(&body)));
+    g.bench_function("produce order.placed (new + encode)", |b| {
+        b.iter(|| codec.encode(&order_placed()))
+    });
+    g.bench_function("consume order.placed (decode + data_as)", |b| {
+        b.iter(|| codec.decode(&body).and_then(|e| e.data_as::<OrderPlaced>()))
+    });
     g.finish();
 }
 

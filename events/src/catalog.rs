@@ -40,7 +40,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
-use crate::DecodeError;
+use crate::{Data, DecodeError};
 
 /// A typed `data` payload of one event type.
 pub trait EventData: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -64,7 +64,7 @@ pub struct EventSpec {
     /// Service that raises it.
     pub source: &'static str,
     /// Checks that a (current-version) `data` has this type's shape.
-    pub validate: fn(&Value) -> Result<(), DecodeError>,
+    pub validate: fn(&Data) -> Result<(), DecodeError>,
 }
 
 /// One upcasting step of `data`, from one version to the next; its error
@@ -169,19 +169,33 @@ impl Catalog {
 }
 
 /// Deserialises `data` into `E`, naming the JSON path of the first error.
-pub fn typed_data<E: DeserializeOwned>(event_type: &str, data: &Value) -> Result<E, DecodeError> {
-    // A plain pass first; only a failure pays for the path tracking that
-    // names where it went wrong.
-    if let Ok(typed) = E::deserialize(data) {
+pub fn typed_data<E: DeserializeOwned>(event_type: &str, data: &Data) -> Result<E, DecodeError> {
+    // Straight from the text first: that is every well-formed event. Only
+    // a failure pays for a JSON tree, read the way a tree always was (a
+    // repeated key keeps its last value) and, when that fails too, with the
+    // path tracking that names where it went wrong.
+    if let Ok(typed) = data.parse::<E>() {
         return Ok(typed);
     }
-    serde_path_to_error::deserialize(data).map_err(|e| DecodeError::WrongData {
+    let wrong = |path: String, reason: String| DecodeError::WrongData {
         event_type: event_type.to_owned(),
-        path: match e.path().to_string().as_str() {
-            "." => "data".to_owned(),
-            p => format!("data.{p}"),
-        },
-        reason: e.inner().to_string(),
+        path,
+        reason,
+    };
+    let tree: Value = data
+        .to_value()
+        .map_err(|e| wrong("data".to_owned(), e.to_string()))?;
+    if let Ok(typed) = E::deserialize(&tree) {
+        return Ok(typed);
+    }
+    serde_path_to_error::deserialize(&tree).map_err(|e| {
+        wrong(
+            match e.path().to_string().as_str() {
+                "." => "data".to_owned(),
+                p => format!("data.{p}"),
+            },
+            e.inner().to_string(),
+        )
     })
 }
 

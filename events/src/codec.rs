@@ -239,9 +239,11 @@ impl Codec {
                 reason: format!("must be 1 or more, got {}", envelope.sequence),
             });
         }
-        let data = std::mem::take(&mut envelope.data);
-        envelope.data = upcast::upcast(&self.catalog, spec, envelope.dataversion, data)?;
-        envelope.dataversion = spec.version;
+        if envelope.dataversion != spec.version {
+            envelope.data =
+                upcast::upcast(&self.catalog, spec, envelope.dataversion, &envelope.data)?;
+            envelope.dataversion = spec.version;
+        }
         (spec.validate)(&envelope.data)?;
         Ok(envelope)
     }

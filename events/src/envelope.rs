@@ -5,6 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use crate::catalog::EventData;
+use crate::Data;
 
 /// The only CloudEvents version warren reads and writes.
 pub const SPEC_VERSION: &str = "1.0";
@@ -47,8 +48,9 @@ pub struct Envelope {
     /// W3C trace context of the span that raised the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
-    /// The event payload, checked against the catalog on decode.
-    pub data: serde_json::Value,
+    /// The event payload, checked against the catalog on decode; read it
+    /// with [`Envelope::data_as`].
+    pub data: Data,
 }
 
 impl Envelope {
@@ -73,9 +75,9 @@ impl Envelope {
             // The span raising the event (an HTTP request, a handler), when
             // OpenTelemetry records spans; a new trace otherwise.
             traceparent: Some(crate::trace_context::current().unwrap_or_else(|| traceparent(None))),
-            // Serialising a plain data struct of the catalog into a Value
-            // cannot fail: they hold only strings, numbers, uuids and vecs.
-            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+            // Serialising a plain data struct of the catalog cannot fail:
+            // they hold only strings, numbers, uuids and vecs.
+            data: Data::to_json(data).unwrap_or_else(|_| Data::null()),
         }
     }
 

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`envelope`]: the CloudEvents 1.0 envelope with warren's extensions.
+//! - [`data`]: [`Data`], an event's payload kept as its JSON text.
 //! - [`catalog`]: [`Catalog`], the application's event types (their
 //!   `dataversion`, the service that raises them) and upcasters, as a value.
 //! - [`codec`]: structured- and binary-mode decoding with bounded size and
@@ -21,6 +22,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod data;
 pub mod envelope;
 pub mod error;
 pub mod fixtures;
@@ -33,6 +35,7 @@ pub use codec::{
     encode, is_structured, Codec, CONTENT_TYPE_STRUCTURED, DEFAULT_MAX_BODY, MAX_ATTRIBUTE_LEN,
     MAX_HEADERS,
 };
+pub use data::Data;
 pub use envelope::Envelope;
 pub use error::DecodeError;
 pub use printable::printable;

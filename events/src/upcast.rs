@@ -5,16 +5,17 @@
 
 use serde_json::Value;
 
-use crate::{Catalog, DecodeError, EventSpec};
+use crate::{Catalog, Data, DecodeError, EventSpec};
 
 /// Lifts `data` at `version` to the current version of `spec`, with the
-/// steps `catalog` holds.
+/// steps `catalog` holds. Only an older version is read as a JSON tree (the
+/// steps work on trees); the current one is returned as it is.
 pub fn upcast(
     catalog: &Catalog,
     spec: &EventSpec,
     version: u32,
-    mut data: Value,
-) -> Result<Value, DecodeError> {
+    data: &Data,
+) -> Result<Data, DecodeError> {
     let unsupported = || DecodeError::UnsupportedDataVersion {
         event_type: spec.event_type.to_owned(),
         version,
@@ -24,6 +25,14 @@ pub fn upcast(
     if version > spec.version || version < spec.oldest_version {
         return Err(unsupported());
     }
+    if version == spec.version {
+        return Ok(data.clone());
+    }
+    let mut data: Value = data.to_value().map_err(|e| DecodeError::WrongData {
+        event_type: spec.event_type.to_owned(),
+        path: "data".to_owned(),
+        reason: e.to_string(),
+    })?;
     for from in version..spec.version {
         let step = catalog
             .step(spec.event_type, from)
@@ -34,5 +43,5 @@ pub fn upcast(
             reason: format!("cannot upcast from dataversion {from}: {reason}"),
         })?;
     }
-    Ok(data)
+    Ok(Data::from(&data))
 }

@@ -78,7 +78,7 @@ pub fn build(args: &PublishArgs, codec: &Codec) -> Result<Envelope, InvalidInput
         correlationid: Some(id.to_string()),
         causationid: None,
         traceparent: Some(traceparent(None)),
-        data,
+        data: (&data).into(),
     };
     // The codec is the one judge of validity: the same checks consumers make.
     codec
