@@ -223,3 +223,40 @@ macro_rules! event_data {
         )+
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Thing {
+        n: u32,
+    }
+
+    fn data(text: &str) -> Data {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value_as_a_json_tree_read_it() {
+        // Straight from the text serde refuses a duplicate field; `data`
+        // was read as a tree before it was kept as text, and still is then.
+        assert_eq!(
+            typed_data::<Thing>("thing", &data(r#"{"n":1,"n":2}"#)),
+            Ok(Thing { n: 2 })
+        );
+    }
+
+    #[test]
+    fn wrong_data_names_the_path_without_a_line_and_column() {
+        let err = typed_data::<Thing>("thing", &data(r#"{ "n": "one" }"#)).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::WrongData {
+                event_type: "thing".into(),
+                path: "data.n".into(),
+                reason: "invalid type: string \"one\", expected u32".into(),
+            }
+        );
+    }
+}
