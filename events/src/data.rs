@@ -19,9 +19,27 @@ use serde_json::Value;
 ///
 /// Two `Data` are equal when they hold the same JSON value, whatever their
 /// spacing or key order.
-#[derive(Clone, Serialize, Deserialize)]
+///
+/// Always on one line: a line break read in it (only ever whitespace
+/// between tokens, since JSON strings escape theirs) is read as a space,
+/// so an event written as a JSON Lines fixture (`warren tail --format
+/// fixture`, fixture files) stays one line.
+#[derive(Clone, Serialize)]
 #[serde(transparent)]
 pub struct Data(Box<RawValue>);
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(de)?;
+        if !raw.get().contains(['\n', '\r']) {
+            return Ok(Data(raw));
+        }
+        // Whitespace for whitespace: still the same, well-formed JSON.
+        RawValue::from_string(raw.get().replace(['\n', '\r'], " "))
+            .map(Data)
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 impl Data {
     /// `data` serialised to JSON text.
@@ -106,6 +124,13 @@ mod tests {
         assert_eq!(doc.data.get(), r#"{ "x" : "é\u00e9" }"#);
         assert_eq!(serde_json::to_string(&doc).unwrap(), body);
         assert_eq!(doc.data.to_value().unwrap(), json!({"x": "éé"}));
+    }
+
+    #[test]
+    fn a_payload_read_over_several_lines_is_kept_on_one() {
+        let data: Data = serde_json::from_str("{\r\n  \"a\": \"x\\ny\",\n  \"b\": 1\n}").unwrap();
+        assert!(!data.get().contains(['\n', '\r']), "{data}");
+        assert_eq!(data, Data::from(&json!({"a": "x\ny", "b": 1})));
     }
 
     #[test]

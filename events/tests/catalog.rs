@@ -112,3 +112,17 @@ fn bindings_cover_every_type_of_the_handled_sources_and_raised_by_lists_a_source
     );
     assert!(Catalog::new().is_empty());
 }
+
+#[test]
+fn a_pretty_printed_event_is_written_back_on_one_line() {
+    // Another publisher's pretty-printed body: `data` is kept as text, so
+    // it must not carry the line breaks into a JSON Lines fixture.
+    let codec = Codec::new(catalog());
+    let v: serde_json::Value = serde_json::from_slice(&codec.encode(&opened())).unwrap();
+    let pretty = serde_json::to_vec_pretty(&v).unwrap();
+    assert!(pretty.contains(&b'\n'));
+    let back = codec.decode(&pretty).unwrap();
+    let line = codec.encode(&back);
+    assert!(!line.contains(&b'\n'), "{}", String::from_utf8_lossy(&line));
+    assert_eq!(back, codec.decode(&line).unwrap());
+}
