@@ -4,9 +4,9 @@
 //! Why text and not a `serde_json::Value`: a consumer would otherwise build
 //! a JSON tree for every event, read the typed struct out of it twice (the
 //! codec's shape check and the handler's [`crate::Envelope::data_as`]) and
-//! drop it, which was about 30 % of a consumer's CPU (BENCHMARKS.md). Kept
-//! as text, the payload is copied once out of the body and parsed straight
-//! into the typed struct; encoding writes it back as it is.
+//! drop it. Kept as text, the payload is copied once out of the body and
+//! parsed straight into the typed struct, and encoding writes it back as
+//! it is (what that saves is in BENCHMARKS.md).
 
 use std::fmt;
 
