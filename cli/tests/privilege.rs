@@ -784,7 +784,10 @@ async fn a_service_role_skips_migrating_and_finds_warren_installed(pool: PgPool)
 /// standard error), and no password is in either stream.
 #[sqlx::test(migrations = false)]
 async fn migrate_and_setup_summarise_as_one_json_object_without_passwords(pool: PgPool) {
-    let ns = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
+    // `setup` declares the namespace's events exchange (its permission
+    // probe); the test bus removes it when the test ends.
+    let bus = TestBus::new().await;
+    let ns = bus.namespace.clone();
     let shipping = principal(&ns, "shipping");
     let _roles = PgRoles {
         admin: (*pool.connect_options()).clone(),
